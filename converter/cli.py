@@ -1,0 +1,163 @@
+"""The `imgconv` command line: parse options, call one library function per verb, render the result.
+
+No logic lives here. Errors from the library arrive as :class:`ImgconvError` and leave as one
+line on stderr with the error's exit code; nothing else is ever printed as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from converter import __version__
+from converter.errors import EXIT_INTERRUPTED, ImgconvError, Interrupted
+from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
+
+app = typer.Typer(
+    name="imgconv",
+    help=(
+        "Convert OCI container images into bootable VM disks, and VM disks back into OCI images.\n\n"
+        "Image references use the containers-transports syntax: oci:DIR[:TAG], "
+        "docker-archive:PATH[:NAME:TAG], docker-daemon:NAME[:TAG], docker://REGISTRY/NAME[:TAG|@DIGEST]."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"imgconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Log every external command and library call.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="imgconv: %(message)s",
+                        stream=sys.stderr)
+
+
+PlatformOpt = Annotated[
+    str | None,
+    typer.Option("--platform", metavar="OS/ARCH[/VARIANT]",
+                 help="Platform to pick from a multi-platform image (default: this machine's)."),
+]
+TlsOpt = Annotated[
+    bool,
+    typer.Option("--tls-verify/--no-tls-verify",
+                 help="Require HTTPS and valid certificates for docker:// registries (as skopeo does)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def monitor_for(json_output: bool, quiet: bool) -> Monitor:
+    if quiet:
+        return NullMonitor()
+    if json_output:
+        return JsonMonitor()
+    return TextMonitor()
+
+
+def _text(value: object) -> str:
+    """Show an untrusted string safely: JSON quoting escapes control characters and spaces stay visible."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+@app.command()
+def inspect(
+    reference: Annotated[str, typer.Argument(metavar="REF", help="The image, e.g. oci:./layout:latest.")],
+    json_output: JsonOpt = False,
+    platform: PlatformOpt = None,
+    tls_verify: TlsOpt = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show an image's identity, platform, layers and run configuration.
+
+    Every blob is verified (size and sha256) while it is read; a corrupt image is an error.
+    """
+    from converter.inspect import inspect_image
+
+    report = inspect_image(reference, platform=platform, tls_verify=tls_verify,
+                           monitor=monitor_for(json_output, quiet or json_output))
+    if json_output:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(render_inspect(report))
+
+
+def render_inspect(report: dict[str, Any]) -> str:
+    lines = [
+        f"Source:      {report['source']}",
+        f"Image ID:    {report['image_id']}",
+        f"Manifest:    {report['manifest_digest'] or '(none: a docker archive has no registry manifest)'}",
+    ]
+    if report.get("index_digest"):
+        lines.append(f"Index:       {report['index_digest']}")
+    lines.append(f"Platform:    {report['platform']}")
+    if report.get("created"):
+        lines.append(f"Created:     {_text(report['created'])}")
+    total = sum(layer["size"] for layer in report["layers"])
+    lines.append(f"Layers:      {len(report['layers'])} ({human_size(total)})")
+    for i, layer in enumerate(report["layers"], 1):
+        lines.append(f"  {i:>3}  {layer['digest']}  {human_size(layer['size']):>10}  {layer['media_type']}")
+    cfg = report["config"]
+    lines.append("Config:")
+    lines.append(f"  Entrypoint:   {_text(cfg['Entrypoint'])}")
+    lines.append(f"  Cmd:          {_text(cfg['Cmd'])}")
+    env = cfg["Env"] or []
+    lines.append(f"  Env:          {_text(env[0]) if env else '(none)'}")
+    lines.extend(f"                {_text(e)}" for e in env[1:])
+    lines.append(f"  WorkingDir:   {_text(cfg['WorkingDir']) if cfg['WorkingDir'] else '(/)'}")
+    lines.append(f"  User:         {_text(cfg['User']) if cfg['User'] else '(root)'}")
+    lines.append(f"  ExposedPorts: {', '.join(_text(p) for p in cfg['ExposedPorts']) or '(none)'}")
+    labels = cfg["Labels"]
+    if labels:
+        items = list(labels.items())
+        lines.append(f"  Labels:       {_text(items[0][0])}={_text(items[0][1])}")
+        lines.extend(f"                {_text(k)}={_text(v)}" for k, v in items[1:])
+    else:
+        lines.append("  Labels:       (none)")
+    return "\n".join(lines)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    # Raised as our own error (not KeyboardInterrupt) so cleanup runs and the exit code is 130.
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; nothing was left at the output")
+
+
+def main() -> None:
+    """Console entry point: run the app and turn every failure into one line and an exit code."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        app()
+    except ImgconvError as exc:
+        print(f"imgconv: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`docker-daemon:NAME[:TAG]`: images in the Docker engine, through the docker SDK.
+
+A thin adapter over the archive transport, as in go-containerregistry: reading is `save` into a
+spool file then :func:`open_archive`; writing is `load` of an archive stream. DOCKER_HOST (and
+DOCKER_TLS_VERIFY / DOCKER_CERT_PATH) are honoured through ``docker.from_env()``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from converter.errors import ImageError, ToolError
+from converter.oci.archive import open_archive
+from converter.oci.image import Image
+from converter.oci.model import Platform
+from converter.oci.reference import Reference
+
+
+def engine_address() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+def client() -> Any:
+    try:
+        import docker
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise ToolError(f"the docker Python SDK is not importable: {exc}") from None
+    try:
+        engine = docker.from_env(timeout=600)
+        engine.ping()
+    except Exception as exc:
+        raise ToolError(f"cannot reach the Docker engine at {engine_address()}: {_reason(exc)}") from None
+    return engine
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).splitlines()[0] if str(text) else type(exc).__name__
+
+
+def open_daemon_image(ref: Reference, platform: Platform | None, source: str, scratch: Path) -> Image:
+    import docker.errors
+
+    name = ref.image_id or (ref.name.familiar() if ref.name else "")
+    engine = client()
+    try:
+        image = engine.images.get(name)
+    except docker.errors.ImageNotFound:
+        raise ImageError(f"no image {name} in the Docker engine at {engine_address()}") from None
+    except docker.errors.APIError as exc:
+        raise ToolError(f"the Docker engine refused to describe {name}: {_reason(exc)}") from None
+    spool = scratch / "daemon-save.tar"
+    try:
+        with spool.open("wb") as out:
+            for chunk in image.save(named=False, chunk_size=1 << 20):
+                out.write(chunk)
+    except docker.errors.APIError as exc:
+        raise ToolError(f"the Docker engine failed to export {name}: {_reason(exc)}") from None
+    return open_archive(spool, None, None, platform, source, scratch)
+
+
+def load_archive(archive: Path) -> list[str]:
+    """`docker load` an archive; returns the tags the engine reports."""
+    import docker.errors
+
+    engine = client()
+    try:
+        with archive.open("rb") as f:
+            images = engine.images.load(f)
+    except docker.errors.APIError as exc:
+        raise ToolError(f"the Docker engine refused the image: {_reason(exc)}") from None
+    return [t for image in images for t in image.tags]

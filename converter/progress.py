@@ -1,0 +1,118 @@
+"""One monitor interface for long work: tqdm for people, JSON lines for scripts, silence for --quiet.
+
+Library code reports through a :class:`Monitor` and never prints; the CLI picks the monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, TextIO
+
+
+class Bar(Protocol):
+    def update(self, n: int) -> None: ...
+
+
+class Monitor(Protocol):
+    def step(self, name: str) -> Any:
+        """Context manager around a named step; reports its start and how long it took."""
+
+    def bar(self, desc: str, total: int | None, unit: str = "B") -> Any:
+        """Context manager yielding a :class:`Bar` for work of known or unknown size."""
+
+    def note(self, message: str) -> None:
+        """A fact worth telling (which kernel was used, say)."""
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+class NullMonitor:
+    """--quiet: nothing at all."""
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:
+        yield _NullBar()
+
+    def note(self, message: str) -> None:
+        pass
+
+
+class TextMonitor:
+    """For people: step names and notes on stderr, tqdm bars when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, bars: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bars = self.stream.isatty() if bars is None else bars
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        print(f"imgconv: {name}...", file=self.stream, flush=True)
+        yield
+        elapsed = time.monotonic() - start
+        if elapsed >= 1.0:
+            print(f"imgconv: {name}: done in {elapsed:.1f}s", file=self.stream, flush=True)
+
+    @contextmanager
+    def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:
+        if not self.bars:
+            yield _NullBar()
+            return
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        with tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                  file=self.stream, leave=False, dynamic_ncols=True) as bar:
+            yield bar
+
+    def note(self, message: str) -> None:
+        print(f"imgconv: {message}", file=self.stream, flush=True)
+
+
+class _JsonBar:
+    def __init__(self, monitor: JsonMonitor, desc: str, total: int | None) -> None:
+        self.monitor, self.desc, self.total, self.done = monitor, desc, total, 0
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            self.monitor.emit({"event": "progress", "task": self.desc, "done": self.done, "total": self.total})
+
+
+class JsonMonitor:
+    """For scripts (--json): one JSON object per line on stderr, results stay alone on stdout."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def emit(self, event: dict[str, Any]) -> None:
+        print(json.dumps(event), file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        self.emit({"event": "step", "step": name})
+        yield
+        self.emit({"event": "step-done", "step": name, "seconds": round(time.monotonic() - start, 3)})
+
+    @contextmanager
+    def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:
+        bar = _JsonBar(self, desc, total)
+        yield bar
+        self.emit({"event": "progress", "task": desc, "done": bar.done, "total": total})
+
+    def note(self, message: str) -> None:
+        self.emit({"event": "note", "message": message})
