@@ -10,12 +10,13 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from converter import __version__
-from converter.errors import EXIT_INTERRUPTED, ImgconvError, Interrupted
+from converter.errors import EXIT_INTERRUPTED, ImgconvError, Interrupted, UsageError
 from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
 
 app = typer.Typer(
@@ -130,6 +131,91 @@ def render_inspect(report: dict[str, Any]) -> str:
     else:
         lines.append("  Labels:       (none)")
     return "\n".join(lines)
+
+
+FORMATS = "qcow2, raw, vmdk, vhdx, vpc"
+
+
+def parse_size(text: str) -> int:
+    """`4G`, `512M`, `1.5GiB`, `2000000000` -> bytes (binary units, as qemu-img reads them)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise UsageError(f"invalid size {text!r}: expected a number with an optional K, M, G or T suffix")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    value = int(number * (1024 ** " KMGT".index(unit or " ")))
+    if value < 64 * 1024 * 1024:
+        raise UsageError(f"size {text!r} is too small: a bootable disk needs at least 64M")
+    return value
+
+
+@app.command("oci-to-qcow2")
+def oci_to_qcow2(
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="The image, e.g. docker-daemon:myapp:latest.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The disk file to create, e.g. myapp.qcow2.")],
+    disk_format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
+                                             help=f"Disk format: {FORMATS}.")] = "qcow2",
+    compress: Annotated[bool, typer.Option("--compress", help="zstd-compress the qcow2 clusters.")] = False,
+    size: Annotated[str | None, typer.Option("--size", metavar="SIZE",
+                                             help="Virtual disk size (e.g. 4G). Default: content plus headroom.")
+                    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    kernel: Annotated[Path | None, typer.Option("--kernel", metavar="PATH",
+                                                help="Kernel to boot. Default: the image's own, else this "
+                                                     "machine's newest under /boot.")] = None,
+    initrd: Annotated[Path | None, typer.Option("--initrd", metavar="PATH",
+                                                help="Initramfs for --kernel (default: imgconv builds one).")
+                      ] = None,
+    hostname: Annotated[str, typer.Option("--hostname", help="The VM's hostname.")] = "imgconv",
+    kernel_modules: Annotated[bool, typer.Option("--kernel-modules/--no-kernel-modules",
+                                                 help="Place a host kernel's modules tree in the guest.")] = True,
+    platform: PlatformOpt = None,
+    tls_verify: TlsOpt = True,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a container image into a bootable, read-only VM disk that runs its ENTRYPOINT.
+
+    The disk boots under QEMU/KVM (BIOS, extlinux) and runs Entrypoint + Cmd with the image's
+    Env, WorkingDir and User exactly as `docker run` would, then powers off. OUTPUT is written
+    atomically with mode 0444, next to a sidecar OUTPUT.json (source, digests, kernel, sha256).
+
+    Example: imgconv oci-to-qcow2 docker-daemon:myapp:latest myapp.qcow2 && imgconv boot myapp.qcow2
+    """
+    from converter.disk.build import BuildOptions, DiskFormat, convert
+    from converter.oci.model import Platform
+
+    try:
+        fmt = DiskFormat(disk_format)
+    except ValueError:
+        raise UsageError(f"unknown disk format {disk_format!r}; choose one of {FORMATS}") from None
+    if compress and fmt is not DiskFormat.QCOW2:
+        raise UsageError("--compress applies to qcow2 only")
+    if initrd is not None and kernel is None:
+        raise UsageError("--initrd needs --kernel")
+    if kernel is not None and not kernel.is_file():
+        raise UsageError(f"kernel {kernel} does not exist")
+    options = BuildOptions(
+        output=output, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
+        kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname),
+        platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
+        kernel_modules=kernel_modules,
+    )
+    record = convert(source, options, monitor_for(json_output, quiet))
+    if json_output:
+        print(json.dumps(record, indent=2))
+    elif not quiet:
+        print(f"{output}: {record['format']}, {human_size(record['size'])} on disk, "
+              f"kernel {record['kernel']['release']}, sha256 {record['sha256']}")
+
+
+def validate_hostname(name: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", name):
+        raise UsageError(f"invalid hostname {name!r}: letters, digits and '-', at most 63 characters")
+    return name
 
 
 def human_size(size: int) -> str:

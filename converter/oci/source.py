@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from converter.errors import ImageError, ToolError
+from converter.errors import ImageError, ImgconvError, ToolError
 from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference, Transport
@@ -65,7 +65,17 @@ def open_image(ref: Reference, *, platform: Platform | None = None, tls_verify: 
             try:
                 pulled = pull(ref.name, platform, tls_verify, scratch, source)
             except ToolError as exc:
-                if any(s in str(exc) for s in ("manifest unknown", "name unknown", "not found")):
-                    raise ImageError(f"{source}: no such image in the registry ({exc})") from None
-                raise
+                raise registry_error(source, exc) from None
             yield pulled
+
+
+def registry_error(source: str, exc: ToolError) -> ImgconvError:
+    """Say what a skopeo failure means for the user, in the words they need to fix it."""
+    text = str(exc)
+    if any(s in text for s in ("manifest unknown", "name unknown", "not found")):
+        return ImageError(f"{source}: no such image in the registry (manifest unknown)")
+    if "HTTP response to HTTPS client" in text:
+        return ToolError(f"{source}: the registry speaks plain HTTP; pass --no-tls-verify to allow that")
+    if "unauthorized" in text or "authentication required" in text:
+        return ToolError(f"{source}: the registry refused access; log in with `skopeo login` first ({text})")
+    return exc

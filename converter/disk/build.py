@@ -1,0 +1,487 @@
+"""`imgconv oci-to-qcow2`: an OCI image becomes a bootable, read-only VM disk that runs its ENTRYPOINT.
+
+The conversion is a short list of named steps over one context:
+
+1. open the image (manifest and config verified),
+2. plan: what to run (Docker's argv/env/user/cwd rules), which kernel, how big a disk,
+3. one libguestfs appliance: partition, mkfs, stream the flattened root filesystem plus
+   imgconv's own files in through a FIFO (nothing is extracted on the host), add kernel,
+   initramfs and extlinux, shut down (its errors fail the conversion),
+4. convert to the requested format if it is not qcow2,
+5. publish: mode 0444, sha256, sidecar, atomic rename.
+
+Everything imgconv adds to the guest lives under `/.imgconv`, except the modules tree of a host
+kernel, which must be where modprobe looks. `/.imgconv/origin.json` records every path added
+so `vm-to-oci` can take them out again.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import stat
+import tarfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from converter import __version__
+from converter.artifact import check_output, now_utc, publish, temp_beside
+from converter.boot.initbin import init_binary
+from converter.boot.initramfs import InitSpec, build_initramfs, docker_env, encode_spec, needed_modules
+from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel, resolve_in_tree
+from converter.disk.appliance import Appliance, launch
+from converter.errors import ImageError, ToolError, UsageError
+from converter.oci.flatten import DIR, FlatTree, LayerInput, flatten, open_output, parents
+from converter.oci.image import Image, Layer
+from converter.oci.model import Platform
+from converter.oci.reference import parse_reference
+from converter.oci.source import open_image, scratch_dir
+from converter.progress import Monitor
+from converter.run import run
+
+log = logging.getLogger("imgconv.build")
+
+RESERVED = ".imgconv"
+BOOT_DIR = f"{RESERVED}/boot"
+ROOT_LABEL = "imgconv-root"
+DEVICE = "/dev/sda"
+PARTITION = "/dev/sda1"
+MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
+MiB = 1 << 20
+
+
+class DiskFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+    VMDK = "vmdk"
+    VHDX = "vhdx"
+    VPC = "vpc"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    output: Path
+    format: DiskFormat = DiskFormat.QCOW2
+    compress: bool = False
+    size: int | None = None  # bytes; None: content plus headroom
+    force: bool = False
+    kernel: Path | None = None
+    initrd: Path | None = None
+    hostname: str = "imgconv"
+    platform: Platform | None = None
+    tls_verify: bool = True
+    kernel_modules: bool = True
+
+    def recorded(self) -> dict[str, Any]:
+        return {
+            "format": str(self.format), "compress": self.compress, "size": self.size,
+            "kernel": str(self.kernel) if self.kernel else None, "initrd": str(self.initrd) if self.initrd else None,
+            "hostname": self.hostname, "platform": str(self.platform) if self.platform else None,
+            "kernel_modules": self.kernel_modules,
+        }
+
+
+@dataclass
+class Plan:
+    """What the steps decided; filled in as the conversion goes."""
+
+    spec: InitSpec
+    disk_bytes: int
+    kernel: Kernel | None = None  # known before streaming for --kernel; after it otherwise
+    tree: FlatTree | None = None
+    injected: list[str] = field(default_factory=list)  # paths imgconv created in the guest
+    touched_dirs: dict[str, float] = field(default_factory=dict)  # existing dirs written into -> mtime
+
+
+# -- step 2: plan ---------------------------------------------------------------------------------------
+
+
+def run_spec(image: Image, hostname: str) -> InitSpec:
+    """What `docker run IMAGE` would start: argv = Entrypoint + Cmd, Docker's env, cwd and user."""
+    config = image.config
+    argv = (*(config.entrypoint or ()), *(config.cmd or ()))
+    if not argv:
+        raise ImageError(f"{image.source} has neither Entrypoint nor Cmd, so there is nothing for the VM to run")
+    return InitSpec(argv=argv, env=docker_env(config.env, hostname), cwd=config.working_dir or "/",
+                    user=config.user, hostname=hostname)
+
+
+def uncompressed_estimate(image: Image, layer: Layer) -> int:
+    """Bytes of tar a layer will inflate to: exact where the format says, generous otherwise."""
+    size = layer.descriptor.size
+    if layer.compression == "none":
+        return size
+    if layer.compression == "gzip":
+        try:
+            with image.store.open_blob(layer.descriptor.digest) as blob:
+                blob.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(blob.read(4), "little")
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return size * 6
+        # ISIZE is the size modulo 2^32: add the wraps a layer of this compressed size must have had.
+        while isize < size:
+            isize += 1 << 32
+        return max(isize, size * 2)
+    return size * 6
+
+
+def disk_size(image: Image, options: BuildOptions, extra: int) -> int:
+    if options.size is not None:
+        return options.size
+    content = sum(uncompressed_estimate(image, layer) for layer in image.layers) + extra
+    # ext4 spends a block per small file and some metadata per group; headroom lets the VM write.
+    headroom = max(256 * MiB, content // 4)
+    total = int(content * 1.15) + headroom + 64 * MiB
+    return -(-total // (64 * MiB)) * (64 * MiB)
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+# -- step 3: the stream into the appliance ----------------------------------------------------------
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755, mtime: float = 0) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime, info.uname, info.gname = tarfile.DIRTYPE, mode, mtime, "", ""
+    tar.addfile(info)
+
+
+def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str) -> None:
+    """Copy a host directory (a kernel's modules) into the stream: root-owned, symlinks not followed."""
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        rel = os.path.relpath(root, source)
+        base = dest if rel == "." else f"{dest}/{rel}"
+        st = os.lstat(root)
+        _add_dir(tar, base, stat.S_IMODE(st.st_mode), st.st_mtime)
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            info = tarfile.TarInfo(f"{base}/{name}")
+            info.mode, info.mtime, info.uname, info.gname = stat.S_IMODE(st.st_mode), st.st_mtime, "", ""
+            if stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.size = st.st_size
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+
+
+def place(tree: FlatTree, wanted: str, plan: Plan, tar: tarfile.TarFile) -> str:
+    """Where *wanted* lands in the image once its symlinks are followed; create missing parents.
+
+    Existing directories that receive new entries are remembered with their mtime, so their
+    header can be re-emitted at the end of the stream (tar then restores the original mtime).
+    """
+    target = resolve_in_tree(wanted, tree.symlinks)
+    chain = list(reversed(list(parents(target))))
+    for ancestor in chain:
+        kind = tree.kinds.get(ancestor)
+        if kind is None:
+            _add_dir(tar, ancestor)
+            tree.kinds[ancestor] = DIR
+            plan.injected.append(ancestor)
+        elif kind != DIR:
+            raise ImageError(f"cannot place /{wanted} in the image: /{ancestor} is not a directory")
+    parent = chain[-1] if chain else ""
+    if parent and parent not in plan.injected and parent in tree.dirs:
+        plan.touched_dirs[parent] = tree.dirs[parent].mtime
+    return target
+
+
+def origin_record(image: Image, options: BuildOptions, plan: Plan) -> dict[str, Any]:
+    return {
+        "imgconv": __version__,
+        "source": image.source,
+        "image_id": image.image_id,
+        "manifest_digest": image.manifest_digest,
+        "index_digest": image.index_digest,
+        "layers": [{"digest": layer.descriptor.digest, "media_type": layer.descriptor.media_type,
+                    "size": layer.descriptor.size, "diff_id": layer.diff_id} for layer in image.layers],
+        "kernel": {"release": plan.kernel.release, "origin": plan.kernel.origin} if plan.kernel else None,
+        "injected": sorted(set(plan.injected)),
+        "touched_dirs": plan.touched_dirs,
+        "options": options.recorded(),
+    }
+
+
+def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
+                 on_bytes: Callable[[int], None]) -> None:
+    """Everything the appliance unpacks: the image's final root filesystem, then imgconv's files."""
+    tar = open_output(out)
+    layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
+    tree = flatten(layers, tar, on_bytes)
+    plan.tree = tree
+    if RESERVED in tree.kinds:
+        raise ImageError(f"the image already contains /{RESERVED}, which imgconv reserves for its own files")
+    if plan.kernel is None:
+        plan.kernel = image_kernel(tree.kinds, tree.symlinks) or host_kernel()
+    _add_dir(tar, RESERVED)
+    _add_dir(tar, BOOT_DIR)
+    plan.injected.append(RESERVED)
+    _add_bytes(tar, f"{RESERVED}/init", init_binary().read_bytes(), 0o755)
+    _add_bytes(tar, f"{RESERVED}/init.spec", encode_spec(plan.spec))
+    _add_bytes(tar, f"{RESERVED}/config.json", image.config.raw)
+    if image.manifest.raw is not None:
+        _add_bytes(tar, f"{RESERVED}/manifest.json", image.manifest.raw)
+    kernel = plan.kernel
+    if kernel.host_modules is not None and options.kernel_modules:
+        dest = place(tree, f"lib/modules/{kernel.release}", plan, tar)
+        if dest not in tree.kinds:
+            _add_host_tree(tar, kernel.host_modules, dest)
+            plan.injected.append(dest)
+    for path, mtime in plan.touched_dirs.items():
+        header = tree.dirs[path]
+        header.mtime = mtime
+        tar.addfile(header)
+    _add_bytes(tar, f"{RESERVED}/origin.json", json.dumps(origin_record(image, options, plan), indent=2).encode())
+    tar.close()
+
+
+class _Producer(threading.Thread):
+    """Writes the stream into the FIFO the appliance reads; keeps its error for the main thread."""
+
+    def __init__(self, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
+        super().__init__(name="imgconv-stream", daemon=True)
+        self.fifo, self.work = fifo, work
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.fifo, "wb", buffering=1 << 20) as out:
+                self.work(out)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+    def unblock(self) -> None:
+        """If the reader went away, let a blocked open/write fail instead of hanging forever."""
+        if self.is_alive():
+            try:
+                fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass
+        self.join(timeout=10)
+
+
+def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
+    producer = _Producer(fifo, work)
+    producer.start()
+    try:
+        app.call("unpack the image's files into the disk", app.g.tar_in, str(fifo), "/", xattrs=True)
+    except ToolError as exc:
+        producer.unblock()
+        if producer.error is not None:
+            raise producer.error from None
+        if "No space left" in str(exc):
+            raise ToolError("the disk is too small for the image's files; pass a larger --size") from None
+        raise
+    producer.join()
+    if producer.error is not None:
+        raise producer.error
+
+
+# -- step 3b: kernel, initramfs, bootloader --------------------------------------------------------------
+
+
+def fetch_guest_modules(app: Appliance, kernel: Kernel, scratch: Path) -> Path:
+    """Copy what the initramfs needs of an image kernel's modules out of the guest."""
+    assert kernel.guest_modules is not None
+    local = scratch / "modules" / kernel.release
+    local.mkdir(parents=True)
+    for name in ("modules.dep", "modules.builtin"):
+        guest = f"/{kernel.guest_modules}/{name}"
+        if app.call(f"look for {guest}", app.g.is_file, guest):
+            app.call(f"read {guest}", app.g.download, guest, str(local / name))
+    for rel in needed_modules(local):
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        guest = f"/{kernel.guest_modules}/{rel}"
+        app.call(f"read {guest}", app.g.download, guest, str(local / rel))
+    return local
+
+
+def extlinux_conf(kernel_path: str, initrd_path: str, uuid: str) -> str:
+    # quiet + loglevel=1: only the workload's own output and panics reach the console.
+    append = (f"root=UUID={uuid} rw console=tty0 console=ttyS0 init=/{RESERVED}/init "
+              "quiet loglevel=1 panic=5")
+    return (
+        "# Written by imgconv: boots the container's entrypoint.\n"
+        "DEFAULT imgconv\nPROMPT 0\nTIMEOUT 0\n"
+        f"LABEL imgconv\n  LINUX /{kernel_path}\n  INITRD /{initrd_path}\n  APPEND {append}\n"
+    )
+
+
+def install_boot(app: Appliance, plan: Plan, scratch: Path, uuid: str) -> None:
+    kernel = plan.kernel
+    assert kernel is not None and plan.tree is not None
+    g = app.g
+    if kernel.host_path is not None:
+        kernel_guest = f"{BOOT_DIR}/vmlinuz-{kernel.release}"
+        app.call("copy the kernel in", g.upload, str(kernel.host_path), f"/{kernel_guest}")
+    else:
+        assert kernel.guest_path is not None
+        kernel_guest = resolve_in_tree(kernel.guest_path, plan.tree.symlinks)
+    initrd_guest = f"{BOOT_DIR}/initramfs-{kernel.release}.img"
+    if kernel.host_initrd is not None:
+        app.call("copy the initrd in", g.upload, str(kernel.host_initrd), f"/{initrd_guest}")
+    else:
+        modules = kernel.host_modules if kernel.host_modules else fetch_guest_modules(app, kernel, scratch)
+        initramfs = scratch / "initramfs.img"
+        initramfs.write_bytes(build_initramfs(kernel.release, modules, init_binary()))
+        app.call("copy the initramfs in", g.upload, str(initramfs), f"/{initrd_guest}")
+    conf = scratch / "extlinux.conf"
+    conf.write_text(extlinux_conf(kernel_guest, initrd_guest, uuid))
+    app.call("write the bootloader configuration", g.upload, str(conf), f"/{BOOT_DIR}/extlinux.conf")
+    app.call("install extlinux", g.extlinux, f"/{BOOT_DIR}")
+    app.call("write the MBR boot code", g.pwrite_device, DEVICE, MBR_CODE.read_bytes()[:440], 0)
+
+
+# -- the conversion -----------------------------------------------------------------------------------------
+
+
+def volume_uuid(image: Image) -> str:
+    """Derived from the image, so the same image gives the same filesystem UUID."""
+    h = image.image_id.removeprefix("sha256:")
+    return f"{h[0:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}"
+
+
+def convert(source: str, options: BuildOptions, monitor: Monitor) -> dict[str, Any]:
+    check_output(options.output, options.force)
+    ref = parse_reference(source)
+    if not MBR_CODE.is_file():
+        raise UsageError(f"{MBR_CODE} is missing: install syslinux-common (the MBR boot code)")
+    kernel = from_flag(options.kernel, options.initrd) if options.kernel else None
+    with scratch_dir() as scratch, monitor.step(f"reading {ref}"), \
+            open_image(ref, platform=options.platform, tls_verify=options.tls_verify) as image:
+        if image.config.platform.architecture != "amd64":
+            raise ImageError(f"{image.source} is for {image.config.platform}; imgconv boots x86_64 guests only")
+        spec = run_spec(image, options.hostname)
+        init_binary()  # compile (once, cached) before the appliance starts, so a missing compiler fails fast
+        modules_bytes = tree_size(kernel.host_modules) if kernel and kernel.host_modules else 0
+        if kernel is None:
+            host = _host_kernel_or_none()
+            modules_bytes = tree_size(host.host_modules) if host and host.host_modules else 0
+        plan = Plan(spec=spec, disk_bytes=disk_size(image, options, modules_bytes + 64 * MiB), kernel=kernel)
+        with temp_beside(options.output, ".qcow2") as work_disk:
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(plan.disk_bytes)],
+                purpose="create the disk image")
+            _build_in_appliance(image, options, plan, work_disk, scratch, monitor)
+            finished = work_disk
+            with temp_beside(options.output, f".{options.format}") as converted:
+                if options.format is not DiskFormat.QCOW2 or options.compress:
+                    with monitor.step(f"writing {options.format}"):
+                        argv = ["qemu-img", "convert", "-f", "qcow2", "-O", str(options.format)]
+                        if options.compress:
+                            argv += ["-c", "-o", "compression_type=zstd"]
+                        run([*argv, str(work_disk), str(converted)], purpose=f"write the {options.format} disk")
+                    finished = converted
+                assert plan.kernel is not None and plan.tree is not None
+                sidecar = {
+                    "imgconv": __version__,
+                    "source": image.source,
+                    "image_id": image.image_id,
+                    "manifest_digest": image.manifest_digest,
+                    "index_digest": image.index_digest,
+                    "config_digest": image.config.digest,
+                    "kernel": {"release": plan.kernel.release, "origin": plan.kernel.origin},
+                    "format": str(options.format),
+                    "virtual_size": plan.disk_bytes,
+                    "options": options.recorded(),
+                    "created": now_utc(),
+                    "run": {"argv": list(spec.argv), "user": spec.user, "cwd": spec.cwd},
+                }
+                with monitor.step("publishing"):
+                    record = publish(finished, options.output, sidecar)
+        record["output"] = str(options.output)
+        return record
+
+
+def _host_kernel_or_none() -> Kernel | None:
+    try:
+        return host_kernel()
+    except UsageError:
+        return None
+
+
+def _build_in_appliance(image: Image, options: BuildOptions, plan: Plan, disk: Path, scratch: Path,
+                        monitor: Monitor) -> None:
+    """Step 3, run in a worker thread so Ctrl-C is seen at once even while libguestfs is busy."""
+    uuid = volume_uuid(image)
+    fifo = scratch / "rootfs.fifo"
+    os.mkfifo(fifo)
+    total = sum(uncompressed_estimate(image, layer) for layer in image.layers)
+
+    def work() -> None:
+        with monitor.step("starting the appliance"):
+            app_cm = launch([(disk, "qcow2", False)])
+            app = app_cm.__enter__()
+        try:
+            g = app.g
+            with monitor.step("partitioning and formatting"):
+                app.call("create the partition table", g.part_init, DEVICE, "mbr")
+                app.call("create the root partition", g.part_add, DEVICE, "p", 2048, -1)
+                app.call("mark the partition bootable", g.part_set_bootable, DEVICE, 1, True)
+                app.call("create the ext4 filesystem", g.mke2fs, PARTITION, fstype="ext4", blocksize=4096,
+                         label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, bytesperinode=8192)
+                app.call("mount the root filesystem", g.mount, PARTITION, "/")
+            with monitor.step("writing the root filesystem"), monitor.bar("layers", total) as bar:
+                stream_into(app, fifo, lambda out: write_stream(image, options, plan, out, bar.update))
+            assert plan.kernel is not None
+            monitor.note(f"using {plan.kernel.describe()}")
+            with monitor.step("installing kernel, initramfs and bootloader"):
+                install_boot(app, plan, scratch, uuid)
+            with monitor.step("closing the disk"):
+                app.call("unmount the filesystem", g.umount_all)
+        except BaseException as exc:
+            app_cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        app_cm.__exit__(None, None, None)
+
+    run_interruptibly(work)
+
+
+def run_interruptibly(work: Callable[[], None]) -> None:
+    """Run *work* in a thread while this one stays free to receive SIGINT/SIGTERM.
+
+    libguestfs calls block in C for minutes; a signal handler only runs in the main thread
+    between bytecodes. On interruption the worker is abandoned: libguestfs' recovery process
+    kills the appliance when imgconv exits, and the caller removes the temporary files.
+    """
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name="imgconv-appliance", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if errors:
+        raise errors[0]
+
