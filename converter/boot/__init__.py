@@ -1,1 +1,1 @@
-"""imgconv boot."""
+"""Everything that runs inside the guest, or runs the guest: init, initramfs, qemu, console."""

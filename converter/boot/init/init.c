@@ -1,0 +1,1293 @@
+/*
+ * imgconv-init: PID 1 of a VM made from a container image ("container mode").
+ *
+ * One static binary, two stages:
+ *
+ *   stage 1 (PID 1 and /imgconv-initramfs exists): the initramfs. Mount /dev /proc /sys, load
+ *     the block drivers listed in /load.list, find the root filesystem named by root= on the
+ *     kernel command line (UUID=, LABEL= or /dev/NAME) by reading ext2/3/4 superblocks, mount it
+ *     on /newroot, switch_root into it and exec the stage-2 binary (imgconv.init=, default
+ *     /.imgconv/init), which is this same program copied into the image.
+ *
+ *   stage 2 (PID 1 anywhere else): the container runtime. Mount what docker/runc would mount,
+ *     read the run spec written by imgconv (imgconv.spec=, default /.imgconv/init.spec),
+ *     resolve the user exactly as runc's libcontainer/user does, start the workload with its
+ *     stdout and stderr on pipes, relay them to the console, reap every child, forward
+ *     signals, and power the VM off when the workload exits.
+ *
+ * It must work in images that have no shell and no libc, so it depends on nothing but the
+ * kernel. It prints nothing of its own except the console markers read by the host
+ * (converter/boot/console.py) and one "imgconv-init: error: ..." line on failure, unless
+ * imgconv.debug is on the kernel command line.
+ *
+ * Spec format: NUL-terminated strings in key/value pairs; the first pair is "version" "1";
+ * keys: arg (repeated, the whole argv), env (repeated, KEY=VALUE), cwd, user, hostname;
+ * unknown keys are ignored.
+ *
+ * Console protocol: "<<imgconv:start>>\n" right before the workload starts; at the end
+ * "<<imgconv:exit status=N nl=1>>\n" preceded by an extra "\n" when the workload's output did
+ * not end with one (so the marker starts a line), or "<<imgconv:exit status=N nl=0>>\n".
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/klog.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/vfs.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PROG "imgconv-init"
+#define DEFAULT_STAGE2 "/.imgconv/init"
+#define DEFAULT_SPEC "/.imgconv/init.spec"
+#define INITRAMFS_MARKER "/imgconv-initramfs"
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/* Not in musl's headers (it ships no linux/ headers). */
+#define RAMFS_MAGIC 0x858458f6u
+#define TMPFS_MAGIC 0x01021994u
+#define SYSLOG_ACTION_CONSOLE_LEVEL 8
+
+#define ROOT_WAIT_SECONDS 30
+#define DRAIN_SECONDS 5
+#define MAX_SPEC_BYTES (64u << 20)
+#define MAX_USERDB_BYTES (16u << 20)
+
+/* ---------------------------------------------------------------- output -- */
+
+static int debug_on;
+static int stage;               /* 1 or 2, for fatal() */
+static int relayed_any;         /* a workload byte went to the console */
+static unsigned char last_relayed;
+
+static void put(int fd, const void *buf, size_t len)
+{
+	const char *p = buf;
+	while (len > 0) {
+		ssize_t n = write(fd, p, len);
+		if (n < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			return; /* nowhere left to complain */
+		}
+		p += n;
+		len -= (size_t)n;
+	}
+}
+
+static void vsay(const char *prefix, const char *fmt, va_list ap)
+{
+	char line[1024];
+	int n = snprintf(line, sizeof line, PROG ": %s", prefix);
+	if (n < 0)
+		return;
+	int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+	size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+	if (len > sizeof line - 2)
+		len = sizeof line - 2;
+	line[len++] = '\n';
+	put(2, line, len); /* one write: the line cannot be split by other output */
+}
+
+__attribute__((format(printf, 1, 2))) static void debug(const char *fmt, ...)
+{
+	if (!debug_on)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vsay("", fmt, ap);
+	va_end(ap);
+}
+
+static void emit_exit(int status);
+
+__attribute__((noreturn)) static void power_off(void)
+{
+	if (getpid() != 1)
+		_exit(125); /* the --resolve-user test mode: never power off the host */
+	tcdrain(1); /* the serial line is asynchronous: let the last bytes out first */
+	sync();
+	reboot(RB_POWER_OFF);
+	for (;;) /* PID 1 must never exit: that is a kernel panic */
+		pause();
+}
+
+__attribute__((noreturn, format(printf, 1, 2))) static void fatal(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsay("error: ", fmt, ap);
+	va_end(ap);
+	if (stage == 2)
+		emit_exit(125);
+	power_off();
+}
+
+/* The exit marker is the last thing on the console. Silence the kernel first (console
+ * loglevel 0; the sysctl accepts 0 where klogctl stops at 1), so that "reboot: Power down"
+ * does not follow the marker and make it look like workload output. */
+static void emit_exit(int status)
+{
+	int fd = open("/proc/sys/kernel/printk", O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		put(fd, "0\n", 2);
+		close(fd);
+	}
+	char marker[80];
+	int nl = relayed_any && last_relayed != '\n';
+	int n = snprintf(marker, sizeof marker, "%s<<imgconv:exit status=%d nl=%d>>\n", nl ? "\n" : "",
+			 status, nl);
+	put(1, marker, (size_t)n);
+}
+
+/* ------------------------------------------------------------ utilities -- */
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void sleep_ms(long ms)
+{
+	struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+static void *xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+	if (!p)
+		fatal("out of memory");
+	return p;
+}
+
+/* Read a whole file; NUL-terminated for convenience (binary content is fine, *len is exact).
+ * Returns NULL with errno set on failure. */
+static char *read_file(const char *path, size_t limit, size_t *len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	size_t cap = 4096, used = 0;
+	char *buf = xmalloc(cap + 1);
+	for (;;) {
+		if (used == cap) {
+			if (cap >= limit) {
+				free(buf);
+				close(fd);
+				errno = EFBIG;
+				return NULL;
+			}
+			cap *= 2;
+			char *bigger = realloc(buf, cap + 1);
+			if (!bigger)
+				fatal("out of memory");
+			buf = bigger;
+		}
+		ssize_t n = read(fd, buf + used, cap - used);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			int e = errno;
+			free(buf);
+			close(fd);
+			errno = e;
+			return NULL;
+		}
+		if (n == 0)
+			break;
+		used += (size_t)n;
+	}
+	close(fd);
+	buf[used] = '\0';
+	*len = used;
+	return buf;
+}
+
+static int is_dir(const char *path)
+{
+	struct stat st;
+	return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* Go's strconv.Atoi: optional sign, decimal digits, nothing else. On a syntax error the value
+ * is 0, on overflow it is clamped; both are errors (returns -1). */
+static int go_atoi(const char *s, long long *out)
+{
+	*out = 0;
+	const char *p = s;
+	int neg = 0;
+	if (*p == '+' || *p == '-')
+		neg = *p++ == '-';
+	if (*p == '\0')
+		return -1;
+	unsigned long long v = 0, lim = neg ? (unsigned long long)INT64_MAX + 1 : (unsigned long long)INT64_MAX;
+	int range = 0;
+	for (; *p; p++) {
+		if (*p < '0' || *p > '9')
+			return -1;
+		if (!range) {
+			unsigned d = (unsigned)(*p - '0');
+			if (v > (lim - d) / 10)
+				range = 1;
+			else
+				v = v * 10 + d;
+		}
+	}
+	if (range)
+		v = lim;
+	*out = neg ? (long long)(0 - v) : (long long)v;
+	return range ? -1 : 0;
+}
+
+/* Lower-case first letter, as Go prints errno texts ("no such file or directory"). */
+static const char *errtext(int err)
+{
+	static char buf[128];
+	snprintf(buf, sizeof buf, "%s", strerror(err));
+	if (buf[0] >= 'A' && buf[0] <= 'Z')
+		buf[0] = (char)(buf[0] - 'A' + 'a');
+	return buf;
+}
+
+/* --------------------------------------------------------- command line -- */
+
+struct cmdline {
+	const char *root;
+	int ro;
+	const char *stage2;
+	const char *spec;
+};
+
+/* Split /proc/cmdline like the kernel does: spaces separate parameters, double quotes group
+ * (and are dropped). Only the parameters imgconv cares about are kept. */
+static void parse_cmdline(struct cmdline *c)
+{
+	static char buf[4096];
+	memset(c, 0, sizeof *c);
+	c->stage2 = DEFAULT_STAGE2;
+	c->spec = DEFAULT_SPEC;
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+
+	char *r = buf, *w = buf;
+	while (*r) {
+		while (*r == ' ' || *r == '\t' || *r == '\n')
+			r++;
+		if (!*r)
+			break;
+		char *tok = w;
+		int quoted = 0;
+		for (; *r && (quoted || (*r != ' ' && *r != '\t' && *r != '\n')); r++) {
+			if (*r == '"')
+				quoted = !quoted;
+			else
+				*w++ = *r;
+		}
+		if (*r)
+			r++;
+		*w++ = '\0';
+
+		if (strcmp(tok, "--") == 0)
+			break; /* the rest belongs to init's argv */
+		char *eq = strchr(tok, '=');
+		const char *val = eq ? eq + 1 : NULL;
+		if (eq)
+			*eq = '\0';
+		if (strcmp(tok, "root") == 0 && val)
+			c->root = val;
+		else if (strcmp(tok, "ro") == 0 && !val)
+			c->ro = 1;
+		else if (strcmp(tok, "rw") == 0 && !val)
+			c->ro = 0;
+		else if (strcmp(tok, "imgconv.init") == 0 && val && *val)
+			c->stage2 = val;
+		else if (strcmp(tok, "imgconv.spec") == 0 && val && *val)
+			c->spec = val;
+		else if (strcmp(tok, "imgconv.debug") == 0)
+			debug_on = !val || strcmp(val, "0") != 0;
+	}
+}
+
+/* ==================================================================== stage 1 == */
+
+static void load_modules(void)
+{
+	size_t len;
+	char *list = read_file("/load.list", 1 << 20, &len);
+	if (!list) {
+		debug("no /load.list: %s", strerror(errno));
+		return;
+	}
+	for (char *line = strtok(list, "\n"); line; line = strtok(NULL, "\n")) {
+		if (!*line)
+			continue;
+		int fd = open(line, O_RDONLY | O_CLOEXEC);
+		if (fd < 0) {
+			debug("module %s: %s", line, strerror(errno));
+			continue;
+		}
+		if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+			debug("module %s: %s", line, strerror(errno));
+		else
+			debug("module %s loaded", line);
+		close(fd);
+	}
+	free(list);
+}
+
+static int ascii_lower(int ch)
+{
+	return ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch;
+}
+
+/* Does the ext2/3/4 superblock of this device carry the wanted UUID or label? */
+static int superblock_matches(const char *dev, const char *uuid, const char *label)
+{
+	int fd = open(dev, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	unsigned char sb[256];
+	ssize_t n = pread(fd, sb, sizeof sb, 1024);
+	close(fd);
+	if (n != (ssize_t)sizeof sb || sb[0x38] != 0x53 || sb[0x39] != 0xEF)
+		return 0;
+	if (uuid) {
+		char text[37];
+		const unsigned char *u = sb + 0x68;
+		snprintf(text, sizeof text,
+			 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0], u[1],
+			 u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14],
+			 u[15]);
+		for (size_t i = 0;; i++) {
+			if (ascii_lower((unsigned char)uuid[i]) != text[i])
+				return 0;
+			if (!text[i])
+				return 1;
+		}
+	}
+	char name[17];
+	memcpy(name, sb + 0x78, 16);
+	name[16] = '\0';
+	return strcmp(name, label) == 0;
+}
+
+/* Look once through /sys/class/block for the root device; make missing /dev nodes. */
+static int scan_for_root(const char *root, char *found, size_t foundlen)
+{
+	const char *uuid = NULL, *label = NULL, *devname = NULL;
+	if (strncmp(root, "UUID=", 5) == 0)
+		uuid = root + 5;
+	else if (strncmp(root, "LABEL=", 6) == 0)
+		label = root + 6;
+	else
+		devname = root + 5; /* "/dev/" checked by the caller */
+
+	DIR *d = opendir("/sys/class/block");
+	if (!d)
+		return 0;
+	int ok = 0;
+	struct dirent *e;
+	while (!ok && (e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[300], text[32];
+		snprintf(path, sizeof path, "/sys/class/block/%s/dev", e->d_name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, text, sizeof text - 1);
+		close(fd);
+		unsigned maj, min;
+		if (n <= 0)
+			continue;
+		text[n] = '\0';
+		if (sscanf(text, "%u:%u", &maj, &min) != 2)
+			continue;
+		snprintf(path, sizeof path, "/dev/%s", e->d_name);
+		struct stat st;
+		if (stat(path, &st) < 0 && mknod(path, S_IFBLK | 0600, makedev(maj, min)) < 0)
+			continue;
+		if (devname)
+			ok = strcmp(e->d_name, devname) == 0;
+		else
+			ok = superblock_matches(path, uuid, label);
+		if (ok)
+			snprintf(found, foundlen, "%s", path);
+	}
+	closedir(d);
+	return ok;
+}
+
+/* Empty the initramfs (it stays in RAM otherwise), staying on its own filesystem. */
+static void delete_tree(int dirfd, dev_t rootdev)
+{
+	DIR *d = fdopendir(dirfd);
+	if (!d) {
+		close(dirfd);
+		return;
+	}
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+			continue;
+		struct stat st;
+		if (fstatat(dirfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || st.st_dev != rootdev)
+			continue; /* a mount point such as /newroot */
+		if (S_ISDIR(st.st_mode)) {
+			int sub = openat(dirfd, e->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			if (sub >= 0)
+				delete_tree(sub, rootdev);
+			unlinkat(dirfd, e->d_name, AT_REMOVEDIR);
+		} else {
+			unlinkat(dirfd, e->d_name, 0);
+		}
+	}
+	closedir(d);
+}
+
+static void free_initramfs(void)
+{
+	struct statfs sfs;
+	struct stat st;
+	if (statfs("/", &sfs) < 0 || stat("/", &st) < 0)
+		return;
+	if ((unsigned)sfs.f_type != RAMFS_MAGIC && (unsigned)sfs.f_type != TMPFS_MAGIC)
+		return; /* never wipe a real disk */
+	int fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd >= 0)
+		delete_tree(fd, st.st_dev);
+}
+
+/* fds 0-2 must be the console; the kernel opens it only if /dev/console existed. */
+static void ensure_console(void)
+{
+	if (fcntl(1, F_GETFD) >= 0 && fcntl(2, F_GETFD) >= 0)
+		return;
+	int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+	if (fd < 0)
+		return;
+	for (int i = 0; i <= 2; i++)
+		if (fcntl(i, F_GETFD) < 0)
+			dup2(fd, i);
+	if (fd > 2)
+		close(fd);
+}
+
+__attribute__((noreturn)) static void stage1(void)
+{
+	stage = 1;
+	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	ensure_console();
+	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		fatal("cannot mount /proc: %s", strerror(errno));
+	if (mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		fatal("cannot mount /sys: %s", strerror(errno));
+
+	struct cmdline c;
+	parse_cmdline(&c);
+	debug("stage 1: root=%s %s init=%s", c.root ? c.root : "(none)", c.ro ? "ro" : "rw", c.stage2);
+	if (!c.root)
+		fatal("no root= on the kernel command line");
+	if (strncmp(c.root, "UUID=", 5) != 0 && strncmp(c.root, "LABEL=", 6) != 0 &&
+	    strncmp(c.root, "/dev/", 5) != 0)
+		fatal("root=%s is not supported (use UUID=, LABEL= or /dev/NAME)", c.root);
+
+	load_modules();
+
+	char dev[300];
+	double deadline = now() + ROOT_WAIT_SECONDS;
+	while (!scan_for_root(c.root, dev, sizeof dev)) {
+		if (now() > deadline)
+			fatal("root device %s not found after %d s", c.root, ROOT_WAIT_SECONDS);
+		sleep_ms(20);
+	}
+	debug("root %s is %s", c.root, dev);
+
+	if (mount(dev, "/newroot", "ext4", c.ro ? MS_RDONLY : 0, "") < 0)
+		fatal("cannot mount %s (root=%s) as ext4: %s", dev, c.root, strerror(errno));
+	umount2("/proc", MNT_DETACH);
+	umount2("/sys", MNT_DETACH);
+	/* Keep /dev (and the console on it) if the image has a place for it; stage 2 sees a
+	 * mount point there and leaves it. */
+	if (!is_dir("/newroot/dev") || mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL) < 0)
+		umount2("/dev", MNT_DETACH);
+	free_initramfs();
+
+	if (chdir("/newroot") < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 ||
+	    chdir("/") < 0)
+		fatal("cannot switch to the root filesystem: %s", strerror(errno));
+	char *argv[] = {(char *)c.stage2, NULL};
+	execv(c.stage2, argv);
+	fatal("cannot run %s from the root filesystem: %s", c.stage2, strerror(errno));
+}
+
+/* ==================================================================== stage 2 == */
+
+/* ------------------------------------------------------------- mounts -- */
+
+static int mkdir_mode(const char *path, mode_t mode)
+{
+	if (mkdir(path, mode) < 0)
+		return errno == EEXIST ? 0 : -1;
+	return chmod(path, mode); /* mkdir is subject to the umask */
+}
+
+static int is_mount_point(const char *path)
+{
+	struct stat a, b;
+	return stat(path, &a) == 0 && stat("/", &b) == 0 && a.st_dev != b.st_dev;
+}
+
+static int dir_is_empty(const char *path)
+{
+	DIR *d = opendir(path);
+	if (!d)
+		return 0;
+	struct dirent *e;
+	int empty = 1;
+	while (empty && (e = readdir(d)))
+		empty = strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0;
+	closedir(d);
+	return empty;
+}
+
+static void must_mount(const char *src, const char *dst, const char *type, unsigned long flags,
+		       const char *opts)
+{
+	if (mount(src, dst, type, flags, opts) < 0)
+		fatal("cannot mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static void soft_mount(const char *src, const char *dst, const char *type, unsigned long flags,
+		       const char *opts)
+{
+	if (mount(src, dst, type, flags, opts) < 0)
+		debug("cannot mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static void symlink_if_absent(const char *target, const char *path)
+{
+	struct stat st;
+	if (lstat(path, &st) < 0 && symlink(target, path) < 0)
+		debug("cannot create %s: %s", path, strerror(errno));
+}
+
+/* What a container runtime gives a container, minus what a VM does not need. */
+static void setup_mounts(void)
+{
+	const unsigned long nse = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+	static const struct {
+		const char *path;
+		mode_t mode;
+	} points[] = {{"/proc", 0555}, {"/sys", 0555}, {"/dev", 0755}, {"/run", 0755}, {"/tmp", 01777}};
+	int fresh[5];
+	for (size_t i = 0; i < 5; i++) {
+		fresh[i] = !is_dir(points[i].path);
+		if (fresh[i] && mkdir_mode(points[i].path, points[i].mode) < 0 && i < 3)
+			fatal("cannot create %s: %s", points[i].path, strerror(errno));
+	}
+	must_mount("proc", "/proc", "proc", nse, NULL);
+	soft_mount("sysfs", "/sys", "sysfs", nse, NULL);
+	if (!is_mount_point("/dev"))
+		must_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	ensure_console();
+
+	if (mkdir_mode("/dev/pts", 0755) == 0)
+		soft_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+			   "newinstance,ptmxmode=0666,mode=0620,gid=5");
+	if (access("/dev/pts/ptmx", F_OK) == 0) { /* this instance's ptmx, as runc links it */
+		unlink("/dev/ptmx");
+		symlink_if_absent("pts/ptmx", "/dev/ptmx");
+	}
+	if (mkdir_mode("/dev/shm", 01777) == 0)
+		soft_mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	symlink_if_absent("/proc/self/fd", "/dev/fd");
+	symlink_if_absent("/proc/self/fd/0", "/dev/stdin");
+	symlink_if_absent("/proc/self/fd/1", "/dev/stdout");
+	symlink_if_absent("/proc/self/fd/2", "/dev/stderr");
+
+	/* Never hide what the image put in /run or /tmp. */
+	if (fresh[3] || dir_is_empty("/run"))
+		soft_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+	if (fresh[4] || dir_is_empty("/tmp"))
+		soft_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	if (is_dir("/sys/fs/cgroup"))
+		soft_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nse, NULL);
+}
+
+static void loopback_up(void)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		debug("no socket for lo: %s", strerror(errno));
+		return;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "lo");
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) {
+		debug("lo: %s", strerror(errno));
+	} else {
+		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+		if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+			debug("lo up: %s", strerror(errno));
+	}
+	close(s);
+}
+
+/* --------------------------------------------------------------- spec -- */
+
+struct spec {
+	char **argv;
+	size_t argc;
+	char **env; /* room for HOME and the NULL */
+	size_t envc;
+	const char *cwd;
+	const char *user;
+	const char *hostname;
+};
+
+static void read_spec(const char *path, struct spec *s)
+{
+	size_t len;
+	char *buf = read_file(path, MAX_SPEC_BYTES, &len);
+	if (!buf)
+		fatal("cannot read the run spec %s: %s", path, strerror(errno));
+	if (len == 0 || buf[len - 1] != '\0')
+		fatal("run spec %s is truncated", path);
+
+	size_t count = 0;
+	for (size_t i = 0; i < len; i++)
+		count += buf[i] == '\0';
+	if (count % 2)
+		fatal("run spec %s is truncated", path);
+	if (count < 2 || strcmp(buf, "version") != 0 || strcmp(buf + 8, "1") != 0)
+		fatal("run spec %s is not a version 1 spec", path);
+
+	memset(s, 0, sizeof *s);
+	s->argv = xmalloc((count / 2 + 1) * sizeof *s->argv);
+	s->env = xmalloc((count / 2 + 2) * sizeof *s->env);
+	s->cwd = s->user = s->hostname = "";
+	for (char *p = buf; p < buf + len;) {
+		char *key = p;
+		char *val = key + strlen(key) + 1;
+		p = val + strlen(val) + 1;
+		if (strcmp(key, "arg") == 0)
+			s->argv[s->argc++] = val;
+		else if (strcmp(key, "env") == 0)
+			s->env[s->envc++] = val;
+		else if (strcmp(key, "cwd") == 0)
+			s->cwd = val;
+		else if (strcmp(key, "user") == 0)
+			s->user = val;
+		else if (strcmp(key, "hostname") == 0)
+			s->hostname = val;
+		/* anything else: a newer imgconv wrote it; ignore */
+	}
+	s->argv[s->argc] = NULL;
+	s->env[s->envc] = NULL;
+}
+
+/* -------------------------------------------------------------- users -- */
+/*
+ * A faithful copy of runc's libcontainer/user GetExecUser (as docker calls it with no
+ * defaults) over the image's /etc/passwd and /etc/group, including its quirks: lines split on
+ * ':' with missing fields left empty/zero, numbers parsed with errors ignored (0), passwd lines
+ * trimmed but group lines not, first match wins, supplementary groups only for the implicit
+ * form.
+ */
+
+#define MIN_ID 0LL
+#define MAX_ID 2147483647LL
+
+struct userdb {
+	char *data; /* NULL: the file does not exist */
+	size_t len;
+};
+
+/* Next line of a file (bufio.ScanLines: split on \n, drop one trailing \r); copies it. */
+static char *next_line(const struct userdb *db, size_t *pos, char *line, size_t cap)
+{
+	if (!db->data || *pos >= db->len)
+		return NULL;
+	const char *start = db->data + *pos;
+	const char *nl = memchr(start, '\n', db->len - *pos);
+	size_t n = nl ? (size_t)(nl - start) : db->len - *pos;
+	*pos += n + (nl ? 1 : 0);
+	if (n > 0 && start[n - 1] == '\r')
+		n--;
+	if (n >= cap)
+		n = cap - 1; /* absurd lines are cut; they could not match anything sensible anyway */
+	memcpy(line, start, n);
+	line[n] = '\0';
+	return line;
+}
+
+static int is_space(char ch)
+{
+	return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\v' || ch == '\f' || ch == '\r';
+}
+
+static char *trim(char *s)
+{
+	while (is_space(*s))
+		s++;
+	size_t n = strlen(s);
+	while (n > 0 && is_space(s[n - 1]))
+		s[--n] = '\0';
+	return s;
+}
+
+/* Split in place on ':' into at most n fields; missing ones become "". */
+static void split_fields(char *line, char **fields, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		fields[i] = line;
+		char *colon = line ? strchr(line, ':') : NULL;
+		if (line && colon) {
+			*colon = '\0';
+			line = colon + 1;
+		} else {
+			line = NULL;
+		}
+		if (!fields[i])
+			fields[i] = "";
+	}
+}
+
+static long long atoi_lenient(const char *s)
+{
+	long long v;
+	go_atoi(s, &v);
+	return v;
+}
+
+struct passwd_entry {
+	char *name, *home;
+	long long uid, gid;
+};
+
+static char *passwd_line(const struct userdb *db, size_t *pos, struct passwd_entry *pw, char *buf,
+			 size_t cap)
+{
+	char *line;
+	while ((line = next_line(db, pos, buf, cap))) {
+		line = trim(line);
+		if (!*line)
+			continue;
+		char *f[6];
+		split_fields(line, f, 6);
+		pw->name = f[0];
+		pw->uid = atoi_lenient(f[2]);
+		pw->gid = atoi_lenient(f[3]);
+		pw->home = f[5];
+		return line;
+	}
+	return NULL;
+}
+
+struct group_entry {
+	char *name, *list; /* list: the raw comma-separated member field */
+	long long gid;
+};
+
+static char *group_line(const struct userdb *db, size_t *pos, struct group_entry *gr, char *buf,
+			size_t cap)
+{
+	char *line;
+	while ((line = next_line(db, pos, buf, cap))) {
+		if (!*line)
+			continue;
+		char *f[4];
+		split_fields(line, f, 4);
+		gr->name = f[0];
+		gr->gid = atoi_lenient(f[2]);
+		gr->list = f[3];
+		return line;
+	}
+	return NULL;
+}
+
+static int list_has(const char *list, const char *name)
+{
+	size_t n = strlen(name);
+	if (!*list)
+		return 0;
+	for (const char *p = list;;) {
+		const char *comma = strchr(p, ',');
+		size_t len = comma ? (size_t)(comma - p) : strlen(p);
+		if (len == n && memcmp(p, name, n) == 0)
+			return 1;
+		if (!comma)
+			return 0;
+		p = comma + 1;
+	}
+}
+
+struct exec_user {
+	long long uid, gid;
+	long long *sgids;
+	size_t nsgids;
+	char home[4096];
+};
+
+#define LINE_MAX_BYTES 65536
+
+static void resolve_user(const char *spec, const struct userdb *passwd, const struct userdb *group,
+			 struct exec_user *u)
+{
+	static char line[LINE_MAX_BYTES];
+	char *specbuf = strdup(spec);
+	if (!specbuf)
+		fatal("out of memory");
+	char *parts[2];
+	split_fields(specbuf, parts, 2);
+	const char *user_arg = parts[0], *group_arg = parts[1];
+	long long uid_arg, gid_arg;
+	int uid_err = go_atoi(user_arg, &uid_arg);
+	int gid_err = go_atoi(group_arg, &gid_arg);
+
+	memset(u, 0, sizeof *u);
+	u->sgids = xmalloc(sizeof *u->sgids);
+
+	char matched[LINE_MAX_BYTES] = "";
+	int found = 0;
+	size_t pos = 0;
+	struct passwd_entry pw;
+	while (!found && passwd_line(passwd, &pos, &pw, line, sizeof line)) {
+		if (!*user_arg)
+			found = pw.uid == u->uid;
+		else if (uid_err == 0)
+			found = pw.uid == uid_arg;
+		else
+			found = strcmp(pw.name, user_arg) == 0;
+		if (found) {
+			snprintf(matched, sizeof matched, "%s", pw.name);
+			u->uid = pw.uid;
+			u->gid = pw.gid;
+		}
+	}
+	if (!found && *user_arg) {
+		if (uid_err)
+			fatal("unable to find user %s: no matching entries in passwd file", user_arg);
+		u->uid = uid_arg;
+		if (u->uid < MIN_ID || u->uid > MAX_ID)
+			fatal("uids and gids must be in range %lld-%lld", MIN_ID, MAX_ID);
+	}
+
+	if (*group_arg || *matched) {
+		int got = 0;
+		size_t cap = 1;
+		struct group_entry gr;
+		pos = 0;
+		while (group_line(group, &pos, &gr, line, sizeof line)) {
+			int match;
+			if (!*group_arg)
+				match = list_has(gr.list, matched);
+			else if (gid_err == 0)
+				match = gr.gid == gid_arg;
+			else
+				match = strcmp(gr.name, group_arg) == 0;
+			if (!match)
+				continue;
+			if (*group_arg) {
+				if (!got)
+					u->gid = gr.gid;
+				got = 1;
+				continue;
+			}
+			if (u->nsgids == cap) {
+				cap *= 2;
+				u->sgids = realloc(u->sgids, cap * sizeof *u->sgids);
+				if (!u->sgids)
+					fatal("out of memory");
+			}
+			u->sgids[u->nsgids++] = gr.gid;
+		}
+		if (*group_arg && !got) {
+			if (gid_err)
+				fatal("unable to find group %s: no matching entries in group file", group_arg);
+			u->gid = gid_arg;
+			if (u->gid < MIN_ID || u->gid > MAX_ID)
+				fatal("uids and gids must be in range %lld-%lld", MIN_ID, MAX_ID);
+		}
+	}
+
+	/* HOME comes from runc's second lookup, by the numeric uid docker hands it, with "/" as
+	 * the default: the first passwd entry with that uid. */
+	snprintf(u->home, sizeof u->home, "/");
+	pos = 0;
+	while (passwd_line(passwd, &pos, &pw, line, sizeof line)) {
+		if (pw.uid == u->uid) {
+			snprintf(u->home, sizeof u->home, "%s", pw.home);
+			break;
+		}
+	}
+	free(specbuf);
+}
+
+/* ---------------------------------------------------------- workload -- */
+
+static void mkdir_p(const char *path)
+{
+	char buf[4096];
+	int n = snprintf(buf, sizeof buf, "%s", path);
+	if (n < 0 || (size_t)n >= sizeof buf)
+		fatal("working directory %s: name too long", path);
+	for (char *p = buf + 1;; p++) {
+		if (*p == '/' || *p == '\0') {
+			char saved = *p;
+			*p = '\0';
+			if (buf[0] && mkdir(buf, 0755) < 0 && errno != EEXIST)
+				fatal("cannot create working directory %s: %s", buf, strerror(errno));
+			*p = saved;
+			if (!saved)
+				break;
+		}
+	}
+}
+
+/* Go's strconv.Quote, near enough for error messages. */
+static void quote(const char *s, char *out, size_t cap)
+{
+	size_t o = 0;
+	out[o++] = '"';
+	for (; *s && o + 6 < cap; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\') {
+			out[o++] = '\\';
+			out[o++] = (char)ch;
+		} else if (ch == '\n') {
+			out[o++] = '\\';
+			out[o++] = 'n';
+		} else if (ch == '\t') {
+			out[o++] = '\\';
+			out[o++] = 't';
+		} else if (ch < 0x20 || ch == 0x7f) {
+			o += (size_t)snprintf(out + o, cap - o, "\\x%02x", ch);
+		} else {
+			out[o++] = (char)ch;
+		}
+	}
+	out[o++] = '"';
+	out[o] = '\0';
+}
+
+/* Go's os/exec findExecutable. 0 or an errno; *stat_failed says the error came from stat. */
+static int find_executable(const char *path, int *stat_failed)
+{
+	struct stat st;
+	*stat_failed = 0;
+	if (stat(path, &st) < 0) {
+		*stat_failed = 1;
+		return errno;
+	}
+	if (S_ISDIR(st.st_mode))
+		return EISDIR;
+	if (faccessat(AT_FDCWD, path, X_OK, AT_EACCESS) == 0)
+		return 0;
+	if (errno != ENOSYS && errno != EPERM)
+		return errno;
+	return st.st_mode & 0111 ? 0 : EACCES;
+}
+
+__attribute__((noreturn)) static void child_fail(int code, const char *fmt, ...)
+{
+	char line[8192];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = snprintf(line, sizeof line, PROG ": ");
+	int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+	va_end(ap);
+	size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
+	if (len > sizeof line - 2)
+		len = sizeof line - 2;
+	line[len++] = '\n';
+	put(2, line, len);
+	_exit(code);
+}
+
+/* exec.LookPath with the workload's own PATH, then execve. 127 when there is nothing to run,
+ * 126 when there is something that cannot be run (what docker reports in both cases). */
+__attribute__((noreturn)) static void exec_workload(char **argv, char **env)
+{
+	const char *file = argv[0];
+	char q[4200], candidate[8192];
+	int stat_failed, err;
+	quote(file, q, sizeof q);
+	const char *path = file;
+	if (strchr(file, '/')) {
+		err = find_executable(file, &stat_failed);
+		if (err && stat_failed)
+			child_fail(err == ENOENT || err == ENOTDIR ? 127 : 126, "exec: %s: stat %s: %s", q, file,
+				   errtext(err));
+		if (err)
+			child_fail(126, "exec: %s: %s", q, errtext(err));
+	} else {
+		const char *dirs = NULL;
+		for (char **e = env; *e; e++)
+			if (strncmp(*e, "PATH=", 5) == 0) {
+				dirs = *e + 5;
+				break;
+			}
+		path = NULL;
+		while (dirs && *file) {
+			const char *colon = strchr(dirs, ':');
+			size_t n = colon ? (size_t)(colon - dirs) : strlen(dirs);
+			if (n == 0)
+				snprintf(candidate, sizeof candidate, "%s", file); /* "" means "." */
+			else
+				snprintf(candidate, sizeof candidate, "%.*s/%s", (int)n, dirs, file);
+			if (find_executable(candidate, &stat_failed) == 0) {
+				path = candidate;
+				break;
+			}
+			dirs = colon ? colon + 1 : NULL;
+		}
+		if (!path)
+			child_fail(127, "exec: %s: executable file not found in $PATH", q);
+	}
+	execve(path, argv, env);
+	err = errno;
+	child_fail(err == ENOENT ? 127 : 126, "exec %s: %s", path, errtext(err));
+}
+
+__attribute__((noreturn)) static void run_child(struct spec *s, const struct exec_user *u, int out,
+						int errfd, const gid_t *groups, size_t ngroups)
+{
+	setsid();
+	int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(errfd, 2) < 0)
+		child_fail(125, "cannot set up stdio: %s", strerror(errno));
+	/* Like runc's fixStdioPermissions: /dev/stdout opened by a non-root user must work. */
+	if (fchown(1, (uid_t)u->uid, (gid_t)u->gid) < 0 || fchown(2, (uid_t)u->uid, (gid_t)u->gid) < 0)
+		child_fail(125, "cannot hand stdio to the user: %s", strerror(errno));
+
+	struct sigaction dfl;
+	memset(&dfl, 0, sizeof dfl);
+	dfl.sa_handler = SIG_DFL;
+	for (int sig = 1; sig < NSIG; sig++)
+		sigaction(sig, &dfl, NULL); /* fails harmlessly for KILL, STOP, libc-internal ones */
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+
+	if (setgroups(ngroups, groups) < 0)
+		child_fail(125, "setgroups: %s", strerror(errno));
+	if (setgid((gid_t)u->gid) < 0)
+		child_fail(125, "setgid %lld: %s", u->gid, strerror(errno));
+	if (setuid((uid_t)u->uid) < 0)
+		child_fail(125, "setuid %lld: %s", u->uid, strerror(errno));
+	umask(022);
+	exec_workload(s->argv, s->env);
+}
+
+/* ------------------------------------------------------------- relay -- */
+
+static int relay(int from, int to)
+{
+	char buf[65536];
+	ssize_t n = read(from, buf, sizeof buf);
+	if (n < 0)
+		return errno == EINTR || errno == EAGAIN ? 1 : 0;
+	if (n == 0)
+		return 0;
+	put(to, buf, (size_t)n);
+	relayed_any = 1;
+	last_relayed = (unsigned char)buf[n - 1];
+	return 1;
+}
+
+static int wait_status(int st)
+{
+	if (WIFEXITED(st))
+		return WEXITSTATUS(st);
+	if (WIFSIGNALED(st))
+		return 128 + WTERMSIG(st);
+	return 125;
+}
+
+__attribute__((noreturn)) static void stage2(void)
+{
+	stage = 2;
+	reboot(RB_DISABLE_CAD); /* ctrl-alt-del now sends SIGINT to us: the host's "please stop" */
+
+	sigset_t handled;
+	sigemptyset(&handled);
+	int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2, SIGQUIT};
+	for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++)
+		sigaddset(&handled, sigs[i]);
+	/* Blocked signals reach PID 1 even without a handler (sig_ignored() checks the mask). */
+	sigprocmask(SIG_BLOCK, &handled, NULL);
+	int sfd = signalfd(-1, &handled, SFD_CLOEXEC | SFD_NONBLOCK);
+	if (sfd < 0)
+		fatal("signalfd: %s", strerror(errno));
+
+	setup_mounts();
+	struct cmdline c;
+	parse_cmdline(&c);
+	debug("stage 2: spec %s", c.spec);
+	if (!debug_on)
+		klogctl(SYSLOG_ACTION_CONSOLE_LEVEL, NULL, 1); /* keep kernel chatter out of the output */
+	loopback_up();
+
+	struct spec s;
+	read_spec(c.spec, &s);
+	if (*s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
+		debug("sethostname %s: %s", s.hostname, strerror(errno));
+
+	struct userdb passwd = {0}, group = {0};
+	passwd.data = read_file("/etc/passwd", MAX_USERDB_BYTES, &passwd.len);
+	group.data = read_file("/etc/group", MAX_USERDB_BYTES, &group.len);
+	struct exec_user u;
+	resolve_user(s.user, &passwd, &group, &u);
+	/* Docker puts the primary group first in the supplementary list. */
+	size_t ngroups = u.nsgids + 1;
+	gid_t *groups = xmalloc(ngroups * sizeof *groups);
+	groups[0] = (gid_t)u.gid;
+	for (size_t i = 0; i < u.nsgids; i++)
+		groups[i + 1] = (gid_t)u.sgids[i];
+	debug("user %s: uid %lld gid %lld, %zu more groups, home %s", s.user, u.uid, u.gid, u.nsgids,
+	      u.home);
+
+	int has_home = 0;
+	for (size_t i = 0; i < s.envc; i++)
+		has_home |= strncmp(s.env[i], "HOME=", 5) == 0;
+	if (!has_home) {
+		char *home = xmalloc(strlen(u.home) + 6);
+		sprintf(home, "HOME=%s", u.home);
+		s.env[s.envc++] = home;
+		s.env[s.envc] = NULL;
+	}
+
+	const char *cwd = *s.cwd ? s.cwd : "/";
+	if (!is_dir(cwd))
+		mkdir_p(cwd);
+	if (chdir(cwd) < 0)
+		fatal("cannot change to working directory %s: %s", cwd, strerror(errno));
+	if (s.argc == 0)
+		fatal("no command specified");
+
+	int out[2], err[2];
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0)
+		fatal("pipe: %s", strerror(errno));
+	put(1, "<<imgconv:start>>\n", 18);
+	pid_t main_pid = fork();
+	if (main_pid < 0)
+		fatal("fork: %s", strerror(errno));
+	if (main_pid == 0)
+		run_child(&s, &u, out[1], err[1], groups, ngroups);
+	close(out[1]);
+	close(err[1]);
+
+	struct pollfd fds[3] = {{sfd, POLLIN, 0}, {out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
+	int status = 125, main_done = 0, killed = 0;
+	double drain_deadline = 0;
+	while (!main_done || fds[1].fd >= 0 || fds[2].fd >= 0) {
+		int timeout = -1;
+		if (main_done && !killed) {
+			/* Like docker when a container's main process exits: everyone else goes. */
+			kill(-1, SIGKILL);
+			killed = 1;
+			drain_deadline = now() + DRAIN_SECONDS;
+		}
+		if (killed) {
+			double left = drain_deadline - now();
+			if (left <= 0)
+				break; /* something unkillable holds a pipe; do not wait forever */
+			timeout = (int)(left * 1000) + 1;
+		}
+		if (poll(fds, 3, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			fatal("poll: %s", strerror(errno));
+		}
+		if (fds[0].revents & POLLIN) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+				int sig = (int)si.ssi_signo;
+				if (sig == SIGCHLD) {
+					int st;
+					pid_t p;
+					while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+						if (p == main_pid) {
+							status = wait_status(st);
+							main_done = 1;
+						}
+				} else if (!main_done) {
+					debug("forwarding signal %d", sig == SIGINT ? SIGTERM : sig);
+					kill(main_pid, sig == SIGINT ? SIGTERM : sig);
+				}
+			}
+		}
+		for (int i = 1; i <= 2; i++)
+			if (fds[i].fd >= 0 && fds[i].revents && !relay(fds[i].fd, i)) {
+				close(fds[i].fd);
+				fds[i].fd = -1; /* poll ignores negative fds */
+			}
+	}
+	while (waitpid(-1, NULL, WNOHANG) > 0)
+		;
+	debug("workload exited with status %d", status);
+	emit_exit(status);
+	power_off();
+}
+
+/* Test mode, for the host's unit tests: print what resolve_user makes of a user spec. */
+static int resolve_user_main(const char *user, const char *passwd_path, const char *group_path)
+{
+	struct userdb passwd = {0}, group = {0};
+	passwd.data = read_file(passwd_path, MAX_USERDB_BYTES, &passwd.len);
+	group.data = read_file(group_path, MAX_USERDB_BYTES, &group.len);
+	struct exec_user u;
+	resolve_user(user, &passwd, &group, &u);
+	printf("uid=%lld gid=%lld groups=%lld", u.uid, u.gid, u.gid);
+	for (size_t i = 0; i < u.nsgids; i++)
+		printf(",%lld", u.sgids[i]);
+	printf(" home=%s\n", u.home);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (getpid() != 1 && argc == 5 && strcmp(argv[1], "--resolve-user") == 0)
+		return resolve_user_main(argv[2], argv[3], argv[4]);
+	if (getpid() != 1) {
+		static const char msg[] = PROG ": must run as PID 1 (the first process of the VM)\n";
+		put(2, msg, sizeof msg - 1);
+		return 2;
+	}
+	if (access(INITRAMFS_MARKER, F_OK) == 0)
+		stage1();
+	stage2();
+}

@@ -1,0 +1,315 @@
+"""The run spec the guest init reads, the environment docker would give, and the small initramfs.
+
+Everything here is pure except :func:`build_initramfs` and :func:`needed_modules`, which read the
+kernel's module tree.
+
+Spec format (version 1), read by ``init/init.c``: a sequence of NUL-terminated byte strings taken
+in pairs, ``key\\0value\\0``. The first pair is ``version`` / ``1``. Keys: ``arg`` (repeated, in
+order: the whole argv, Entrypoint + Cmd), ``env`` (repeated, ``KEY=VALUE``, final except HOME),
+``cwd`` (empty: ``/``), ``user`` (docker's user spec; empty: root), ``hostname``. Readers ignore
+unknown keys. Strings are UTF-8 with ``surrogateescape``, so bytes that are not UTF-8 in an image
+config come through unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.errors import ImageError, ToolError
+
+SPEC_VERSION = "1"
+SPEC_KEYS = ("version", "hostname", "cwd", "user", "arg", "env")
+
+# docker's default PATH for Linux containers (pkg/system DefaultPathEnv).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Block drivers a VM disk may sit behind: virtio-blk, virtio-scsi, IDE (q35/pc), AHCI, NVMe.
+DISK_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ata_piix", "ahci", "nvme")
+
+INITRAMFS_MARKER = "imgconv-initramfs"
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """What the guest init runs: the container's process, as docker would start it."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str = ""
+    user: str = ""
+    hostname: str = ""
+
+
+def _encode(text: str, what: str) -> bytes:
+    data = text.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise ImageError(f"the image's {what} contains a NUL byte, which no process can receive: {text!r}")
+    return data
+
+
+def encode_spec(spec: InitSpec) -> bytes:
+    """The spec file's bytes (format in the module docstring)."""
+    pairs: list[tuple[str, str, str]] = [
+        ("version", SPEC_VERSION, "spec version"),
+        ("hostname", spec.hostname, "hostname"),
+        ("cwd", spec.cwd, "working directory"),
+        ("user", spec.user, "user"),
+    ]
+    pairs += [("arg", arg, "command") for arg in spec.argv]
+    pairs += [("env", env, "environment") for env in spec.env]
+    out = bytearray()
+    for key, value, what in pairs:
+        out += key.encode() + b"\0" + _encode(value, what) + b"\0"
+    return bytes(out)
+
+
+def decode_spec(data: bytes) -> InitSpec:
+    """Parse a spec written by :func:`encode_spec` (or a newer imgconv: unknown keys are skipped)."""
+    if not data.endswith(b"\0"):
+        raise ValueError("spec is truncated: it does not end with NUL")
+    fields = data[:-1].split(b"\0")
+    if len(fields) % 2:
+        raise ValueError("spec is truncated: a key has no value")
+    if fields[:2] != [b"version", SPEC_VERSION.encode()]:
+        raise ValueError("not a version 1 spec")
+    argv: list[str] = []
+    env: list[str] = []
+    single = {"cwd": "", "user": "", "hostname": ""}
+    for i in range(2, len(fields), 2):
+        key = fields[i].decode("utf-8", "surrogateescape")
+        value = fields[i + 1].decode("utf-8", "surrogateescape")
+        if key == "arg":
+            argv.append(value)
+        elif key == "env":
+            env.append(value)
+        elif key in single:
+            single[key] = value
+    return InitSpec(tuple(argv), tuple(env), single["cwd"], single["user"], single["hostname"])
+
+
+def docker_env(image_env: Sequence[str], hostname: str) -> tuple[str, ...]:
+    """The environment ``docker run`` (without ``-t``) gives a container of this image, minus HOME.
+
+    docker (container.CreateDaemonEnvironment) starts from ``PATH`` and ``HOSTNAME`` and merges the
+    image's Env with ReplaceOrAppendEnvValues: an entry whose key is one of those two replaces it in
+    place, an entry without ``=`` removes it, anything else is appended (an entry without ``=``
+    whose key is not PATH/HOSTNAME is dropped). runc then drops duplicate keys, keeping the last
+    value at the position of its last occurrence, and rejects ``=VALUE``. HOME is added by the
+    guest init, from the user's passwd entry, when the result has none.
+    """
+    env: list[str | None] = [f"PATH={DEFAULT_PATH}", f"HOSTNAME={hostname}"]
+    defaults = {"PATH": 0, "HOSTNAME": 1}  # appended entries are deliberately not indexed (as docker)
+    for entry in image_env:
+        key, sep, _ = entry.partition("=")
+        if not sep:
+            if key in defaults:
+                env[defaults[key]] = None
+            continue
+        if key in defaults:
+            env[defaults[key]] = entry
+        else:
+            env.append(entry)
+
+    merged = [e for e in env if e is not None]
+    seen: set[str] = set()
+    final: list[str] = []
+    for entry in reversed(merged):
+        key = entry.partition("=")[0]
+        if not key:
+            raise ImageError(f"the image's environment has an entry with an empty name: {entry!r}")
+        if key not in seen:
+            seen.add(key)
+            final.append(entry)
+    final.reverse()
+    for entry in final:
+        _encode(entry, "environment")
+    return tuple(final)
+
+
+# ----------------------------------------------------------------------------------- modules --
+
+_MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def _module_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def _read_modules_dep(modules_root: Path) -> dict[str, list[str]]:
+    dep_file = modules_root / "modules.dep"
+    try:
+        text = dep_file.read_text()
+    except OSError as exc:
+        raise ToolError(f"cannot read {dep_file} to find the disk drivers for the initramfs: {exc}") from exc
+    deps: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        module, sep, rest = line.partition(":")
+        if sep:
+            deps[module.strip()] = rest.split()
+    return deps
+
+
+def needed_modules(modules_root: Path, names: Sequence[str] = DISK_MODULES) -> list[str]:
+    """Module files (relative to *modules_root*, which holds ``modules.dep``) to load for *names*.
+
+    Dependencies come first and nothing twice, in the order modprobe would load them. Names that
+    are built into the kernel (``modules.builtin``) or absent from this kernel are skipped.
+    """
+    deps = _read_modules_dep(modules_root)
+    by_name = {_module_name(path): path for path in deps}
+    builtin_file = modules_root / "modules.builtin"
+    builtin = (
+        {_module_name(line.strip()) for line in builtin_file.read_text().splitlines() if line.strip()}
+        if builtin_file.exists()
+        else set()
+    )
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(path: str) -> None:
+        if path in seen:
+            return
+        seen.add(path)
+        # modules.dep lists a module's dependencies so that loading them last-to-first works.
+        for dep in reversed(deps.get(path, [])):
+            visit(dep)
+        order.append(path)
+
+    for name in names:
+        key = name.replace("-", "_")
+        if key in builtin or key not in by_name:
+            continue
+        visit(by_name[key])
+    return order
+
+
+def _module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if name.endswith(".ko.zst"):
+        import zstandard
+
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            out: bytes = reader.read()
+        return out
+    return data
+
+
+# -------------------------------------------------------------------------------------- cpio --
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One member of a newc archive; *mode* includes the file type bits."""
+
+    name: str
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+def write_cpio(entries: Iterable[CpioEntry]) -> bytes:
+    """A deterministic newc ("070701") archive: inode numbers in order, mtime 0, owner root."""
+    out = bytearray()
+    all_entries = [*entries, CpioEntry("TRAILER!!!", 0)]
+    for ino, entry in enumerate(all_entries, start=1):
+        name = entry.name.encode() + b"\0"
+        is_trailer = entry.name == "TRAILER!!!"
+        fields = (
+            0 if is_trailer else ino,
+            entry.mode,
+            0,  # uid
+            0,  # gid
+            2 if stat.S_ISDIR(entry.mode) else 1,
+            0,  # mtime
+            len(entry.data),
+            0,  # devmajor
+            0,  # devminor
+            entry.rdev[0],
+            entry.rdev[1],
+            len(name),
+            0,  # check
+        )
+        header = b"070701" + b"".join(b"%08X" % value for value in fields)
+        out += header + name + _pad4(len(header) + len(name))
+        out += entry.data + _pad4(len(entry.data))
+    return bytes(out)
+
+
+def read_cpio(data: bytes) -> list[CpioEntry]:
+    """Parse a newc archive (for tests and inspection); stops at the trailer."""
+    entries: list[CpioEntry] = []
+    pos = 0
+    while True:
+        if data[pos : pos + 6] != b"070701":
+            raise ValueError(f"not a newc cpio header at offset {pos}")
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, rmaj, rmin, namesize = fields[1], fields[6], fields[9], fields[10], fields[11]
+        name_start = pos + 110
+        name = data[name_start : name_start + namesize - 1].decode()
+        pos = name_start + namesize
+        pos += -pos % 4
+        body = data[pos : pos + size]
+        pos += size
+        pos += -pos % 4
+        if name == "TRAILER!!!":
+            return entries
+        entries.append(CpioEntry(name, mode, body, (rmaj, rmin)))
+
+
+def _resolve_modules_dir(kernel_release: str, modules_root: Path) -> Path:
+    for candidate in (modules_root, modules_root / kernel_release):
+        if (candidate / "modules.dep").is_file():
+            return candidate
+    raise ToolError(
+        f"no modules.dep for kernel {kernel_release} under {modules_root}: "
+        "the initramfs needs the kernel's modules (run depmod, or install the kernel's modules)"
+    )
+
+
+def build_initramfs(kernel_release: str, modules_root: Path, init: Path) -> bytes:
+    """A gzip-compressed newc initramfs: the init (stage 1 and 2), the disk drivers, ``/load.list``.
+
+    *modules_root* is the kernel's module directory (``/lib/modules/<release>``, or
+    ``/lib/modules`` to which *kernel_release* is appended). The output is byte-for-byte
+    reproducible from the same inputs.
+    """
+    modules_dir = _resolve_modules_dir(kernel_release, modules_root)
+    entries = [
+        CpioEntry("dev", stat.S_IFDIR | 0o755),
+        # The kernel opens /dev/console for init before any devtmpfs is mounted.
+        CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
+        CpioEntry("proc", stat.S_IFDIR | 0o555),
+        CpioEntry("sys", stat.S_IFDIR | 0o555),
+        CpioEntry("newroot", stat.S_IFDIR | 0o755),
+        CpioEntry("modules", stat.S_IFDIR | 0o755),
+        CpioEntry("init", stat.S_IFREG | 0o755, init.read_bytes()),
+        CpioEntry(INITRAMFS_MARKER, stat.S_IFREG | 0o644),
+    ]
+    load_list: list[str] = []
+    for rel in needed_modules(modules_dir):
+        name = f"modules/{_module_name(rel)}.ko"
+        entries.append(CpioEntry(name, stat.S_IFREG | 0o644, _module_bytes(modules_dir / rel)))
+        load_list.append("/" + name)
+    entries.append(CpioEntry("load.list", stat.S_IFREG | 0o644, "".join(f"{m}\n" for m in load_list).encode()))
+    return gzip.compress(write_cpio(entries), compresslevel=9, mtime=0)

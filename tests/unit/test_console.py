@@ -1,0 +1,182 @@
+"""The console protocol decoder: markers, CRLF undoing, streaming, spoofed markers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from converter.boot.console import ConsoleDecoder, Event, Exit, Firmware, Output
+
+
+def onlcr(data: bytes) -> bytes:
+    """What the guest's serial tty does to what the init writes."""
+    return data.replace(b"\n", b"\r\n")
+
+
+def console(workload: bytes, status: int, firmware: bytes = b"[    0.9] Run /init as init process\n") -> bytes:
+    """The bytes the host reads for a workload that wrote *workload* and exited with *status*."""
+    nl = bool(workload) and not workload.endswith(b"\n")
+    marker = b"%s<<imgconv:exit status=%d nl=%d>>\n" % (b"\n" if nl else b"", status, nl)
+    return onlcr(firmware + b"<<imgconv:start>>\n" + workload + marker)
+
+
+def decode(chunks: list[bytes]) -> list[Event]:
+    decoder = ConsoleDecoder()
+    events: list[Event] = []
+    for chunk in chunks:
+        events += decoder.feed(chunk)
+    return events + decoder.close()
+
+
+def summary(events: list[Event]) -> tuple[bytes, bytes, int | None]:
+    firmware = b"".join(e.data for e in events if isinstance(e, Firmware))
+    output = b"".join(e.data for e in events if isinstance(e, Output))
+    exits = [e.status for e in events if isinstance(e, Exit)]
+    assert len(exits) <= 1
+    if exits:
+        assert isinstance(events[-1], Exit), "Exit is the last event"
+    return firmware, output, exits[0] if exits else None
+
+
+def split_randomly(data: bytes, rng: random.Random) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), k=min(len(data) - 1, rng.randint(0, 12))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+WORKLOADS = [
+    b"",
+    b"hello\n",
+    b"no newline",
+    b"\n",
+    b"\n\n\n",
+    b"a\r\nb\r\n",  # a workload's own CRLF survives (the tty made it \r\r\n)
+    b"cr only\r",
+    b"\r",
+    b"\r\r\n\r",
+    b"\x00\x01\xff\xfe binary \x1b[31m\n",
+    b"<<imgconv:start>>\n",  # a second start marker is just output
+    b"<<imgconv:exit status=0 nl=0>>\n",  # a spoofed exit marker followed by the real one
+    b"<<imgconv:exit status=0 nl=0>>",
+    b"x\n<<imgconv:exit status=7 nl=1>>\nmore\n",
+    b"<<imgconv:exit",
+    b"<<imgconv:exit status=300 nl=0>>\n",
+    b"line\n" * 1000,
+]
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("status", [0, 1, 125, 255])
+def test_round_trip_whole(workload: bytes, status: int) -> None:
+    firmware, output, got = summary(decode([console(workload, status)]))
+    assert output == workload
+    assert got == status
+    assert firmware == b"[    0.9] Run /init as init process\n"
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_round_trip_any_split(workload: bytes) -> None:
+    rng = random.Random(workload)
+    data = console(workload, 42)
+    for _ in range(50):
+        assert summary(decode(split_randomly(data, rng)))[1:] == (workload, 42)
+
+
+def test_round_trip_byte_by_byte() -> None:
+    workload = b"a\n<<imgconv:exit status=1 nl=0>>\nb\r\nc"
+    assert summary(decode([bytes([b]) for b in console(workload, 3)]))[1:] == (workload, 3)
+
+
+def test_output_is_streamed_not_buffered() -> None:
+    decoder = ConsoleDecoder()
+    decoder.feed(onlcr(b"kernel\n<<imgconv:start>>\n"))
+    assert decoder.feed(b"partial") == [Output(b"partial")]
+    # A complete line comes out at once, except its newline (it could precede the exit marker).
+    assert decoder.feed(b" line\r\n") == [Output(b" line")]
+    assert decoder.feed(b"next") == [Output(b"\nnext")]
+    assert decoder.feed(b" and more\r\nlines\r\nstill") == [Output(b" and more\nlines\nstill")]
+
+
+def test_streaming_holds_back_only_what_could_be_a_marker() -> None:
+    decoder = ConsoleDecoder()
+    assert decoder.feed(b"<<imgconv:start>>\r\nhello\r\n") == [Output(b"hello")]
+    assert decoder.feed(b"<<imgconv:ex") == []  # could be the exit marker
+    assert decoder.feed(b"tra") == [Output(b"\n<<imgconv:extra")]  # was not
+    assert decoder.feed(b"\r") == []  # half a CRLF
+    assert decoder.feed(b"x") == [Output(b"\rx")]
+
+
+def test_pending_exit_becomes_output_when_more_follows() -> None:
+    decoder = ConsoleDecoder()
+    events = decoder.feed(b"<<imgconv:start>>\r\nout\r\n<<imgconv:exit status=9 nl=0>>\r\n")
+    assert decoder.pending_exit == 9
+    events += decoder.feed(b"still running\r\n")
+    assert decoder.pending_exit is None
+    events += decoder.feed(b"<<imgconv:exit status=0 nl=0>>\r\n")
+    assert decoder.pending_exit == 0
+    events += decoder.close()
+    assert summary(events) == (b"", b"out\n<<imgconv:exit status=9 nl=0>>\nstill running\n", 0)
+
+
+def test_no_exit_marker_means_no_exit() -> None:
+    data = onlcr(b"<<imgconv:start>>\nworking...\n") + b"Kernel panic - not syncing"
+    _, output, status = summary(decode([data]))
+    assert status is None
+    assert output == b"working...\nKernel panic - not syncing"
+
+
+def test_nothing_at_all() -> None:
+    assert decode([]) == []
+    assert summary(decode([b"SeaBIOS\r\n", b"Booting from Hard Disk..."])) == (
+        b"SeaBIOS\nBooting from Hard Disk...",
+        b"",
+        None,
+    )
+
+
+def test_init_failure_before_start() -> None:
+    data = onlcr(b"[ 1.0] boot\nimgconv-init: error: unable to find user x\n<<imgconv:exit status=125 nl=0>>\n")
+    firmware, output, status = summary(decode([data]))
+    assert status == 125
+    assert output == b""
+    assert firmware.endswith(b"imgconv-init: error: unable to find user x\n")
+
+
+def test_start_marker_split_and_not_at_line_start() -> None:
+    data = onlcr(b"noise<<imgconv:start>>\nout\n<<imgconv:exit status=0 nl=0>>\n")
+    for cut in range(1, len(data)):
+        assert summary(decode([data[:cut], data[cut:]])) == (b"noise", b"out\n", 0)
+
+
+def test_marker_cut_by_power_off_still_counts() -> None:
+    data = onlcr(b"<<imgconv:start>>\nok\n") + b"<<imgconv:exit status=4 nl=0>>\r"
+    assert summary(decode([data]))[1:] == (b"ok\n", 4)
+
+
+def test_nl_flag_removes_only_the_added_newline() -> None:
+    assert summary(decode([console(b"abc", 0)]))[1] == b"abc"
+    assert summary(decode([console(b"abc\n", 0)]))[1] == b"abc\n"
+    # nl=0 after a workload newline keeps it; nl=1 never eats a workload byte.
+    assert summary(decode([onlcr(b"<<imgconv:start>>\nabc\n\n<<imgconv:exit status=0 nl=1>>\n")]))[1] == b"abc\n"
+
+
+def test_feed_after_close_is_an_error() -> None:
+    decoder = ConsoleDecoder()
+    decoder.close()
+    with pytest.raises(ValueError):
+        decoder.feed(b"x")
+    assert decoder.close() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    workload=st.binary(max_size=300)
+    | st.lists(st.sampled_from([b"\r", b"\n", b"<<imgconv:", b"exit status=1 nl=0>>", b"x"])).map(b"".join),
+    status=st.integers(0, 255),
+    seed=st.integers(0, 2**32),
+)
+def test_round_trip_property(workload: bytes, status: int, seed: int) -> None:
+    data = console(workload, status)
+    assert summary(decode(split_randomly(data, random.Random(seed))))[1:] == (workload, status)
