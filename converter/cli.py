@@ -210,6 +210,98 @@ def oci_to_qcow2(
               f"kernel {record['kernel']['release']}, sha256 {record['sha256']}")
 
 
+@app.command("vm-to-oci")
+def vm_to_oci(
+    disk: Annotated[Path, typer.Argument(metavar="DISK", help="The VM disk: qcow2, raw, vmdk, vhdx, vpc or vdi.")],
+    dest: Annotated[str, typer.Argument(metavar="DEST",
+                                        help="Where to write the image, e.g. oci:./out:latest or docker://host/name:tag.")],
+    compression: Annotated[str, typer.Option("--compression", help="Layer compression: gzip or zstd.")] = "gzip",
+    reproducible: Annotated[bool, typer.Option("--reproducible",
+                                               help="Fixed timestamps (SOURCE_DATE_EPOCH, else 1970), "
+                                                    "so the same disk gives the same digests.")] = False,
+    keep_boot: Annotated[bool, typer.Option("--keep-boot", help="Keep /boot and kernel modules.")] = False,
+    root: Annotated[str | None, typer.Option("--root", metavar="DEVICE",
+                                             help="The OS root to export when the disk holds several.")] = None,
+    base: Annotated[str | None, typer.Option("--base", metavar="REF",
+                                             help="Reuse this image's layers; add one layer with the differences.")
+                    ] = None,
+    entrypoint: Annotated[str | None, typer.Option("--entrypoint", metavar="JSON|CMD",
+                                                   help='Entrypoint, as a JSON array (["/app","-v"]) or one path.')
+                          ] = None,
+    cmd: Annotated[str | None, typer.Option("--cmd", metavar="JSON|CMD",
+                                            help='Cmd, as a JSON array or a single program.')] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", metavar="KEY=VALUE", help="Add or replace an Env entry.")
+                   ] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", help="WorkingDir.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User (name, uid, uid:gid).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="Add a label.")] = None,
+    expose: Annotated[list[str] | None, typer.Option("--expose", metavar="PORT[/PROTO]", help="Expose a port.")
+                      ] = None,
+    platform: PlatformOpt = None,
+    tls_verify: TlsOpt = True,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Turn a VM disk into an OCI image that Docker, skopeo and registries accept.
+
+    The disk is opened read-only inside a libguestfs appliance (no network, no guest code run).
+    A disk made by oci-to-qcow2 gets its original config back and everything imgconv added is
+    taken out again; other disks get their OS found by inspection, mounted at its own mountpoints,
+    and a config from the flags (default Cmd ["/bin/sh"]).
+
+    Example: imgconv vm-to-oci legacy.qcow2 docker-daemon:legacy:latest
+    """
+    from converter.disk.export import ExportOptions, export
+    from converter.oci.model import Platform
+
+    options = ExportOptions(
+        compression=compression, reproducible=reproducible, keep_boot=keep_boot, root=root, base=base,
+        platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
+        entrypoint=parse_argv(entrypoint, "--entrypoint"), cmd=parse_argv(cmd, "--cmd"),
+        env=tuple(key_value(e, "--env") and e for e in env or ()), workdir=workdir, user=user,
+        labels=tuple(key_value(item, "--label") for item in label or ()),
+        expose=tuple(port_spec(p) for p in expose or ()),
+    )
+    record = export(disk, dest, options, monitor_for(json_output, quiet))
+    if json_output:
+        print(json.dumps(record, indent=2))
+    elif not quiet:
+        print(f"{record['destination']}: {len(record['layers'])} layer(s), image {record['image_id']}"
+              + (f", manifest {record['manifest_digest']}" if record.get("manifest_digest") else ""))
+
+
+def parse_argv(value: str | None, flag: str) -> tuple[str, ...] | None:
+    """A JSON array of strings, or one program path; "" or [] clears the setting."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{flag} is not a valid JSON array: {exc}") from None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise UsageError(f"{flag} must be a JSON array of strings")
+        return tuple(parsed)
+    return (value,) if value else ()
+
+
+def key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"{flag} takes KEY=VALUE, not {item!r}")
+    return key, value
+
+
+def port_spec(text: str) -> str:
+    import re
+
+    match = re.fullmatch(r"(\d{1,5})(?:/(tcp|udp|sctp))?", text)
+    if not match or not 0 < int(match.group(1)) < 65536:
+        raise UsageError(f"--expose takes PORT[/tcp|udp|sctp], not {text!r}")
+    return f"{match.group(1)}/{match.group(2) or 'tcp'}"
+
+
 def validate_hostname(name: str) -> str:
     import re
 

@@ -242,6 +242,8 @@ def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
     _add_dir(tar, RESERVED)
     _add_dir(tar, BOOT_DIR)
     plan.injected.append(RESERVED)
+    if "lost+found" not in tree.kinds:
+        plan.injected.append("lost+found")  # mke2fs makes it; the image did not have it
     _add_bytes(tar, f"{RESERVED}/init", init_binary().read_bytes(), 0o755)
     _add_bytes(tar, f"{RESERVED}/init.spec", encode_spec(plan.spec))
     _add_bytes(tar, f"{RESERVED}/config.json", image.config.raw)

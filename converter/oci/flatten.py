@@ -27,7 +27,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Protocol
 
 from converter.errors import LayerError
 
@@ -39,6 +39,12 @@ NONDIR = "nondir"
 
 # tarfile's block size for streams: large reads keep the per-call overhead small.
 _BUFSIZE = 1 << 20
+
+
+class TarSink(Protocol):
+    """Where flattened entries go: a ``tarfile.TarFile`` opened for writing, or anything with addfile."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,7 @@ class _Layer:
 
 
 class Flattener:
-    def __init__(self, out: tarfile.TarFile, on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(self, out: TarSink, on_bytes: Callable[[int], None] | None = None) -> None:
         self.out = out
         self.on_bytes = on_bytes
         self.tree = FlatTree()
@@ -413,7 +419,7 @@ class _Counting(io.RawIOBase):
         return len(data)
 
 
-def flatten(layers: Sequence[LayerInput], out: tarfile.TarFile,
+def flatten(layers: Sequence[LayerInput], out: TarSink,
             on_bytes: Callable[[int], None] | None = None) -> FlatTree:
     """Write the final root filesystem of *layers* (oldest first) into *out*; return what it holds.
 
