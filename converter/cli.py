@@ -302,6 +302,45 @@ def port_spec(text: str) -> str:
     return f"{match.group(1)}/{match.group(2) or 'tcp'}"
 
 
+@app.command()
+def boot(
+    disk: Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format).")],
+    timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
+                                                  help="Stop the VM after this long (exit code 124).")] = None,
+    memory: Annotated[int, typer.Option("--memory", "-m", metavar="MIB", help="Guest memory in MiB.")] = 512,
+    cpus: Annotated[int, typer.Option("--cpus", help="Guest CPUs.")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Show the qemu command line and the boot messages.")] = False,
+) -> None:
+    """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
+
+    The disk is never written: the VM runs on a throwaway overlay. The workload's output is
+    streamed as it comes. Ctrl-C asks the workload to stop (SIGTERM), as `docker stop` does.
+    Exit codes: the workload's own (128+N if killed by signal N); 124 when --timeout expired;
+    125 when the VM ended without a workload status (kernel panic, init failure); 137 when a
+    stop was requested and the workload did not end in time.
+    """
+    import math
+
+    from converter.boot.qemu import boot as boot_disk
+
+    if memory < 64:
+        raise UsageError("--memory must be at least 64 (MiB)")
+    if cpus < 1:
+        raise UsageError("--cpus must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    # qemu.boot turns KeyboardInterrupt into a graceful guest stop; let both signals arrive as one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
+                       verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr)
+    sys.stdout.flush()
+    if result.message:
+        print(f"imgconv: {result.message}", file=sys.stderr)
+    raise typer.Exit(result.status)
+
+
 def validate_hostname(name: str) -> str:
     import re
 
