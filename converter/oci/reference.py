@@ -4,7 +4,7 @@ Accepted forms::
 
     oci:DIR[:TAG]                      an OCI image layout directory
     docker-archive:PATH[:NAME[:TAG]]   a `docker save` tarball (or `:@N` for the Nth image in it)
-    docker-daemon:NAME[:TAG|@DIGEST]   an image in the Docker engine at DOCKER_HOST
+    docker-daemon:NAME[:TAG|@DIGEST]   an image in the Docker engine at DOCKER_HOST (or sha256:ID)
     docker://[REGISTRY/]NAME[:TAG|@DIGEST]   an image in a registry (through skopeo)
 
 Parsing is pure: nothing here touches the filesystem or the network.
@@ -19,7 +19,7 @@ from enum import StrEnum
 from converter.errors import ReferenceError_
 
 ACCEPTED_FORMS = (
-    "oci:DIR[:TAG], docker-archive:PATH[:NAME:TAG], docker-daemon:NAME[:TAG], "
+    "oci:DIR[:TAG], docker-archive:PATH[:NAME:TAG|:@N], docker-daemon:NAME[:TAG|@DIGEST] or docker-daemon:sha256:ID, "
     "docker://[REGISTRY/]NAME[:TAG|@DIGEST]"
 )
 
@@ -32,10 +32,15 @@ _SEPARATOR = r"(?:[._]|__|-+)"
 _PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_NAME_RE = re.compile(rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
-_OCI_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@/+-]*$")
+# \Z, not $: `$` also matches before a trailing newline. ASCII: Go's \w (Docker's tag grammar) is ASCII only.
+_NAME_RE = re.compile(rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)\Z")
+_PATH_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*\Z")
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}\Z", re.ASCII)
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}\Z")
+_IMAGE_ID_RE = re.compile(r"^[a-f0-9]{64}\Z")
+_INDEX_RE = re.compile(r"^@[0-9]+\Z")
+_OCI_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:@/+-]*\Z")
+NAME_MAX = 255  # Docker's limit on a repository name
 
 
 class Transport(StrEnum):
@@ -62,7 +67,9 @@ class DockerName:
         """The short form Docker shows: `busybox:latest` rather than `docker.io/library/busybox:latest`."""
         repo = self.repository
         if self.domain == DEFAULT_REGISTRY:
-            repo = self.path.removeprefix("library/")
+            short = self.path.removeprefix("library/")
+            # docker.io/library/a/b is not a/b (that is docker.io/a/b): only one component may drop library/.
+            repo = short if "/" not in short else self.path
         return repo + self.suffix()
 
     def suffix(self) -> str:
@@ -86,15 +93,19 @@ def parse_docker_name(text: str, *, default_tag: bool = True) -> DockerName:
         if not _TAG_RE.match(tag):
             raise ReferenceError_(f"invalid tag {tag!r} in {text!r}")
     match = _NAME_RE.match(rest)
-    if not match:
+    domain, path = (match.group("domain"), match.group("path")) if match else (None, "")
+    # A first component counts as a registry only if it looks like a host (Docker's rule).
+    if domain is not None and not ("." in domain or ":" in domain or domain == "localhost" or domain[0] == "["):
+        domain, path = None, f"{domain}/{path}"
+    if not match or not _PATH_RE.match(path):
         raise ReferenceError_(
             f"invalid image name {rest!r}: names are lowercase letters, digits and separators, "
             "optionally after a registry host"
         )
-    domain, path = match.group("domain"), match.group("path")
-    # A first component counts as a registry only if it looks like a host (Docker's rule).
-    if domain is not None and not ("." in domain or ":" in domain or domain == "localhost" or domain[0] == "["):
-        domain, path = None, f"{domain}/{path}"
+    if len(rest) > NAME_MAX:
+        raise ReferenceError_(f"image name {rest[:40]!r}... is longer than {NAME_MAX} characters")
+    if _IMAGE_ID_RE.match(text):
+        raise ReferenceError_(f"invalid image name {rest!r}: a 64-hex-digit name would be mistaken for an image ID")
     if domain is None or domain == "index.docker.io":
         domain = DEFAULT_REGISTRY
     if domain == DEFAULT_REGISTRY and "/" not in path:
@@ -173,7 +184,7 @@ def _parse_archive(text: str, body: str) -> Reference:
     if not rest:
         return Reference(Transport.DOCKER_ARCHIVE, path=path)
     if rest.startswith("@"):
-        if not rest[1:].isdigit():
+        if not _INDEX_RE.match(rest):
             raise ReferenceError_(f"invalid image index {rest!r} in {text!r}; expected :@N")
         return Reference(Transport.DOCKER_ARCHIVE, path=path, index=int(rest[1:]))
     name = parse_docker_name(rest)
@@ -186,4 +197,7 @@ def _parse_daemon(text: str, body: str) -> Reference:
     if DIGEST_RE.match(body):
         return Reference(Transport.DOCKER_DAEMON, image_id=body)
     name = parse_docker_name(body)
+    if name.domain == DEFAULT_REGISTRY and name.path == "library/sha256":
+        # containers/image's rule: "sha256:abc" is a short or mistyped image ID, not the image sha256:abc.
+        raise ReferenceError_(f"invalid image ID {body!r} in {text!r}; expected docker-daemon:sha256:<64 hex digits>")
     return Reference(Transport.DOCKER_DAEMON, name=name)
