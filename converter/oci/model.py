@@ -72,6 +72,8 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ImageError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ImageError(f"{what} is not a JSON object")
     return doc
@@ -143,13 +145,16 @@ class Descriptor:
         annotations = doc.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise ImageError(f"{what} has invalid annotations")
+        urls = doc.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ImageError(f"{what} has invalid urls: expected a list of strings")
         return cls(
             media_type=media_type,
             digest=_check_digest(doc.get("digest"), what),
             size=size,
             platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
             annotations={str(k): str(v) for k, v in annotations.items()},
-            urls=tuple(str(u) for u in doc.get("urls") or ()),
+            urls=tuple(urls),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -180,7 +185,7 @@ class Index:
     def parse(cls, raw: bytes, what: str = "image index") -> Index:
         doc = load_json(raw, what)
         media_type = doc.get("mediaType") or MediaType.OCI_INDEX
-        if media_type not in INDEX_TYPES:
+        if not isinstance(media_type, str) or media_type not in INDEX_TYPES:
             raise ImageError(f"{what} has unsupported media type {media_type!r}")
         entries = doc.get("manifests")
         if not isinstance(entries, list):
@@ -210,6 +215,8 @@ class Manifest:
     def parse(cls, raw: bytes, what: str = "image manifest", media_type: str | None = None) -> Manifest:
         doc = load_json(raw, what)
         declared = doc.get("mediaType") or media_type or MediaType.OCI_MANIFEST
+        if not isinstance(declared, str):
+            raise ImageError(f"{what} has unsupported media type {declared!r}")
         if declared in (MediaType.DOCKER_SCHEMA1, MediaType.DOCKER_SCHEMA1_SIGNED) or doc.get("schemaVersion") == 1:
             raise ImageError(f"{what} is Docker schema 1, which is deprecated and not supported")
         if declared in INDEX_TYPES:
