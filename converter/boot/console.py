@@ -72,7 +72,7 @@ class ConsoleDecoder:
         self._started = False
         self._cr = False  # the last chunk ended in "\r": it may pair with a "\n"
         self._tail = b""  # decoded bytes not yet emitted
-        self._emitted = False  # anything emitted in the current section (so position 0 is no line start)
+        self._bol = True  # what was emitted so far ends at a line start (or nothing was, in this section)
         self._closed = False
 
     @property
@@ -87,7 +87,7 @@ class ConsoleDecoder:
         It becomes final at :meth:`close`; more bytes would make it workload output.
         """
         m = _EXIT_AT_CLOSE_RE.fullmatch(self._tail)
-        if m is None or not self._tail.endswith(b"\n") or (not m.group(1) and self._emitted):
+        if m is None or not self._tail.endswith(b"\n") or (not m.group(1) and not self._bol):
             return None
         return int(m.group(2))
 
@@ -109,7 +109,7 @@ class ConsoleDecoder:
         self._tail, self._cr = b"", False
         events: list[Event] = []
         m = _EXIT_AT_CLOSE_RE.fullmatch(text)
-        at_line_start = m is not None and (bool(m.group(1)) or not self._emitted)
+        at_line_start = m is not None and (bool(m.group(1)) or self._bol)
         if m is None or not at_line_start:
             if text:
                 events.append(Output(text) if self._started else Firmware(text))
@@ -133,7 +133,7 @@ class ConsoleDecoder:
                 self._tail = text[hold:]
                 return events
             self._emit(events, text[:at])
-            self._started, self._emitted = True, False
+            self._started, self._bol = True, True
             text = text[at + len(START_MARKER) :]
         hold = self._output_hold(text)
         self._emit(events, text[:hold])
@@ -143,7 +143,7 @@ class ConsoleDecoder:
     def _emit(self, events: list[Event], data: bytes) -> None:
         if data:
             events.append(Output(data) if self._started else Firmware(data))
-            self._emitted = True
+            self._bol = data.endswith(b"\n")
 
     def _last_line_start(self, text: bytes) -> int | None:
         """Where the last line of *text* (complete or not) starts, if that is a line start."""
@@ -151,7 +151,7 @@ class ConsoleDecoder:
         nl = text.rfind(b"\n", 0, end)
         if nl >= 0:
             return nl + 1
-        return None if self._emitted else 0
+        return 0 if self._bol else None
 
     @staticmethod
     def _could_be_exit(line: bytes) -> bool:

@@ -180,3 +180,19 @@ def test_feed_after_close_is_an_error() -> None:
 def test_round_trip_property(workload: bytes, status: int, seed: int) -> None:
     data = console(workload, status)
     assert summary(decode(split_randomly(data, random.Random(seed))))[1:] == (workload, status)
+
+
+def test_init_failure_marker_in_its_own_chunk() -> None:
+    chunks = [b"imgconv-init: error: no\r\n", b"<<imgconv:exit status=125 nl=0>>\r\n"]
+    assert summary(decode(chunks)) == (b"imgconv-init: error: no\n", b"", 125)
+    for data in (b"".join(chunks), b"x\r\n" + b"".join(chunks)):
+        for cut in range(1, len(data)):
+            assert summary(decode([data[:cut], data[cut:]]))[2] == 125
+
+
+@settings(max_examples=200, deadline=None)
+@given(firmware=st.binary(max_size=200).filter(lambda b: b"<" not in b), seed=st.integers(0, 2**32))
+def test_init_failure_property(firmware: bytes, seed: int) -> None:
+    data = onlcr(firmware + b"\nimgconv-init: error: x\n<<imgconv:exit status=125 nl=0>>\n")
+    got_firmware, output, status = summary(decode(split_randomly(data, random.Random(seed))))
+    assert (got_firmware, output, status) == (firmware + b"\nimgconv-init: error: x\n", b"", 125)
