@@ -49,14 +49,22 @@ class NullMonitor:
 
 
 class TextMonitor:
-    """For people: step names and notes on stderr, tqdm bars when stderr is a terminal."""
+    """For people at a terminal: step names, timings and tqdm bars on stderr; notes always.
 
-    def __init__(self, stream: TextIO | None = None, bars: bool | None = None) -> None:
+    Off a terminal (logs, pipes, scripts) steps and bars are silent, so stderr carries only
+    what matters there: notes and, on failure, the one-line error.
+    """
+
+    def __init__(self, stream: TextIO | None = None, interactive: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.bars = self.stream.isatty() if bars is None else bars
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.bars = self.interactive
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        if not self.interactive:
+            yield
+            return
         start = time.monotonic()
         print(f"imgconv: {name}...", file=self.stream, flush=True)
         yield

@@ -1,0 +1,198 @@
+"""`imgconv oci-to-qcow2` and `imgconv boot` against `docker run`, the judge.
+
+Every fixture image is converted once (session fixture `converted_disk`), checked with
+`qemu-img check`, booted with `imgconv boot`, and must print exactly what `docker run` of the
+same image prints in the test world's dockerd, and exit with the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import IMGCONV, imgconv, source_ref
+from tests.world import DockerWorld, FixtureImage
+
+pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
+
+IMAGES = ["busybox", "distroless", "tricky", "debian"]
+
+
+def boot(disk: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    return imgconv("boot", str(disk), "--timeout", "240", *extra, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_boot_prints_and_exits_like_docker_run(name: str, converted_disk: Callable[[str], Path],
+                                                fixture_image: Callable[[str], FixtureImage],
+                                                docker_world: DockerWorld) -> None:
+    image = fixture_image(name)
+    disk = converted_disk(name)
+
+    check = subprocess.run(["qemu-img", "check", str(disk)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "No errors were found" in check.stdout
+
+    docker = docker_world.run(image.repo_tag)
+    assert docker.stderr == b"", "the fixture images write only to stdout"
+    booted = boot(disk)
+    assert booted.stdout == docker.stdout, (
+        f"imgconv boot printed:\n{booted.stdout.decode(errors='replace')}\n"
+        f"docker run printed:\n{docker.stdout.decode(errors='replace')}\nstderr: {booted.stderr.decode()}"
+    )
+    assert booted.returncode == docker.exit_code, booted.stderr.decode()
+
+
+def test_tricky_image_really_is_tricky(fixture_image: Callable[[str], FixtureImage]) -> None:
+    """Guard the comparison above: the tricky image's config does contain what it claims to."""
+    config = fixture_image("tricky").config["config"]
+    joined = json.dumps(config)
+    for needle in (" ", "$(", ";", "&", "'", '\\"'):
+        assert needle in joined
+    assert " " in config["WorkingDir"] and ":" in config["User"]
+
+
+def test_sidecar_and_read_only_artifact(converted_disk: Callable[[str], Path],
+                                        fixture_image: Callable[[str], FixtureImage]) -> None:
+    disk = converted_disk("busybox")
+    image = fixture_image("busybox")
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o444
+    sidecar = json.loads(Path(f"{disk}.json").read_text())
+    assert sidecar["sha256"] == "sha256:" + hashlib.sha256(disk.read_bytes()).hexdigest()
+    assert sidecar["size"] == disk.stat().st_size
+    assert sidecar["source"] == source_ref(image)
+    assert sidecar["image_id"] == image.built.config_digest
+    assert sidecar["kernel"]["release"] and sidecar["kernel"]["origin"] == "host"
+    assert sidecar["imgconv"] and sidecar["created"].endswith("Z")
+    assert sidecar["format"] == "qcow2"
+    assert stat.S_IMODE(Path(f"{disk}.json").stat().st_mode) == 0o444
+
+
+def test_boot_never_writes_the_disk(converted_disk: Callable[[str], Path]) -> None:
+    disk = converted_disk("busybox")
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    boot(disk)
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+
+
+def test_boots_under_plain_qemu_with_seabios(converted_disk: Callable[[str], Path]) -> None:
+    """No imgconv at boot time: SeaBIOS -> MBR -> extlinux -> kernel -> init -> workload."""
+    from fixtures import busybox
+
+    disk = converted_disk("busybox")
+    proc = subprocess.run(
+        ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "512", "-nodefaults", "-nographic",
+         "-no-reboot", "-serial", "stdio", "-display", "none",
+         "-drive", f"file={disk},format=qcow2,if=virtio,snapshot=on"],
+        capture_output=True, timeout=180,
+    )
+    console = proc.stdout.replace(b"\r\n", b"\n")
+    assert b"SeaBIOS" in console
+    assert b"<<imgconv:start>>\n" in console
+    workload = console.split(b"<<imgconv:start>>\n", 1)[1]
+    assert workload.startswith(busybox.EXPECTED_STDOUT.encode())
+    assert b"<<imgconv:exit status=0 nl=0>>" in workload
+    assert proc.returncode == 0  # the guest powered itself off
+
+
+def test_existing_output_is_refused_unless_forced(converted_disk: Callable[[str], Path],
+                                                  fixture_image: Callable[[str], FixtureImage],
+                                                  tmp_path: Path) -> None:
+    output = tmp_path / "exists.qcow2"
+    output.write_bytes(b"precious")
+    refused = imgconv("oci-to-qcow2", "--quiet", fixture_image("busybox").oci_ref, str(output))
+    assert refused.returncode == 2
+    assert output.read_bytes() == b"precious"
+    lines = refused.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imgconv: error:") and "--force" in lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "raw"])
+def test_other_formats(fmt: str, fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
+    output = tmp_path / f"busybox.{fmt}"
+    imgconv("oci-to-qcow2", "--quiet", "--no-kernel-modules", "--format", fmt,
+            fixture_image("busybox").oci_ref, str(output), check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(output)],
+                                     capture_output=True, check=True).stdout)
+    assert info["format"] == fmt
+    if fmt == "raw":
+        assert output.stat().st_blocks * 512 < info["virtual-size"], "a raw disk is written sparse"
+    else:
+        from fixtures import busybox
+
+        booted = boot(output)
+        assert booted.stdout == busybox.EXPECTED_STDOUT.encode() and booted.returncode == 0
+
+
+def test_compressed_qcow2_and_size(fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
+    output = tmp_path / "small.qcow2"
+    imgconv("oci-to-qcow2", "--quiet", "--compress", "--size", "1G", fixture_image("distroless").oci_ref,
+            str(output), check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)],
+                                     capture_output=True, check=True).stdout)
+    assert info["virtual-size"] == 1 << 30
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+
+
+def _partial_files(directory: Path, name: str) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.startswith(f".{name}.imgconv-")]
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_conversion_leaves_no_output(how: signal.Signals, fixture_image: Callable[[str], FixtureImage],
+                                                 tmp_path: Path) -> None:
+    """Killed while the disk is being written: nothing at OUTPUT (and, for SIGTERM, no leftovers)."""
+    output = tmp_path / "killed.qcow2"
+    proc = subprocess.Popen([str(IMGCONV), "oci-to-qcow2",
+                             fixture_image("busybox").oci_ref, str(output)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not _partial_files(tmp_path, output.name) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert _partial_files(tmp_path, output.name), "the conversion should be writing a temporary file by now"
+    time.sleep(1.0)
+    proc.send_signal(how)
+    _, stderr = proc.communicate(timeout=60)
+    assert not output.exists() and not Path(f"{output}.json").exists()
+    if how == signal.SIGTERM:
+        assert proc.returncode == 130, stderr.decode()
+        assert b"Traceback" not in stderr
+        assert not _partial_files(tmp_path, output.name), "cleanup removes the temporary files"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["oci:/nonexistent/layout:1", "OUT"], "does not exist"),
+    (["nonsense", "OUT"], "transport"),
+    (["SRC", "OUT", "--format", "qed"], "unknown disk format"),
+    (["SRC", "OUT", "--initrd", "/boot/nope"], "--initrd needs --kernel"),
+    (["SRC", "OUT", "--size", "12 parsecs"], "invalid size"),
+    (["SRC", "/nonexistent-dir/out.qcow2"], "does not exist"),
+    (["SRC", "OUT", "--hostname", "bad name"], "invalid hostname"),
+])
+def test_bad_input_is_one_line(args: list[str], needle: str, fixture_image: Callable[[str], FixtureImage],
+                               tmp_path: Path) -> None:
+    src = fixture_image("busybox").oci_ref
+    argv = [src if a == "SRC" else str(tmp_path / "out.qcow2") if a == "OUT" else a for a in args]
+    proc = imgconv("oci-to-qcow2", *argv)
+    err = proc.stderr.decode()
+    assert proc.returncode >= 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imgconv: error:") and needle in lines[0], err
+    assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_boot_timeout_has_its_own_code(converted_disk: Callable[[str], Path]) -> None:
+    """--timeout expiring before the workload reports is exit code 124, promptly."""
+    started = time.monotonic()
+    proc = imgconv("boot", str(converted_disk("busybox")), "--timeout", "0.5")
+    assert proc.returncode == 124, proc.stderr.decode()
+    assert time.monotonic() - started < 60
