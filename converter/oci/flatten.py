@@ -3,16 +3,20 @@
 One pass, newest layer first (as go-containerregistry's ``mutate.Extract``): an entry is written
 the first time its path is met, and older entries are dropped when a newer layer already wrote
 the path, whited it out (``.wh.NAME``), made a directory opaque (``.wh..wh..opq``, wherever the
-marker sits in its tar), or replaced an ancestor with something that is not a directory. Memory
-holds one record per path (never file contents); nothing is extracted anywhere.
+marker sits in its tar), or replaced the path or an ancestor with something that is not a
+directory. Whiteouts and opaque markers apply to lower layers only (OCI image-spec). Memory holds
+one record per path (never file contents); nothing is extracted anywhere.
 
-Names are normalised (``./a//b/`` is ``a/b``) and confined: absolute names, ``..`` components and
-writes beneath a symlink are refused with a :class:`LayerError` naming the layer and the path.
+Names are normalised (``./a//b/`` is ``a/b``) and confined: absolute names and ``..`` components
+are refused with a :class:`LayerError` naming the layer and the path, and so are layers that
+contradict themselves (one path as a directory and as a non-directory, an entry beneath the
+layer's own symlink or file) and layers that write beneath an older layer's symlink or file
+(Docker would follow the symlink, or fail).
 
-Hard links need care because a link may point at a file a newer layer replaced. A link whose
-target is in an older layer is resolved when that layer is read (linked to the target if it
-survives, given the target's content otherwise); a link to a file of its own layer that a newer
-layer shadowed is resolved by re-reading that layer once (rare: only such links cost it).
+Hard links follow tar semantics: a link shares the inode its target held when the link was met
+(the lower layers' file if its own layer has not written the target yet). A link whose target
+survives is written as a link after it; one whose target a newer layer replaced gets a copy of
+the target's entry, which costs one more read of the target's layer (rare).
 
 The output has numeric owners only (empty uname/gname), because whoever extracts it must not
 map names through *its* /etc/passwd.
@@ -27,7 +31,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 from converter.errors import LayerError
 
@@ -122,6 +126,8 @@ def _xattr_headers(pax: Mapping[str, str]) -> dict[str, str]:
             kept[key] = value
         elif key.startswith("LIBARCHIVE.xattr."):
             name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
+            if "=" in name:
+                continue  # a PAX keyword ends at the first "=": only libarchive's encoded form can hold it
             try:
                 raw = base64.b64decode(value + "=" * (-len(value) % 4))
             except ValueError:
@@ -142,36 +148,60 @@ def clean_header(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
     info.mtime = member.mtime
     info.size = member.size if info.type == tarfile.REGTYPE else 0
     info.linkname = member.linkname
-    info.devmajor, info.devminor = member.devmajor, member.devminor
+    if member.ischr() or member.isblk():
+        info.devmajor, info.devminor = member.devmajor, member.devminor
     info.pax_headers = _xattr_headers(member.pax_headers)
+    exact_mtime = member.pax_headers.get("mtime")
+    if exact_mtime is not None and _float_or_none(exact_mtime) == member.mtime:
+        info.pax_headers["mtime"] = exact_mtime  # tarfile's float would round nanoseconds away
     return info
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _kind(member: tarfile.TarInfo) -> str:
     return DIR if member.isdir() else NONDIR
 
 
+# What a path of the layer being read holds, for hard links: the ordinal of the entry (file, symlink,
+# device, fifo) whose inode it shares, _DIR_INODE for a directory, or a path of the older layers.
+_Inode = int | str
+_DIR_INODE = -1
+_MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
+
+
 @dataclass
 class _Pending:
-    """A hard link waiting for its target: *info* is the link's own header (name is final)."""
+    """A hard link to write later: *info* is its own header (its name is final)."""
 
     info: tarfile.TarInfo
     layer: str
+    cancelled: bool = False  # a later entry of the link's own layer replaced it
 
 
 class _Layer:
-    """Per-layer state: what this layer wrote, skipped, whited out. Merged after the layer ends."""
+    """Per-layer state: what this layer holds, wrote, hides. Merged after the layer ends."""
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.written: dict[str, str] = {}  # path -> kind, explicit entries kept from this layer
-        self.implicit: set[str] = set()  # ancestors of kept entries not written by this layer
-        self.skipped_files: set[str] = set()  # shadowed regular files (possible hard link targets)
-        self.aliases: dict[str, str] = {}  # shadowed hard link -> its target
-        self.symlinks: set[str] = set()
-        self.whiteouts: set[str] = set()
-        self.opaque: set[str] = set()
-        self.waiting: dict[str, list[_Pending]] = {}  # skipped target -> links needing its content
+        self.kinds: dict[str, str] = {}  # every entry of the layer, kept or not: path -> DIR | NONDIR
+        self.symlinks: set[str] = set()  # entries of the layer that are symlinks
+        self.ancestors: set[str] = set()  # proper ancestors of the layer's entries, markers included
+        self.beneath: set[str] = set()  # proper ancestors of the layer's entries, markers excluded
+        self.written: dict[str, str] = {}  # path -> kind, entries kept from this layer
+        self.implicit: set[str] = set()  # ancestors of kept entries
+        self.whiteouts: set[str] = set()  # `.wh.` targets and the layer's non-directories: hidden below
+        self.opaque: set[str] = set()  # "" for the root
+        self.inodes: dict[str, _Inode] = {}
+        self.holders: dict[int, tuple[str, bool]] = {}  # entry ordinal -> (its path, kept?)
+        self.waiting: dict[int, list[_Pending]] = {}  # shadowed entry -> links that need a copy of it
+        self.older: dict[str, list[_Pending]] = {}  # links of this layer to paths of older layers
+        self.deferred: dict[str, _Pending] = {}  # path -> this layer's not yet written link there
 
 
 class Flattener:
@@ -179,17 +209,22 @@ class Flattener:
         self.out = out
         self.on_bytes = on_bytes
         self.tree = FlatTree()
-        self.explicit: dict[str, str] = {}  # path -> kind, from newer layers
-        self.implicit: set[str] = set()  # directories newer layers wrote beneath without an entry
+        self.explicit: dict[str, str] = {}  # path -> kind, kept from newer layers
         self.whiteouts: set[str] = set()
         self.opaque: set[str] = set()
+        # Paths newer layers wrote beneath without an entry for them (nor any layer between): an
+        # older layer must have a directory there. Value: the newer layer, for the message.
+        self.beneath: dict[str, str] = {}
         self.pending: dict[str, list[_Pending]] = {}  # hard links whose target is in an older layer
+        # Directories layers imply by writing beneath them (Docker's MkdirAll): written at the end
+        # if nothing else in the output makes them exist (their contents were all removed later).
+        self.implied: set[str] = set()
 
     # -- visibility -------------------------------------------------------------------------
 
     def _hidden(self, path: str) -> bool:
         """Is an entry at *path* from the layer being read hidden by a newer layer?"""
-        if path in self.explicit or path in self.whiteouts:
+        if path in self.explicit or path in self.whiteouts or "" in self.opaque:
             return True
         for parent in parents(path):
             if parent in self.whiteouts or parent in self.opaque or self.explicit.get(parent) == NONDIR:
@@ -201,17 +236,23 @@ class Flattener:
     def run(self, layers: Sequence[LayerInput]) -> FlatTree:
         for layer in reversed(layers):
             self._layer(layer)
-        if self.pending:
-            target, links = next(iter(self.pending.items()))
+        for target, links in self.pending.items():
             raise LayerError(f"{links[0].layer}: hard link {links[0].info.name!r} points to {target!r}, "
                              "which no layer provides")
+        for path in sorted(self.implied - self.tree.kinds.keys()):
+            info = tarfile.TarInfo(path)
+            info.type, info.mode, info.uname, info.gname = tarfile.DIRTYPE, 0o755, "", ""
+            self._add(info, None)
+            self.tree.kinds[path] = DIR
+            self.tree.dirs[path] = info
         return self.tree
 
-    def _members(self, stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-        counted = _Counting(stream, self.on_bytes)
+    def _members(self, stream: BinaryIO, what: str, *, count: bool = True
+                 ) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+        counted = _Counting(stream, self.on_bytes if count else None)
         try:
             tar = tarfile.open(fileobj=counted, mode="r|", bufsize=_BUFSIZE)
-        except tarfile.ReadError as exc:
+        except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
             if "empty file" in str(exc):
                 return  # a zero-length layer is an empty layer
             raise LayerError(f"{what}: not a tar archive: {exc}") from None
@@ -219,7 +260,7 @@ class Flattener:
             while True:
                 try:
                     member = tar.next()
-                except tarfile.TarError as exc:
+                except (tarfile.TarError, EOFError, ValueError) as exc:
                     raise LayerError(f"{what}: malformed tar: {exc}") from None
                 if member is None:
                     break
@@ -231,82 +272,100 @@ class Flattener:
         state = _Layer(layer.what)
         with layer.open() as stream:
             try:
-                for member, tar in self._members(stream, layer.what):
-                    self._entry(state, member, tar)
+                for ordinal, (member, tar) in enumerate(self._members(stream, layer.what)):
+                    self._entry(state, member, tar, ordinal)
             except (tarfile.TarError, EOFError) as exc:
                 raise LayerError(f"{layer.what}: malformed tar: {exc}") from None
+        self._resolve_pending(state)
         if state.waiting:
             self._reread_for_links(layer, state)
         self._merge(state)
 
-    def _entry(self, state: _Layer, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+    def _entry(self, state: _Layer, member: tarfile.TarInfo, tar: tarfile.TarFile, ordinal: int) -> None:
         what = state.what
         path = normalize_name(member.name, what)
         if not path:
             return  # the root directory itself
+        dirs = path.split("/")[:-1]
+        if dirs and dirs[0].startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # inside AUFS bookkeeping (`.wh..wh.plnk/...`): skipped, as Docker does
+        if any(part.startswith(WHITEOUT_PREFIX) for part in dirs):
+            raise LayerError(f"{what}: {path!r} is beneath a whiteout; a whiteout is a marker, not a directory")
         marker = whiteout_of(path)
+        self._check_layer(state, member, path, marker is not None)
         if marker is not None:
             kind, target = marker
             if kind == "opaque":
-                if target:
-                    state.opaque.add(target)
+                state.opaque.add(target)
             elif kind == "whiteout":
+                if target.rsplit("/", 1)[-1] in (".", ".."):
+                    raise LayerError(f"{what}: whiteout {path!r} names '.' or '..' and could escape the root")
                 state.whiteouts.add(target)
             return
+        kind = _kind(member)
+        if kind == NONDIR:
+            self._check_older(state, member, path)
+            state.whiteouts.add(path)  # whatever older layers have at or beneath path is gone
         if member.islnk():
             self._hardlink(state, member, path)
             return
-        # Older versions of a file a newer layer's link is waiting for.
-        waiting_links = self.pending.pop(path, None)
-        if self._hidden(path) or self._conflicts(state, member, path):
-            if member.isreg():
-                state.skipped_files.add(path)
-                if waiting_links:
-                    self._emit_links_with_content(waiting_links, member, tar.extractfile(member))
-            elif waiting_links:
-                raise LayerError(f"{waiting_links[0].layer}: hard link {waiting_links[0].info.name!r} "
-                                 f"points to {path!r}, which is not a regular file")
-            return
-        self._write(state, member, path, tar)
-        if waiting_links:
-            if not member.isreg():
-                raise LayerError(f"{waiting_links[0].layer}: hard link {waiting_links[0].info.name!r} "
-                                 f"points to {path!r}, which is not a regular file")
-            for link in waiting_links:
-                link.info.linkname = path
-                self._add(link.info, None)
+        state.inodes[path] = _DIR_INODE if kind == DIR else ordinal
+        kept = not self._hidden(path)
+        if kind == NONDIR:
+            state.holders[ordinal] = (path, kept)
+        if kept:
+            self._write(state, member, path, tar)
 
-    def _conflicts(self, state: _Layer, member: tarfile.TarInfo, path: str) -> bool:
-        """Checks against entries from the same layer and symlinks from older layers.
-
-        Returns True when the entry should be skipped; raises for layouts that cannot be
-        represented without following a symlink.
-        """
+    def _check_layer(self, state: _Layer, member: tarfile.TarInfo, path: str, marker: bool) -> None:
+        """Refuse a layer that contradicts itself (its entries must describe one tree)."""
         for parent in parents(path):
-            if parent in state.symlinks:
-                raise LayerError(f"{state.what}: {path!r} is beneath the symlink {parent!r}; "
-                                 "imgconv refuses paths that go through symlinks")
-        if path in self.implicit and member.issym():
-            raise LayerError(f"{state.what}: the symlink {path!r} is written through by a newer layer; "
-                             "imgconv refuses paths that go through symlinks")
-        if path in self.implicit and not member.isdir():
-            return True  # newer layers need a directory here
-        if path in state.implicit and not member.isdir():
+            if state.kinds.get(parent) == NONDIR:
+                if parent in state.symlinks:
+                    raise LayerError(f"{state.what}: {path!r} is beneath the symlink {parent!r}; "
+                                     "imgconv refuses paths that go through symlinks")
+                raise LayerError(f"{state.what}: {path!r} is beneath {parent!r}, which the same layer has as a file")
+        if marker:
+            state.ancestors.update(parents(path))
+            return
+        kind = _kind(member)
+        previous = state.kinds.get(path)
+        if previous is not None and previous != kind:
+            raise LayerError(f"{state.what}: {path!r} appears twice in the layer with different types")
+        if kind == NONDIR and path in state.ancestors:
             raise LayerError(f"{state.what}: {path!r} appears as a directory and as a "
                              f"{'symlink' if member.issym() else 'file'} in the same layer")
-        previous = state.written.get(path)
-        if previous is not None and previous != _kind(member):
-            raise LayerError(f"{state.what}: {path!r} appears twice in the layer with different types")
-        return False
-
-    def _write(self, state: _Layer, member: tarfile.TarInfo, path: str, tar: tarfile.TarFile) -> None:
-        info = clean_header(member, path)
-        state.written[path] = _kind(member)
-        for parent in parents(path):
-            if parent not in state.written and parent not in self.explicit:
-                state.implicit.add(parent)
+        state.kinds[path] = kind
         if member.issym():
             state.symlinks.add(path)
+        else:
+            state.symlinks.discard(path)
+        for parent in parents(path):
+            state.ancestors.add(parent)
+            state.beneath.add(parent)
+
+    def _check_older(self, state: _Layer, member: tarfile.TarInfo, path: str) -> None:
+        """Refuse a non-directory that a newer layer wrote beneath (through a symlink, or into a file)."""
+        newer = self.beneath.get(path)
+        if newer is None:
+            return
+        if member.issym():
+            raise LayerError(f"{newer} writes beneath {path!r}, which is a symlink in {state.what}; "
+                             "imgconv refuses paths that go through symlinks")
+        raise LayerError(f"{newer} writes beneath {path!r}, which is not a directory in {state.what}")
+
+    def _keep(self, state: _Layer, path: str, kind: str) -> None:
+        """Book-keeping for an entry about to be written under *path*."""
+        state.written[path] = kind
+        state.implicit.update(parents(path))
+        superseded = state.deferred.pop(path, None)
+        if superseded is not None:
+            superseded.cancelled = True  # an earlier link of this layer at path: this entry replaces it
+
+    def _write(self, state: _Layer, member: tarfile.TarInfo, path: str, tar: tarfile.TarFile) -> None:
+        _check_header(member, path, state.what)
+        info = clean_header(member, path)
+        self._keep(state, path, _kind(member))
+        if member.issym():
             self.tree.symlinks[path] = member.linkname
         else:
             self.tree.symlinks.pop(path, None)
@@ -314,7 +373,7 @@ class Flattener:
             self.tree.dirs[path] = info
         else:
             self.tree.dirs.pop(path, None)
-        self._add(info, tar.extractfile(member) if member.isreg() else None)
+        self._add(info, _content(tar, member, state.what, path))
 
     def _add(self, info: tarfile.TarInfo, data: IO[bytes] | None) -> None:
         self.out.addfile(info, data)
@@ -326,52 +385,93 @@ class Flattener:
 
     def _hardlink(self, state: _Layer, member: tarfile.TarInfo, path: str) -> None:
         target = normalize_name(member.linkname, state.what, link=True)
-        target = state.aliases.get(target, target)
         if not target or target == path:
             raise LayerError(f"{state.what}: hard link {path!r} has an invalid target {member.linkname!r}")
-        if self._hidden(path) or self._conflicts(state, member, path):
-            state.aliases[path] = target
+        inode = state.inodes.get(target, target)  # not yet in this layer: the older layers' file
+        if inode == _DIR_INODE:
+            raise LayerError(f"{state.what}: hard link {path!r} points to {target!r}, which is a directory")
+        state.inodes[path] = inode
+        if self._hidden(path):
+            if isinstance(inode, str):  # not written, but a link to nothing is still a broken layer
+                state.older.setdefault(inode, []).append(_Pending(tarfile.TarInfo(path), state.what, cancelled=True))
             return
+        _check_header(member, path, state.what)
         info = clean_header(member, path)
-        info.linkname = target
-        state.written[path] = NONDIR
-        for parent in parents(path):
-            if parent not in state.written and parent not in self.explicit:
-                state.implicit.add(parent)
+        info.type = tarfile.LNKTYPE
+        self._keep(state, path, NONDIR)
         self.tree.symlinks.pop(path, None)
-        if state.written.get(target) == NONDIR and target not in state.skipped_files:
-            self._add(info, None)  # the usual case: target written earlier in this layer
-            return
-        # Deferred: later links to this link must join the same queue, hence the alias.
-        state.aliases[path] = target
-        if target in state.skipped_files:
-            state.waiting.setdefault(target, []).append(_Pending(info, state.what))
-        else:
-            self.pending.setdefault(target, []).append(_Pending(info, state.what))
+        self.tree.dirs.pop(path, None)
+        pending = _Pending(info, state.what)
+        if not self._link(state, pending, inode, state.older):
+            state.deferred[path] = pending
 
-    def _emit_links_with_content(self, links: list[_Pending], target: tarfile.TarInfo,
-                                 data: IO[bytes] | None) -> None:
-        """The first waiting link becomes a regular file holding *target*'s content; the rest link to it."""
-        first = links[0].info
-        body = clean_header(target, first.name)
-        self._add(body, data)
-        for link in links[1:]:
+    def _link(self, state: _Layer, link: _Pending, inode: _Inode, older: dict[str, list[_Pending]]) -> bool:
+        """Write *link* to *inode* now if its holder is in the output; else queue it. True if written."""
+        if isinstance(inode, str):
+            older.setdefault(inode, []).append(link)  # even if cancelled: its target must still exist
+            return False
+        if link.cancelled:
+            return True
+        holder, kept = state.holders[inode]
+        if kept and state.inodes.get(holder) == inode:
+            link.info.linkname = holder
+            if holder in self.tree.symlinks:
+                self.tree.symlinks[link.info.name] = self.tree.symlinks[holder]
+            self._add(link.info, None)
+            return True
+        state.waiting.setdefault(inode, []).append(link)
+        return False
+
+    def _resolve_pending(self, state: _Layer) -> None:
+        """Links of newer layers to paths this layer may provide: written now, or queued further down."""
+        carried: dict[str, list[_Pending]] = {}
+        for target, links in self.pending.items():
+            inode = state.inodes.get(target)
+            if inode is None:
+                gone = (target in state.whiteouts or target in state.beneath or "" in state.opaque
+                        or any(p in state.whiteouts or p in state.opaque for p in parents(target)))
+                if gone:
+                    kind = "a directory" if target in state.beneath else "removed"
+                    raise LayerError(f"{links[0].layer}: hard link {links[0].info.name!r} points to {target!r}, "
+                                     f"which is {kind} in {state.what}")
+                carried.setdefault(target, []).extend(links)
+                continue
+            for link in links:
+                if inode == _DIR_INODE:
+                    raise LayerError(f"{link.layer}: hard link {link.info.name!r} points to {target!r}, "
+                                     f"which is a directory in {state.what}")
+                self._link(state, link, inode, carried)
+        for target, links in state.older.items():
+            carried.setdefault(target, []).extend(links)
+        self.pending = carried
+
+    def _emit_copies(self, links: list[_Pending], target: tarfile.TarInfo, data: IO[bytes] | None) -> None:
+        """The first link becomes a copy of *target*'s entry (its inode); the rest link to it."""
+        live = [link for link in links if not link.cancelled]
+        if not live:
+            return
+        first = live[0].info
+        _check_header(target, first.name, live[0].layer)
+        self._add(clean_header(target, first.name), data)
+        if target.issym():
+            self.tree.symlinks[first.name] = target.linkname
+        for link in live[1:]:
             link.info.linkname = first.name
+            if target.issym():
+                self.tree.symlinks[link.info.name] = target.linkname
             self._add(link.info, None)
 
     def _reread_for_links(self, layer: LayerInput, state: _Layer) -> None:
         with layer.open() as stream:
-            for member, tar in _quiet_members(stream, layer.what):
-                path = normalize_name(member.name, layer.what)
-                links = state.waiting.pop(path, None)
-                if links and member.isreg():
-                    self._emit_links_with_content(links, member, tar.extractfile(member))
+            for ordinal, (member, tar) in enumerate(self._members(stream, layer.what, count=False)):
+                links = state.waiting.pop(ordinal, None)
+                if links:
+                    path = normalize_name(member.name, layer.what)
+                    self._emit_copies(links, member, _content(tar, member, layer.what, path))
                 if not state.waiting:
                     break
         if state.waiting:
-            target, links = next(iter(state.waiting.items()))
-            raise LayerError(f"{layer.what}: hard link {links[0].info.name!r} points to {target!r}, "
-                             "which is not a regular file of the layer")
+            raise LayerError(f"{layer.what}: changed between two reads")
 
     # -- end of a layer ------------------------------------------------------------------------
 
@@ -379,22 +479,65 @@ class Flattener:
         for path, kind in state.written.items():
             self.explicit[path] = kind
             self.tree.kinds[path] = kind
-            self.implicit.discard(path)
         for path in state.implicit:
-            if path not in self.explicit:
-                self.implicit.add(path)
-                self.tree.kinds.setdefault(path, DIR)
+            self.tree.kinds.setdefault(path, DIR)
+        # Where this layer has an entry, or removes what was below, the older layers' entries no longer
+        # matter to what newer layers (this one included) wrote beneath.
+        def settled(path: str) -> bool:
+            return ("" in state.opaque or path in state.kinds or path in state.whiteouts
+                    or any(p in state.whiteouts or p in state.opaque for p in parents(path)))
+
+        self.implied.update(p for p in state.beneath if p not in state.kinds and not self._hidden(p))
+        for path in [p for p in self.beneath if settled(p)]:
+            del self.beneath[path]
+        for path in state.beneath:
+            if not settled(path):
+                self.beneath[path] = state.what
         self.whiteouts |= state.whiteouts
         self.opaque |= state.opaque
 
 
-def _quiet_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    tar = tarfile.open(fileobj=stream, mode="r|", bufsize=_BUFSIZE)
-    try:
-        for member in tar:
-            yield member, tar
-    finally:
-        tar.close()
+def _check_header(member: tarfile.TarInfo, path: str, what: str) -> None:
+    """Values a tar header can hold but an extractor would refuse (or tarfile could not write)."""
+    if member.uid < 0 or member.gid < 0:
+        raise LayerError(f"{what}: {path!r} has a negative owner ({member.uid}:{member.gid})")
+    if (member.ischr() or member.isblk()) and not (
+            0 <= member.devmajor <= _MAX_DEVICE and 0 <= member.devminor <= _MAX_DEVICE):
+        raise LayerError(f"{what}: device {path!r} has out-of-range numbers {member.devmajor},{member.devminor}")
+
+
+def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str, path: str) -> IO[bytes] | None:
+    if not member.isreg():
+        return None
+    data = tar.extractfile(member)
+    return cast(IO[bytes], _Content(data, member.size, what, path)) if data is not None else None
+
+
+class _Content(io.RawIOBase):
+    """A member's data as the sink reads it: a short or failing read is the layer's fault, said so."""
+
+    def __init__(self, data: IO[bytes], size: int, what: str, path: str) -> None:
+        super().__init__()
+        self.data, self.remaining, self.what, self.path = data, size, what, path
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        wanted = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        try:
+            chunk = self.data.read(wanted)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            raise LayerError(f"{self.what}: cannot read {self.path!r}: {exc}") from None
+        if len(chunk) < wanted:
+            raise LayerError(f"{self.what}: the layer ends in the middle of {self.path!r}")
+        self.remaining -= len(chunk)
+        return chunk
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        memoryview(buffer)[: len(chunk)] = chunk
+        return len(chunk)
 
 
 class _Counting(io.RawIOBase):

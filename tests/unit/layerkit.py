@@ -138,8 +138,10 @@ def flatten_bytes(*layers: bytes) -> tuple[bytes, FlatTree]:
     """Flatten *layers* (oldest first) into one tar; returns its bytes and flatten's summary."""
     out = io.BytesIO()
     tar = open_output(out)
-    tree = flatten(inputs(layers), tar)
-    tar.close()
+    try:
+        tree = flatten(inputs(layers), tar)
+    finally:
+        tar.close()  # also on failure, so that nothing is flushed into a closed buffer later
     return out.getvalue(), tree
 
 
