@@ -363,6 +363,11 @@ def _on_signal(signum: int, _frame: object) -> None:
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}; nothing was left at the output")
 
 
+def printable(text: str) -> str:
+    """Control characters in a message (from an image, a tool's output, a path) are shown, never interpreted."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
 def main() -> None:
     """Console entry point: run the app and turn every failure into one line and an exit code."""
     signal.signal(signal.SIGTERM, _on_signal)
@@ -370,7 +375,7 @@ def main() -> None:
     try:
         app()
     except ImgconvError as exc:
-        print(f"imgconv: error: {exc}", file=sys.stderr)
+        print(f"imgconv: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.exit(EXIT_INTERRUPTED)

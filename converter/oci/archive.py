@@ -113,7 +113,7 @@ def open_archive(
     raw = _read_member(store, "manifest.json", limit=16 << 20)
     try:
         entries = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ImageError(f"{path}: manifest.json is not valid JSON: {exc}") from None
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ImageError(f"{path}: manifest.json holds no images")

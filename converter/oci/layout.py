@@ -54,6 +54,8 @@ def read_index(root: Path) -> Index:
         raw = (root / "index.json").read_bytes()
     except FileNotFoundError:
         raise ImageError(f"{root} is not an OCI image layout (no index.json)") from None
+    except OSError as exc:
+        raise ImageError(f"{root}/index.json cannot be read: {exc.strerror}") from None
     return Index.parse(raw, f"{root}/index.json")
 
 
