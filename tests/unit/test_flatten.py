@@ -320,6 +320,30 @@ def test_xattrs_schily_and_libarchive_binary_values() -> None:
     assert header is not None and "SCHILY.fflags" not in header.pax_headers and "comment" not in header.pax_headers
 
 
+def test_libarchive_xattr_names_a_pax_keyword_cannot_hold_are_dropped_not_mangled() -> None:
+    import base64
+
+    value = base64.b64encode(b"v").decode()
+    tree = flat(layer(f("x", pax={"LIBARCHIVE.xattr.user.a%3Db": value, "LIBARCHIVE.xattr.user.ok": value})))
+    assert tree["x"].xattrs == {"SCHILY.xattr.user.ok": "v"}
+
+
+def test_negative_owners_are_refused() -> None:
+    info, data = f("x", "1")
+    info.uid = -5
+    assert "'x'" in refused(layer((info, data), format=tarfile.GNU_FORMAT))
+
+
+def test_progress_counts_each_layer_once_even_when_one_is_read_twice() -> None:
+    layers = [layer(f("a", "old" * 1000), hl("b", "a")), layer(f("a", "new"))]  # b needs layer 0 read again
+    seen: list[int] = []
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        flatten(inputs(layers), tar, seen.append)
+    assert sum(seen) == sum(len(item) for item in layers)
+    assert flat(*layers)["b"].content == b"old" * 1000
+
+
 def test_long_names_and_link_targets() -> None:
     deep = "/".join(["d" * 60] * 6)
     target = "t" * 300
