@@ -33,6 +33,8 @@ from converter.oci.reference import DockerName, parse_docker_name
 
 _HEX_NAME = re.compile(r"(?:^|/)(?:blobs/sha256/)?([a-f0-9]{64})(?:\.json)?$")
 
+_MAX_LINK_HOPS = 16
+
 _LAYER_TYPE = {"none": MediaType.DOCKER_LAYER, "gzip": MediaType.DOCKER_LAYER_GZIP,
                "zstd": MediaType.OCI_LAYER_ZSTD}
 
@@ -46,11 +48,22 @@ class ArchiveStore:
         self.members = members
         self.by_digest: dict[str, str] = {}
 
-    def member_stream(self, name: str) -> BinaryIO:
+    def resolve(self, name: str) -> tarfile.TarInfo:
+        """The member *name* leads to, through symlinks and hard links (Docker dedups identical layers so)."""
         info = self.members.get(name)
-        if info is None:
-            raise BlobError(f"{name} is missing from {self.path}")
-        stream = self.tar.extractfile(info)
+        current = name
+        for _hop in range(_MAX_LINK_HOPS):
+            if info is None:
+                where = "" if current == name else f" (it leads to {current}, which is not there)"
+                raise BlobError(f"{name} is missing from {self.path}{where}")
+            if not (info.issym() or info.islnk()):
+                return info
+            current = _member_target(current, info)
+            info = self.members.get(current)
+        raise BlobError(f"{name} in {self.path} is a loop of links")
+
+    def member_stream(self, name: str) -> BinaryIO:
+        stream = self.tar.extractfile(self.resolve(name))
         if stream is None:
             raise BlobError(f"{name} in {self.path} is not a regular file")
         return stream  # type: ignore[return-value]
@@ -65,15 +78,7 @@ class ArchiveStore:
         return f"docker archive {self.path}"
 
     def member_size(self, name: str) -> int:
-        info = self.members[name]
-        # A symlinked member (Docker dedups identical layers that way) has the target's size.
-        while info.issym() or info.islnk():
-            target = _member_target(name, info)
-            info = self.members.get(target) or info
-            name = target
-            if not (info.issym() or info.islnk()):
-                break
-        return info.size
+        return self.resolve(name).size
 
 
 def _member_target(name: str, info: tarfile.TarInfo) -> str:

@@ -10,6 +10,7 @@ import re
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,3 +257,49 @@ def test_inspect_does_not_read_layer_contents(imgconv: Run, oci: Layout) -> None
     # Documented behaviour: inspect checks blobs (digest, size, diff_id), not what the tars hold.
     oci.image([layer(f("../etc/passwd", "x"))])
     assert inspect(imgconv, f"oci:{oci.root}").code == 0
+
+
+def symlinked_archive(path: Path, links: dict[str, str], manifest: list[dict[str, Any]],
+                      files: dict[str, bytes] | None = None) -> Path:
+    """A docker archive whose members may be symlinks (Docker dedups identical layers that way)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in {"manifest.json": json.dumps(manifest).encode(), **(files or {})}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+ARCHIVE_CONFIG = config_json([sha256(GOOD_LAYER)])
+ARCHIVE_CONFIG_NAME = sha256(ARCHIVE_CONFIG).removeprefix("sha256:") + ".json"
+
+
+@pytest.mark.parametrize("links", [
+    {"l1/layer.tar": "../missing/layer.tar"},
+    {"l1/layer.tar": "../l2/layer.tar", "l2/layer.tar": "../l1/layer.tar"},
+    {"l1/layer.tar": "layer.tar"},
+], ids=["dangling", "cycle", "self"])
+def test_archive_with_broken_layer_symlinks(imgconv: Run, tmp_path: Path, links: dict[str, str]) -> None:
+    path = symlinked_archive(tmp_path / "img.tar", links,
+                             [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l1/layer.tar"]}],
+                             {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG})
+    one_line_error(inspect(imgconv, f"docker-archive:{path}"), "layer.tar")
+
+
+def test_archive_with_a_good_layer_symlink(imgconv: Run, tmp_path: Path) -> None:
+    path = symlinked_archive(tmp_path / "img.tar", {"l2/layer.tar": "../l1/layer.tar"},
+                             [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l2/layer.tar"]}],
+                             {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG, "l1/layer.tar": GOOD_LAYER})
+    result = inspect(imgconv, f"docker-archive:{path}", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["layers"][0]["diff_id"] == sha256(GOOD_LAYER)
+
+
+def test_archive_with_a_symlinked_config_cycle(imgconv: Run, tmp_path: Path) -> None:
+    path = symlinked_archive(tmp_path / "img.tar", {"a.json": "b.json", "b.json": "a.json"},
+                             [{"Config": "a.json", "RepoTags": ["x:1"], "Layers": []}])
+    one_line_error(inspect(imgconv, f"docker-archive:{path}"), "json")
