@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from converter.errors import BlobError, ImageError, UsageError
+from converter.errors import BlobError, ImageError, ReferenceError_, UsageError
 from converter.oci.blobs import sniff_compression
 from converter.oci.image import Image, from_manifest
 from converter.oci.model import (
@@ -176,8 +176,8 @@ def _select(entries: list[dict[str, Any]], name: DockerName | None, position: in
             try:
                 if isinstance(tag, str) and parse_docker_name(tag) == name:
                     return entry
-            except ImageError:
-                continue
+            except ReferenceError_:
+                continue  # a tag Docker would not have written: it names nothing the user can ask for
     raise ImageError(f"no image tagged {name.familiar()} in {path} (tags: {', '.join(tags) or 'none'})")
 
 
@@ -199,7 +199,10 @@ def _synthesise(store: ArchiveStore, entry: dict[str, Any], path: Path) -> Manif
         raise BlobError(f"{path}: config {config_name} has digest {actual}, expected {config_digest}")
     store.by_digest[actual] = config_name
     config_doc = load_json(config_raw, f"{path}: config {config_name}")
-    diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") or []
+    rootfs = config_doc.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        diff_ids = []  # from_manifest refuses the config with a proper message
     layers: list[Descriptor] = []
     for i, member in enumerate(layer_names):
         if not isinstance(member, str):

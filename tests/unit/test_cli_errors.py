@@ -303,3 +303,21 @@ def test_archive_with_a_symlinked_config_cycle(imgconv: Run, tmp_path: Path) -> 
     path = symlinked_archive(tmp_path / "img.tar", {"a.json": "b.json", "b.json": "a.json"},
                              [{"Config": "a.json", "RepoTags": ["x:1"], "Layers": []}])
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "json")
+
+
+def test_archive_with_malformed_tags_still_finds_the_named_image(imgconv: Run, tmp_path: Path) -> None:
+    path = symlinked_archive(tmp_path / "img.tar", {}, [
+        {"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["Not A Tag", "UPPER:1", "x:1"], "Layers": ["l/layer.tar"]}],
+        {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG, "l/layer.tar": GOOD_LAYER})
+    result = inspect(imgconv, f"docker-archive:{path}:x:1")
+    assert result.code == 0, result.stderr
+    one_line_error(inspect(imgconv, f"docker-archive:{path}:y:1"), "y:1", "x:1")
+
+
+@pytest.mark.parametrize("config", [b'{"rootfs": ["x"]}', b'{"rootfs": {"diff_ids": "abc"}}', b"[]"],
+                         ids=["rootfs-list", "diff-ids-string", "array"])
+def test_archive_with_malformed_config(imgconv: Run, tmp_path: Path, config: bytes) -> None:
+    name = sha256(config).removeprefix("sha256:") + ".json"
+    path = symlinked_archive(tmp_path / "img.tar", {}, [{"Config": name, "Layers": ["l/layer.tar"]}],
+                             {name: config, "l/layer.tar": GOOD_LAYER})
+    one_line_error(inspect(imgconv, f"docker-archive:{path}"), "config")
