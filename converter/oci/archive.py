@@ -163,7 +163,7 @@ def _select(entries: list[dict[str, Any]], name: DockerName | None, position: in
         if position >= len(entries):
             raise ImageError(f"{path} holds {len(entries)} images; there is no @{position}")
         return entries[position]
-    tags = [t for e in entries for t in (e.get("RepoTags") or []) if isinstance(t, str)]
+    tags = [t for e in entries for t in _repo_tags(e)]
     if name is None:
         if len(entries) == 1:
             return entries[0]
@@ -172,13 +172,18 @@ def _select(entries: list[dict[str, Any]], name: DockerName | None, position: in
             f"(tags: {', '.join(tags) or 'none'})"
         )
     for entry in entries:
-        for tag in entry.get("RepoTags") or []:
+        for tag in _repo_tags(entry):
             try:
-                if isinstance(tag, str) and parse_docker_name(tag) == name:
+                if parse_docker_name(tag) == name:
                     return entry
             except ReferenceError_:
                 continue  # a tag Docker would not have written: it names nothing the user can ask for
     raise ImageError(f"no image tagged {name.familiar()} in {path} (tags: {', '.join(tags) or 'none'})")
+
+
+def _repo_tags(entry: dict[str, Any]) -> list[str]:
+    tags = entry.get("RepoTags")
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
 
 def _synthesise(store: ArchiveStore, entry: dict[str, Any], path: Path) -> Manifest:

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from converter.errors import LayerError
+from converter.errors import ImgconvError, LayerError
 from converter.oci.flatten import LayerInput, flatten, open_output
+from converter.oci.image import verify_layers
 from converter.oci.reference import parse_reference
 from converter.oci.source import open_image
 from tests.unit.conftest import Result
@@ -321,3 +324,37 @@ def test_archive_with_malformed_config(imgconv: Run, tmp_path: Path, config: byt
     path = symlinked_archive(tmp_path / "img.tar", {}, [{"Config": name, "Layers": ["l/layer.tar"]}],
                              {name: config, "l/layer.tar": GOOD_LAYER})
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "config")
+
+
+_ARCHIVE_NAMES = st.sampled_from([ARCHIVE_CONFIG_NAME, "l/layer.tar", "missing", "", "manifest.json", "l",
+                                  "./l/layer.tar", "/l/layer.tar", "../x"])
+_ARCHIVE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | _ARCHIVE_NAMES | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["Config", "Layers", "RepoTags", "x"]), inner, max_size=3),
+    max_leaves=10)
+_ARCHIVE_ENTRIES = st.fixed_dictionaries({}, optional={"Config": _ARCHIVE_VALUES, "Layers": _ARCHIVE_VALUES,
+                                                       "RepoTags": _ARCHIVE_VALUES})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(manifest=st.lists(_ARCHIVE_ENTRIES, max_size=3) | _ARCHIVE_VALUES,
+       position=st.sampled_from([None, 0, 1, 5]), name=st.sampled_from([None, "x:1", "busybox"]))
+def test_any_archive_manifest_opens_or_gives_one_line_error(tmp_path: Path, manifest: Any, position: int | None,
+                                                            name: str | None) -> None:
+    path = tmp_path / "fuzz.tar"
+    with tarfile.open(path, "w") as tar:
+        for member, data in {"manifest.json": json.dumps(manifest).encode(), ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG,
+                             "l/layer.tar": GOOD_LAYER}.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("l")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    ref = f"docker-archive:{path}" + (f":{name}" if name else f":@{position}" if position is not None else "")
+    try:
+        with open_image(parse_reference(ref)) as image:
+            verify_layers(image)
+    except ImgconvError as exc:
+        assert "\n" not in str(exc)
