@@ -823,3 +823,27 @@ def test_flatten_agrees_with_the_reference_model(stack: list[list[Op]]) -> None:
     assert summary_.kinds == {p: "dir" if n.kind == "dir" else "nondir" for p, n in tree.items()}
     assert summary_.symlinks == {p: n.linkname for p, n in tree.items() if n.kind == "symlink"}
     assert set(summary_.dirs) == {p for p, n in tree.items() if n.kind == "dir" and not n.implicit}
+
+
+_FUZZ_BASES = [
+    layer(d("etc"), f("etc/a", "x" * 700, pax={"SCHILY.xattr.user.x": "v", "mtime": "1.5"}), sym("l", "etc"),
+          hl("h", "etc/a"), dev("null"), fifo("p"), wh("gone"), opq("etc"), f("long/" + "n" * 150, "y")),
+    layer(f("g" * 120, "z"), hl("x" * 110, "g" * 120), format=tarfile.GNU_FORMAT),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_FUZZ_BASES), st.lists(st.tuples(st.integers(0, 6000), st.integers(0, 255)), max_size=6),
+       st.integers(0, 7000))
+def test_a_corrupted_layer_is_refused_or_flattens_to_an_extractable_tree(base: bytes, flips: list[tuple[int, int]],
+                                                                         cut: int) -> None:
+    data = bytearray(base)
+    for position, value in flips:
+        if position < len(data):
+            data[position] = value
+    try:
+        out, _ = flatten_bytes(BASE, bytes(data[:cut]))
+    except LayerError as exc:
+        assert "\n" not in str(exc)
+        return
+    extract(out)
