@@ -15,7 +15,8 @@ watched by a person looks right; :class:`ConsoleDecoder` undoes it by turning ev
 ``\\n``, which inverts ONLCR exactly. A workload can print a line that looks like an exit marker:
 only a marker that nothing follows counts, so a marker is held back until more bytes come (then it
 was output) or the console closes (then it is the exit). The init silences the kernel before it
-prints the real marker, so that nothing follows it.
+prints the real marker, so that nothing follows it; should a kernel still print its power-off
+lines (``[    2.1] reboot: Power down``) after the marker, they are firmware, not output.
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ import re
 from dataclasses import dataclass
 
 START_MARKER = b"<<imgconv:start>>\n"
-_EXIT_RE = re.compile(rb"<<imgconv:exit status=(0|[1-9][0-9]{0,2}) nl=([01])>>\n")
-# At close, tolerate a marker whose newline was cut off by the power-off.
-_EXIT_AT_CLOSE_RE = re.compile(rb"(\n?)<<imgconv:exit status=(0|[1-9][0-9]{0,2}) nl=([01])>>\r?\n?")
+_EXIT_HEAD_RE = re.compile(rb"(\n?)<<imgconv:exit status=(0|[1-9][0-9]{0,2}) nl=([01])>>")
+_EXIT_LINE_RE = re.compile(rb"^<<imgconv:exit status=(?:0|[1-9][0-9]{0,2}) nl=[01]>>\n", re.MULTILINE)
+# What a kernel may print while powering off, with or without printk timestamps.
+_KERNEL_LINES_RE = re.compile(rb"(?:(?:\[[ 0-9.]*\] |reboot: )[^\n]*\n)*")
+_KERNEL_PARTIAL_RE = re.compile(rb"\[[ 0-9.]*(?:\](?: [^\n]*)?)?|reboot: [^\n]*|r(?:e(?:b(?:o(?:o(?:t:?)?)?)?)?)?")
+_MAX_TRAILER = 4096
+
+
+def _kernel_trailer(text: bytes, *, complete: bool) -> bool:
+    """*text* is only kernel lines (the last one possibly cut, unless *complete*)."""
+    if len(text) > _MAX_TRAILER:
+        return False
+    rest = text[_KERNEL_LINES_RE.match(text).end() :]  # type: ignore[union-attr]  # matches empty
+    return not rest or (not complete and _KERNEL_PARTIAL_RE.fullmatch(rest) is not None)
 
 
 def _exit_lines() -> frozenset[bytes]:
@@ -39,7 +51,7 @@ _EXIT_PREFIXES = frozenset(line[:i] for line in _EXIT_LINES for i in range(len(l
 
 @dataclass(frozen=True)
 class Firmware:
-    """Console text from before the workload started (CRLF undone)."""
+    """Console text that is not the workload's (CRLF undone): before the start, power-off noise after the exit."""
 
     data: bytes
 
@@ -86,8 +98,11 @@ class ConsoleDecoder:
 
         It becomes final at :meth:`close`; more bytes would make it workload output.
         """
-        m = _EXIT_AT_CLOSE_RE.fullmatch(self._tail)
-        if m is None or not self._tail.endswith(b"\n") or (not m.group(1) and not self._bol):
+        m = _EXIT_HEAD_RE.match(self._tail)
+        if m is None or (not m.group(1) and not self._bol):
+            return None
+        rest = self._tail[m.end() :]
+        if not rest.startswith(b"\n") or not _kernel_trailer(rest[1:], complete=True):
             return None
         return int(m.group(2))
 
@@ -108,15 +123,20 @@ class ConsoleDecoder:
         text = self._tail + (b"\r" if self._cr else b"")
         self._tail, self._cr = b"", False
         events: list[Event] = []
-        m = _EXIT_AT_CLOSE_RE.fullmatch(text)
-        at_line_start = m is not None and (bool(m.group(1)) or self._bol)
-        if m is None or not at_line_start:
+        m = _EXIT_HEAD_RE.match(text)
+        rest = text[m.end() :] if m else b""
+        trailer = rest[1:] if rest.startswith(b"\n") else b""
+        # A marker whose newline the power-off cut still counts.
+        ended = rest in (b"", b"\r") or (rest.startswith(b"\n") and _kernel_trailer(trailer, complete=False))
+        if m is None or not ended or not (m.group(1) or self._bol):
             if text:
                 events.append(Output(text) if self._started else Firmware(text))
             return events
         newline, status, nl = m.group(1), int(m.group(2)), m.group(3) == b"1"
         if newline and not (nl and self._started):
             events.append(Output(newline) if self._started else Firmware(newline))
+        if trailer:
+            events.append(Firmware(trailer))
         events.append(Exit(status))
         return events
 
@@ -157,13 +177,27 @@ class ConsoleDecoder:
     def _could_be_exit(line: bytes) -> bool:
         return line in _EXIT_LINES or line in _EXIT_PREFIXES
 
+    def _marker_with_trailer(self, text: bytes) -> int | None:
+        """Start (with its newline) of a complete exit marker followed only by kernel lines, if any."""
+        last = None
+        for last in _EXIT_LINE_RE.finditer(text):  # noqa: B007 - only the last one can be the exit
+            pass
+        if last is None or (last.start() == 0 and not self._bol):
+            return None
+        if not _kernel_trailer(text[last.end() :], complete=False):
+            return None
+        return last.start() - 1 if last.start() > 0 else 0
+
     def _output_hold(self, text: bytes) -> int:
         """Index from which workload text must wait: a possible marker, with the newline before it."""
         start = self._last_line_start(text)
         if start is not None and self._could_be_exit(text[start:]):
-            return start - 1 if start > 0 else 0
-        # The final newline may be the one the init adds before the marker (nl=1).
-        return len(text) - 1 if text.endswith(b"\n") else len(text)
+            hold = start - 1 if start > 0 else 0
+        else:
+            # The final newline may be the one the init adds before the marker (nl=1).
+            hold = len(text) - 1 if text.endswith(b"\n") else len(text)
+        marker = self._marker_with_trailer(text)
+        return hold if marker is None else min(hold, marker)
 
     def _firmware_hold(self, text: bytes) -> int:
         """Index from which firmware text must wait: a partial start marker, or an exit marker."""
@@ -175,4 +209,5 @@ class ConsoleDecoder:
         start = self._last_line_start(text)
         if start is not None and self._could_be_exit(text[start:]):
             hold = min(hold, start - 1 if start > 0 else 0)
-        return hold
+        marker = self._marker_with_trailer(text)
+        return hold if marker is None else min(hold, marker)

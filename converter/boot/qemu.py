@@ -10,7 +10,7 @@ Exit statuses (:attr:`BootResult.status`), never above 255:
 - 0-255: the workload's own status (128+N when it was killed by signal N), as ``docker run``;
 - 124: the timeout expired (the guest was asked to stop, then the VM was quit);
 - 125: there is no status from the workload: the guest init failed before starting it (its
-  ``imgconv-init: error:`` line is in the message), or the VM ended without reporting one
+  ``imgconv-init: error:`` text is in the message), or the VM ended without reporting one
   (kernel panic, qemu died...; the last console lines are in the message);
 - 137: a stop was requested (``stop`` event) and the workload did not end within the grace
   period, so the VM was quit (docker reports 137 when ``docker stop`` has to SIGKILL).
@@ -51,6 +51,7 @@ QUIT_AFTER_EXIT_MARKER = 3.0  # the guest powers off right after its exit marker
 KILL_AFTER_QUIT = 5.0
 QMP_TIMEOUT = 5.0
 TAIL_LINES = 12
+INIT_ERROR = "imgconv-init: error: "
 _PURPOSE = "boot the VM"
 
 
@@ -210,12 +211,8 @@ class _Console:
         line = line.rstrip("\r")
         if line.strip():
             self.lines.append(line)
-        # The init's own errors are for the user, verbose or not.
-        if line.startswith("imgconv-init:"):
-            self.init_errors.append(line)
-            if not self.verbose:
-                self.stderr.write(line + "\n")
-                self.stderr.flush()
+        if line.startswith(INIT_ERROR):
+            self.init_errors.append(line.removeprefix(INIT_ERROR))
 
 
 def _print_command(stderr: TextIO, argv: list[str], disk: Path, fmt: str, overlay_drive: str) -> None:
@@ -249,7 +246,8 @@ def boot(
     thread sets) both ask the guest to stop gracefully (the workload gets SIGTERM) and quit the VM
     after *stop_grace* seconds. *direct_kernel* = ``(kernel, initrd, append)`` boots that kernel
     instead of the disk's bootloader. With *verbose*, the qemu command line and everything on the
-    console before the workload starts go to *stderr*; the guest init's error lines always do.
+    console before the workload starts go to *stderr*. Nothing else is printed: why a boot ended
+    without the workload's own status is in :attr:`BootResult.message`.
     Ctrl-C (KeyboardInterrupt) stops the guest the same way, then raises :class:`Interrupted`.
     """
     require(QEMU, _PURPOSE)
@@ -304,6 +302,7 @@ class _RunState:
     timed_out: bool = False
     stopped: bool = False
     interrupted: bool = False
+    before_start: bool = False  # the stop came before the workload started: the VM was just quit
     qemu_stderr: bytes = b""
     returncode: int | None = None
 
@@ -346,6 +345,11 @@ def _supervise(
         nonlocal stop_sent_at
         if stop_sent_at is None:
             stop_sent_at = time.monotonic()
+            if not console.decoder.started:
+                # Nobody to ask yet (and before the init disables it, ctrl-alt-delete reboots).
+                state.before_start = True
+                quit_vm()
+                return
             log.debug("asking the guest to stop (ctrl-alt-delete)")
             qmp_execute("send-key", CTRL_ALT_DELETE)
 
@@ -411,18 +415,23 @@ def _result(state: _RunState, console: _Console, timeout: float) -> BootResult:
     if state.interrupted:
         raise Interrupted("interrupted: the VM was asked to stop, then shut down")
     if state.timed_out:
-        ended = f"the workload then exited with status {status}" if status is not None else "the VM was quit"
-        return BootResult(
-            EXIT_TIMEOUT, status, timed_out=True,
-            message=f"timed out after {timeout:g}s; the guest was asked to stop and {ended}",
-        )  # fmt: skip
+        if state.before_start:
+            ended = "the workload had not started yet; the VM was quit"
+        elif status is not None:
+            ended = f"the guest was asked to stop and the workload exited with status {status}"
+        else:
+            ended = "the guest was asked to stop, then the VM was quit"
+        return BootResult(EXIT_TIMEOUT, status, timed_out=True, message=f"timed out after {timeout:g}s; {ended}")
     if state.stopped:
         if status is None:
-            return BootResult(EXIT_KILLED, None, stopped=True, message="the workload did not stop in time")
+            why = "stopped before the workload started" if state.before_start else "the workload did not stop in time"
+            return BootResult(EXIT_KILLED, None, stopped=True, message=why)
         return BootResult(status, status, stopped=True)
     if status is not None:
         if status == EXIT_NO_STATUS and console.init_errors and not console.decoder.started:
-            return BootResult(status, None, message=console.init_errors[-1])
+            return BootResult(
+                status, None, message=f"the guest init failed before starting the workload: {console.init_errors[-1]}"
+            )
         return BootResult(status, status)
 
     said = " | ".join(console.lines) or "nothing"

@@ -159,12 +159,13 @@ class Guest:
         timeout: float = 90,
         stop_on: bytes | None = None,
         stop_grace: float = 10.0,
+        cmdline: str = "",
     ) -> tuple[BootResult, bytes, str, float]:
-        """Boot with one spec: (result, workload output, stderr text, seconds)."""
+        """Boot with one spec (and more kernel *cmdline*): (result, workload output, stderr text, seconds)."""
         stop = threading.Event()
         out = _Watch(stop_on, stop)
         err = io.StringIO()
-        append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/{spec} quiet panic=-1"
+        append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/{spec} quiet panic=-1 {cmdline}"
         started = time.monotonic()
         result = boot(
             self.disk,
@@ -268,14 +269,19 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 
 
 Boot = tuple[BootResult, bytes, str, float]
-PLAIN = ("basics", "alice", "bob", "ghost", "notfound", "noshell", "selfterm", "reap")
+# name: (spec, more kernel command line)
+PLAIN = {
+    **{name: (name, "") for name in ("basics", "alice", "bob", "ghost", "notfound", "noshell", "selfterm", "reap")},
+    "read-only": ("noshell", "ro"),  # the disk has no /proc, /sys, /dev: stage 2 cannot create them
+    "no-stage2": ("noshell", "imgconv.init=/no/such/init"),
+}
 
 
 @pytest.fixture(scope="session")
 def plain_boots(guest: Guest) -> dict[str, Boot]:
     """The specs that need no timing from the test, booted two at a time (qemu TCG uses one core)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(guest.boot, name) for name in PLAIN}
+        futures = {name: pool.submit(guest.boot, spec, cmdline=more) for name, (spec, more) in PLAIN.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -343,9 +349,11 @@ def test_unknown_user_fails_before_the_workload(booted: Callable[[str], Boot]) -
     assert result.status == 125
     assert result.workload_status is None
     assert output == b""
-    line = "imgconv-init: error: unable to find user ghost: no matching entries in passwd file"
-    assert result.message == line
-    assert err == line + "\n"  # shown even without verbose
+    assert result.message == (
+        "the guest init failed before starting the workload: "
+        "unable to find user ghost: no matching entries in passwd file"
+    )
+    assert err == ""  # not verbose: the caller shows the message
 
 
 def test_command_not_found(booted: Callable[[str], Boot]) -> None:
@@ -393,3 +401,19 @@ def test_timeout_is_124_after_a_graceful_stop(guest: Guest) -> None:
     assert (result.status, result.workload_status, result.timed_out) == (124, 0, True)
     assert "timed out after 12s" in result.message
     assert seconds < 20
+
+
+def test_stage2_failure_on_a_read_only_root(booted: Callable[[str], Boot]) -> None:
+    result, output, _, _ = booted("read-only")
+    assert (result.status, result.workload_status, output) == (125, None, b"")
+    assert result.message == (
+        "the guest init failed before starting the workload: cannot create /proc: Read-only file system"
+    )
+
+
+def test_stage1_failure_is_reported_with_the_console_tail(booted: Callable[[str], Boot]) -> None:
+    result, output, _, seconds = booted("no-stage2")
+    assert (result.status, result.workload_status, output) == (125, None, b"")
+    assert "the VM ended without reporting the workload's exit status" in result.message
+    assert "imgconv-init: error: cannot run /no/such/init from the root filesystem" in result.message
+    assert seconds < 30

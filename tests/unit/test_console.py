@@ -196,3 +196,26 @@ def test_init_failure_property(firmware: bytes, seed: int) -> None:
     data = onlcr(firmware + b"\nimgconv-init: error: x\n<<imgconv:exit status=125 nl=0>>\n")
     got_firmware, output, status = summary(decode(split_randomly(data, random.Random(seed))))
     assert (got_firmware, output, status) == (firmware + b"\nimgconv-init: error: x\n", b"", 125)
+
+
+@pytest.mark.parametrize(
+    "noise",
+    [b"[    2.106491] reboot: Power down\n", b"reboot: Power down\n", b"[ 1.0] a\n[ 1.1] b\n", b"[    2.1] reb"],
+)
+@pytest.mark.parametrize("workload", [b"", b"out\n", b"no newline", b"<<imgconv:exit status=9 nl=0>>\n"])
+def test_kernel_lines_after_the_exit_marker(noise: bytes, workload: bytes) -> None:
+    data = console(workload, 7) + onlcr(noise)
+    for cut in range(1, len(data)):
+        firmware, output, status = summary(decode([data[:cut], data[cut:]]))
+        assert (output, status) == (workload, 7)
+        assert firmware.endswith(noise)
+
+
+def test_kernel_like_lines_from_the_workload_are_output() -> None:
+    workload = b"<<imgconv:exit status=9 nl=0>>\n[ 1.0] fake kernel line\nreal output\n"
+    assert summary(decode([console(workload, 0)]))[1:] == (workload, 0)
+    decoder = ConsoleDecoder()
+    decoder.feed(onlcr(b"<<imgconv:start>>\n<<imgconv:exit status=3 nl=0>>\n[ 1.0] x\n"))
+    assert decoder.pending_exit == 3
+    decoder.feed(b"more")
+    assert decoder.pending_exit is None

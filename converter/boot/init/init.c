@@ -143,16 +143,39 @@ __attribute__((noreturn, format(printf, 1, 2))) static void fatal(const char *fm
 	power_off();
 }
 
-/* The exit marker is the last thing on the console. Silence the kernel first (console
- * loglevel 0; the sysctl accepts 0 where klogctl stops at 1), so that "reboot: Power down"
- * does not follow the marker and make it look like workload output. */
-static void emit_exit(int status)
+/* Console loglevel 0 (the sysctl accepts 0 where klogctl stops at 1): not even "reboot: Power
+ * down" is printed after this. */
+static void silence_kernel(void)
 {
 	int fd = open("/proc/sys/kernel/printk", O_WRONLY | O_CLOEXEC);
+#ifdef SYS_fsmount
+	if (fd < 0) {
+		/* /proc is not mounted (a failure came first, maybe on a read-only root without a
+		 * /proc directory): a detached proc mount (Linux 5.2+) needs no mount point. */
+		int fs = (int)syscall(SYS_fsopen, "proc", 1 /* FSOPEN_CLOEXEC */);
+		if (fs >= 0) {
+			int mnt = -1;
+			if (syscall(SYS_fsconfig, fs, 6 /* FSCONFIG_CMD_CREATE */, NULL, NULL, 0) == 0)
+				mnt = (int)syscall(SYS_fsmount, fs, 1 /* FSMOUNT_CLOEXEC */, 0);
+			if (mnt >= 0) {
+				fd = openat(mnt, "sys/kernel/printk", O_WRONLY | O_CLOEXEC);
+				close(mnt);
+			}
+			close(fs);
+		}
+	}
+#endif
 	if (fd >= 0) {
 		put(fd, "0\n", 2);
 		close(fd);
 	}
+}
+
+/* The exit marker is the last thing on the console: the host takes only a marker that nothing
+ * follows as the exit (a workload may print marker-like lines), so the kernel is silenced first. */
+static void emit_exit(int status)
+{
+	silence_kernel();
 	char marker[80];
 	int nl = relayed_any && last_relayed != '\n';
 	int n = snprintf(marker, sizeof marker, "%s<<imgconv:exit status=%d nl=%d>>\n", nl ? "\n" : "",
