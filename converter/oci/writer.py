@@ -13,6 +13,7 @@ import io
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
@@ -53,6 +54,22 @@ class _HashingSink(io.RawIOBase):
         return "sha256:" + self.hash.hexdigest()
 
 
+def clamp_mtime(info: tarfile.TarInfo, limit: int) -> None:
+    """No entry newer than *limit* (SOURCE_DATE_EPOCH). An exact PAX ``mtime`` record outranks the
+    header's own field when tarfile writes it, so it is clamped too (compared exactly, as a decimal)."""
+    exact = info.pax_headers.get("mtime")
+    if exact is not None:
+        try:
+            newer = Decimal(exact) > limit
+        except ArithmeticError:
+            newer = True  # unparsable: never let it through
+        if newer:
+            info.pax_headers = {k: v for k, v in info.pax_headers.items() if k != "mtime"}
+            info.mtime = limit
+    if info.mtime > limit:
+        info.mtime = limit
+
+
 @dataclass(frozen=True)
 class WrittenLayer:
     descriptor: Descriptor
@@ -91,8 +108,8 @@ class LayerWriter:
         return self
 
     def add(self, info: tarfile.TarInfo, data: IO[bytes] | None = None) -> None:
-        if self.clamp_mtime is not None and info.mtime > self.clamp_mtime:
-            info.mtime = self.clamp_mtime
+        if self.clamp_mtime is not None:
+            clamp_mtime(info, self.clamp_mtime)
         info.uname = info.gname = ""
         self.tar.addfile(info, data)
         self.entries += 1
