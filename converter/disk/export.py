@@ -31,7 +31,7 @@ from converter.disk.build import run_interruptibly
 from converter.disk.inspect import Opened, check_disk, exclude_patterns, open_guest, probe_format
 from converter.errors import DiskError, LayerError, ToolError, UsageError
 from converter.oci.deliver import WORK_TAG, Built, check_destination, deliver
-from converter.oci.flatten import clean_header, normalize_name, parents
+from converter.oci.flatten import clean_header, forget_members, normalize_name, parents
 from converter.oci.image import Image
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, ImageConfig, Platform, normalise_arch
@@ -150,6 +150,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.Tar
     try:
         for member in tar:
             yield member, tar
+            forget_members(tar)  # bounded memory whatever the number of files
     except tarfile.TarError as exc:
         raise ToolError(f"the disk's files could not be read: {exc}") from None
     finally:

@@ -31,7 +31,10 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, TYPE_CHECKING, BinaryIO, Protocol, cast
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
 
 from converter.errors import LayerError
 
@@ -43,6 +46,19 @@ NONDIR = "nondir"
 
 # tarfile's block size for streams: large reads keep the per-call overhead small.
 _BUFSIZE = 1 << 20
+
+
+def forget_members(tar: tarfile.TarFile) -> None:
+    """Drop the headers ``TarFile`` keeps for listing, so memory does not grow with the file count."""
+    tar.members.clear()  # type: ignore[attr-defined]  # (undeclared in typeshed, public in CPython)
+
+
+class StreamingTarFile(tarfile.TarFile):
+    """A tar writer that forgets headers once written."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
+        super().addfile(tarinfo, fileobj)
+        forget_members(self)
 
 
 class TarSink(Protocol):
@@ -199,6 +215,7 @@ class _Layer:
         self.opaque: set[str] = set()  # "" for the root
         self.inodes: dict[str, _Inode] = {}
         self.holders: dict[int, tuple[str, bool]] = {}  # entry ordinal -> (its path, kept?)
+        self.symlink_of: dict[int, str] = {}  # entry ordinal of a symlink -> its target (links share it)
         self.waiting: dict[int, list[_Pending]] = {}  # shadowed entry -> links that need a copy of it
         self.older: dict[str, list[_Pending]] = {}  # links of this layer to paths of older layers
         self.deferred: dict[str, _Pending] = {}  # path -> this layer's not yet written link there
@@ -265,6 +282,7 @@ class Flattener:
                 if member is None:
                     break
                 yield member, tar
+                forget_members(tar)
         finally:
             tar.close()
 
@@ -313,6 +331,8 @@ class Flattener:
         kept = not self._hidden(path)
         if kind == NONDIR:
             state.holders[ordinal] = (path, kept)
+            if member.issym():
+                state.symlink_of[ordinal] = member.linkname
         if kept:
             self._write(state, member, path, tar)
 
@@ -414,9 +434,11 @@ class Flattener:
             return True
         holder, kept = state.holders[inode]
         if kept and state.inodes.get(holder) == inode:
+            if holder == link.info.name:
+                return True  # the path already holds this inode: a link to itself would break tar -x
             link.info.linkname = holder
-            if holder in self.tree.symlinks:
-                self.tree.symlinks[link.info.name] = self.tree.symlinks[holder]
+            if inode in state.symlink_of:  # a hard link to a symlink is that symlink
+                self.tree.symlinks[link.info.name] = state.symlink_of[inode]
             self._add(link.info, None)
             return True
         state.waiting.setdefault(inode, []).append(link)
@@ -573,4 +595,4 @@ def flatten(layers: Sequence[LayerInput], out: TarSink,
 
 def open_output(stream: BinaryIO) -> tarfile.TarFile:
     """The tar writer flatten expects: PAX (long names, big ids, xattrs), streamed."""
-    return tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BUFSIZE)
+    return StreamingTarFile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BUFSIZE)

@@ -17,6 +17,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
+from converter.oci.flatten import StreamingTarFile
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, MediaType, canonical_json
 
@@ -103,7 +104,7 @@ class LayerWriter:
             self._compressor = cast(IO[bytes], zstandard.ZstdCompressor(level=self.level or 3, threads=-1)
                                     .stream_writer(blob, closefd=False))
         self._plain = _HashingSink(self._compressor or blob)
-        self.tar = tarfile.open(fileobj=cast(IO[bytes], self._plain), mode="w|", format=tarfile.PAX_FORMAT,
+        self.tar = StreamingTarFile.open(fileobj=cast(IO[bytes], self._plain), mode="w|", format=tarfile.PAX_FORMAT,
                                 bufsize=1 << 20)
         return self
 

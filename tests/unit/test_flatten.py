@@ -806,6 +806,18 @@ def layer_stacks(draw: st.DrawFn) -> list[list[Op]]:
     return layers
 
 
+def assert_extractable(out: bytes) -> None:
+    """What `tar -x` needs: every hard link names an earlier, different, non-directory entry."""
+    written: dict[str, bool] = {}
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        for member in tar:
+            name = member.name.rstrip("/")
+            if member.islnk():
+                assert member.linkname != name, f"{name} is a hard link to itself"
+                assert written.get(member.linkname) is False, f"{name} links to {member.linkname}, not written before"
+            written[name] = member.isdir()
+
+
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layer_stacks())
 def test_flatten_agrees_with_the_reference_model(stack: list[list[Op]]) -> None:
@@ -817,6 +829,7 @@ def test_flatten_agrees_with_the_reference_model(stack: list[list[Op]]) -> None:
         assert why
         return
     out, summary_ = flatten_bytes(*(to_layer(ops) for ops in stack))
+    assert_extractable(out)
     tree, _ = extract(out)
     assert describe_output(tree) == describe(expected)
     # flatten's own account of the tree (what later steps place files by) matches what it wrote.
