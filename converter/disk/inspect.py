@@ -22,6 +22,7 @@ from typing import Any
 
 from converter.disk.appliance import Appliance
 from converter.errors import DiskError, ToolError
+from converter.oci.model import ImageConfig, load_json
 from converter.run import run
 
 FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi")
@@ -140,11 +141,22 @@ def _imgconv_root(app: Appliance) -> Opened | None:
             continue
         app.call(f"mount {device}", g.mount_ro, device, "/")
         if g.is_file("/.imgconv/origin.json") and g.is_file("/.imgconv/config.json"):
-            origin = json.loads(app.call("read the origin record", g.read_file, "/.imgconv/origin.json"))
+            origin = origin_record(app.call("read the origin record", g.read_file, "/.imgconv/origin.json"))
             config = app.call("read the embedded config", g.read_file, "/.imgconv/config.json")
+            # checked now, before the whole disk is read, not when the image is assembled at the end
+            ImageConfig.parse(config, "the disk's embedded image config (/.imgconv/config.json)")
             return Opened(origin=origin, config=config)
         app.call(f"unmount {device}", g.umount_all)
     return None
+
+
+def origin_record(raw: bytes) -> dict[str, Any]:
+    """The disk's /.imgconv/origin.json, checked: it is read from an untrusted disk like everything else."""
+    origin = load_json(raw, "the disk's origin record (/.imgconv/origin.json)")
+    injected = origin.get("injected", [])
+    if not isinstance(injected, list) or not all(isinstance(p, str) for p in injected):
+        raise DiskError("the disk's origin record (/.imgconv/origin.json) has an invalid \"injected\" list")
+    return origin
 
 
 def _roots_described(app: Appliance, roots: Sequence[str]) -> str:
