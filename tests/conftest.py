@@ -4,7 +4,7 @@
     registry                     Registry: .addr, .ref(name, tag) -> "docker://127.0.0.1:PORT/name:tag"
     built_fixture("busybox")     BuiltFixture on disk (cache), no daemon needed (except to build debian)
     fixture_image("busybox")     FixtureImage, loaded into docker_world: .daemon_ref .archive_ref .oci_ref ...
-    fixture_images               {name: FixtureImage} for all of busybox, distroless, tricky, debian
+    fixture_images               {name: FixtureImage} for all of busybox, distroless, tricky, runtime, debian
 
 Services start on first use and stop at the end of the session. Without root or dockerd the tests that need
 them are skipped, except where the world is required (CI=true or IMGCONV_REQUIRE_WORLD=1): there they fail.

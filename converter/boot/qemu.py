@@ -3,7 +3,10 @@
 The disk is never written: qemu runs on a throwaway qcow2 overlay. The serial console is qemu's
 stdout (a pipe), decoded by :class:`~converter.boot.console.ConsoleDecoder`; a QMP socket (qemu
 connects to ours) is used to ask the guest to stop (ctrl-alt-delete, which the guest init turns
-into SIGTERM for the workload) and, failing that, to quit.
+into SIGTERM for the workload) and, failing that, to quit. Like ``docker run``, which makes a
+container's /etc/resolv.conf from the host's when it starts, the boot passes the guest
+:func:`docker_resolv_conf` of this host's, as the QEMU firmware config file
+``opt/imgconv/resolv.conf`` (the guest init bind-mounts it on /etc/resolv.conf).
 
 Exit statuses (:attr:`BootResult.status`), never above 255:
 
@@ -13,7 +16,9 @@ Exit statuses (:attr:`BootResult.status`), never above 255:
   ``imgconv-init: error:`` text is in the message), or the VM ended without reporting one
   (kernel panic, qemu died...; the last console lines are in the message);
 - 137: a stop was requested (``stop`` event) and the workload did not end within the grace
-  period, so the VM was quit (docker reports 137 when ``docker stop`` has to SIGKILL).
+  period, so the VM was quit (docker reports 137 when ``docker stop`` has to SIGKILL). The
+  workload is PID 1 of its PID namespace, as in a container: SIGTERM reaches it only if it
+  handles it, so a shell without a TERM trap always ends this way, as under ``docker stop``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import selectors
 import shlex
 import socket
@@ -52,6 +58,7 @@ KILL_AFTER_QUIT = 5.0
 QMP_TIMEOUT = 5.0
 TAIL_LINES = 12
 INIT_ERROR = "imgconv-init: error: "
+RESOLV_CONF_FW_CFG = "opt/imgconv/resolv.conf"  # read by init.c
 _PURPOSE = "boot the VM"
 
 
@@ -64,6 +71,72 @@ class BootResult:
     timed_out: bool = False
     stopped: bool = False
     message: str = ""  # why there is no workload status, or what the timeout did; empty otherwise
+
+
+# --------------------------------------------------------------------------- resolv.conf --
+# docker's libnetwork (20.10, resolvconf and sandbox_dns_unix.go), its regular expressions kept as
+# they are. Go's \s is [\t\n\f\r ] and \w is [0-9A-Za-z_]; both have Python's leftmost-first matching.
+
+_GO_S = rb"[\t\n\f\r ]"
+_IPV4_BLOCK = rb"(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)"
+_IPV4 = rb"(" + _IPV4_BLOCK + rb"\.){3}" + _IPV4_BLOCK
+_IPV6 = rb"([0-9A-Fa-f]{0,4}:){2,7}([0-9A-Fa-f]{0,4})(%[0-9A-Za-z_]+)?"
+_LOCALHOST_NS_RE = re.compile(
+    rb"(?m)^nameserver" + _GO_S + rb"+((127\.([0-9]{1,3}\.){2}[0-9]{1,3})|(::1)$)" + _GO_S + rb"*\n*"
+)
+_IPV6_NS_RE = re.compile(rb"(?m)^nameserver" + _GO_S + rb"+" + _IPV6 + _GO_S + rb"*\n*")
+_NS_LINE_RE = re.compile(
+    _GO_S + rb"*nameserver" + _GO_S + rb"*((" + _IPV4 + rb")|(" + _IPV6 + rb"))" + _GO_S + rb"*"
+)
+_DEFAULT_IPV4_DNS = (b"nameserver 8.8.8.8", b"nameserver 8.8.4.4")
+_DEFAULT_IPV6_DNS = (b"nameserver 2001:4860:4860::8888", b"nameserver 2001:4860:4860::8844")
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+SYSTEMD_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")
+
+
+def _nameservers(content: bytes) -> list[bytes]:
+    """libnetwork's GetNameservers: the addresses of the nameserver lines (comments cut at '#')."""
+    lines = (_NS_LINE_RE.fullmatch(line.partition(b"#")[0]) for line in content.split(b"\n"))
+    return [m.group(1) for m in lines if m is not None]
+
+
+def _filter_resolv_dns(content: bytes, *, ipv6: bool) -> bytes:
+    """libnetwork's FilterResolvDNS: localhost nameservers out (and IPv6 ones without IPv6); Google's
+    public DNS when no nameserver is left."""
+    cleaned = _LOCALHOST_NS_RE.sub(b"", content)
+    if not ipv6:
+        cleaned = _IPV6_NS_RE.sub(b"", cleaned)
+    if not _nameservers(cleaned):
+        cleaned += b"\n" + b"\n".join(_DEFAULT_IPV4_DNS + (_DEFAULT_IPV6_DNS if ipv6 else ()))
+    return cleaned
+
+
+def docker_resolv_conf(host: bytes | None, systemd: bytes | None = None) -> bytes:
+    """The /etc/resolv.conf ``docker run --network none`` gives a container on a host whose
+    /etc/resolv.conf holds *host* (None: there is none) and whose systemd-resolved file holds *systemd*.
+
+    libnetwork reads systemd-resolved's file instead when the host's only nameserver is its stub
+    (127.0.0.53), filters it when the sandbox is made (IPv6 assumed), and again when the container
+    joins the ``none`` network (no IPv6).
+    """
+    if _nameservers(host or b"") == [b"127.0.0.53"]:
+        host = systemd
+    return _filter_resolv_dns(_filter_resolv_dns(host or b"", ipv6=True), ipv6=False)
+
+
+def host_resolv_conf() -> bytes:
+    """:func:`docker_resolv_conf` of this host."""
+
+    def read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.debug("cannot read %s: %s", path, exc)
+            return None
+
+    return docker_resolv_conf(read(HOST_RESOLV_CONF), read(SYSTEMD_RESOLV_CONF))
 
 
 # ------------------------------------------------------------------------------------- QMP --
@@ -148,8 +221,12 @@ def qemu_argv(
     cpus: int,
     direct_kernel: tuple[Path, Path, str] | None,
     qmp_socket: Path | None,
+    resolv_conf: Path | None = None,
 ) -> list[str]:
-    """The qemu command line; *drive* is the ``-drive`` value. Console on stdio (the serial port)."""
+    """The qemu command line; *drive* is the ``-drive`` value. Console on stdio (the serial port).
+
+    *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
+    """
     argv = [
         QEMU,
         "-machine", f"pc,accel={accel}",
@@ -162,6 +239,8 @@ def qemu_argv(
     ]  # fmt: skip
     if qmp_socket is not None:
         argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_socket)}", "-mon", "chardev=qmp,mode=control"]
+    if resolv_conf is not None:
+        argv += ["-fw_cfg", f"name={RESOLV_CONF_FW_CFG},file={_opt(resolv_conf)}"]
     if direct_kernel is not None:
         kernel, initrd, append = direct_kernel
         argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
@@ -219,7 +298,8 @@ def _print_command(stderr: TextIO, argv: list[str], disk: Path, fmt: str, overla
     drive = f"file={_opt(disk)},format={fmt},if=virtio,snapshot=on"
     shown = [drive if arg == overlay_drive else arg for arg in argv]
     stderr.write(
-        "imgconv: qemu command (imgconv ran it on a throwaway qcow2 overlay of the disk and a QMP socket;\n"
+        "imgconv: qemu command (imgconv ran it on a throwaway qcow2 overlay of the disk, with a QMP socket and\n"
+        "imgconv:  the host's DNS settings as docker passes them: -fw_cfg name=opt/imgconv/resolv.conf,file=...;\n"
         "imgconv:  snapshot=on keeps the disk unchanged in the same way):\n"
         f"{shlex.join(shown)}\n"
     )
@@ -265,10 +345,12 @@ def boot(
             purpose=f"create a throwaway overlay of {disk}",
         )
         qmp_path = Path(tmp) / "qmp.sock"
+        resolv_conf = Path(tmp) / "resolv.conf"
+        resolv_conf.write_bytes(host_resolv_conf())
         drive = f"file={_opt(overlay)},format=qcow2,if=virtio"
         argv = qemu_argv(
             accel=accel, drive=drive, memory_mib=memory_mib, cpus=cpus,
-            direct_kernel=direct_kernel, qmp_socket=qmp_path,
+            direct_kernel=direct_kernel, qmp_socket=qmp_path, resolv_conf=resolv_conf,
         )  # fmt: skip
         if verbose:
             _print_command(stderr, qemu_argv(

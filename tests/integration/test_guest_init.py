@@ -1,9 +1,11 @@
 """The guest init, for real: one small test disk, booted under qemu with the real initramfs.
 
 The disk (built once with libguestfs, cached by content hash) holds a static busybox, a passwd
-and group with test users, the init at /.imgconv/init and several run specs under
-/.imgconv/specs/; each test boots the host's kernel directly with ``imgconv.spec=`` naming its
-spec and checks what a user of ``imgconv boot`` would see.
+and group with test users, an /etc/hosts of its own, the init at /.imgconv/init and several run
+specs under /.imgconv/specs/; each test boots the host's kernel directly with ``imgconv.spec=``
+naming its spec and checks what a user of ``imgconv boot`` would see. What docker itself does is
+checked against the real dockerd with the fixture images (tests/integration/test_oci_to_qcow2.py);
+the expectations here that are docker's were taken from it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from converter.boot.accel import configure_guestfs
 from converter.boot.cachedir import cache_dir
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, build_initramfs, docker_env, encode_spec
-from converter.boot.qemu import BootResult, boot
+from converter.boot.qemu import BootResult, boot, host_resolv_conf
 
 pytestmark = [pytest.mark.boot, pytest.mark.appliance]
 
@@ -34,7 +36,7 @@ ROOT_UUID = "5a1e0c0d-1234-4abc-8def-0123456789ab"
 BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "env", "id", "printf", "echo", "sleep", "cat", "ls", "pwd", "stat", "grep", "cut", "sort",
-    "kill", "readlink", "hostname", "touch", "true", "tr",
+    "kill", "readlink", "hostname", "touch", "true", "tr", "mount",
 )  # fmt: skip
 HOSTNAME = "imgconv-test"
 
@@ -49,6 +51,11 @@ staff:x:50:alice,bob
 alice:x:1000:
 bob:x:1001:
 """
+IMAGE_HOSTS = "10.1.2.3\tfrom-the-image\n"  # mode 0600; /etc/hostname and /etc/resolv.conf are missing
+DOCKER_HOSTS = (
+    b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n"
+    b"ff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+)
 
 HOSTILE_ARGS = (
     "a b",
@@ -87,6 +94,8 @@ for l in /dev/fd /dev/stdin /dev/stdout /dev/stderr /dev/ptmx; do readlink "$l";
 stat -c '%n %a' /tmp /dev/shm
 echo "lo=$(cat /sys/class/net/lo/flags)"
 cat /proc/$$/environ
+for f in hostname hosts resolv.conf; do stat -c '%n %a %u:%g' /etc/$f; cat /etc/$f; done
+mount --bind / /mnt && stat -c '%n %a %s' /mnt/etc/hostname /mnt/etc/hosts /mnt/etc/resolv.conf && cat /mnt/etc/hosts
 printf 'no newline at the end'
 exit 3
 """
@@ -118,12 +127,22 @@ SPECS = {
     "ghost": InitSpec(argv=("true",), env=docker_env([], HOSTNAME), user="ghost"),
     "notfound": InitSpec(argv=("no-such-command", "x"), env=docker_env([], HOSTNAME)),
     "noshell": InitSpec(argv=("printf", "%s|", "$(id)", "a;b", "*", "$HOME"), env=docker_env([], HOSTNAME)),
-    "selfterm": InitSpec(argv=("sh", "-c", "echo before; kill -TERM $$; echo after"), env=docker_env([], HOSTNAME)),
+    "pid1": InitSpec(
+        argv=(
+            "sh",
+            "-c",
+            # As PID 1 of its namespace the shell ignores signals it has no handler for, even
+            # SIGKILL from itself; a fault still kills it (the stack overflows): 128+11.
+            'echo "pid=$$ ppid=$PPID"; kill -TERM $$; kill -KILL $$; echo survived; ulimit -s 1024; f() { f; }; f',
+        ),
+        env=docker_env([], HOSTNAME),
+    ),
     "reap": InitSpec(
         argv=(
             "sh",
             "-c",
-            # The inner shell exits at once: its sleep is orphaned to PID 1, which must reap it.
+            # The inner shell exits at once: its sleep is orphaned to the workload (PID 1 of its
+            # namespace), which reaps it as busybox sh does under docker.
             "sh -c 'sleep 0.2 &'; sleep 1.5; z=0; "
             'for s in /proc/[0-9]*/stat; do read -r l < "$s"; case "$l" in *") Z "*) z=$((z+1));; esac; done; '
             'echo "zombies=$z"; '
@@ -133,9 +152,8 @@ SPECS = {
         env=docker_env([], HOSTNAME),
     ),
     "trap": InitSpec(argv=("sh", "-c", TRAP_SCRIPT), env=docker_env([], HOSTNAME)),
-    "stubborn": InitSpec(
-        argv=("sh", "-c", 'trap "" TERM; echo ready; while :; do sleep 0.1; done'), env=docker_env([], HOSTNAME)
-    ),
+    # No TERM trap: as PID 1 of its namespace the shell never sees the stop's SIGTERM.
+    "untrapped": InitSpec(argv=("sh", "-c", "echo ready; while :; do sleep 0.1; done"), env=docker_env([], HOSTNAME)),
 }
 
 
@@ -217,7 +235,7 @@ def _build_disk(path: Path, init: Path) -> None:
         g.mkfs("ext4", "/dev/sda1")
         g.set_uuid("/dev/sda1", ROOT_UUID)
         g.mount("/dev/sda1", "/")
-        for directory in ("/bin", "/etc", "/root", "/home/alice", "/home/bob", "/.imgconv/specs"):
+        for directory in ("/bin", "/etc", "/mnt", "/root", "/home/alice", "/home/bob", "/.imgconv/specs"):
             g.mkdir_p(directory)
         g.chown(1000, 1000, "/home/alice")
         g.chown(1001, 1001, "/home/bob")
@@ -227,6 +245,8 @@ def _build_disk(path: Path, init: Path) -> None:
             g.ln_s("busybox", f"/bin/{applet}")
         g.write("/etc/passwd", PASSWD)
         g.write("/etc/group", GROUP)
+        g.write("/etc/hosts", IMAGE_HOSTS)
+        g.chmod(0o600, "/etc/hosts")
         g.upload(str(init), "/.imgconv/init")
         g.chmod(0o755, "/.imgconv/init")
         for name, spec in SPECS.items():
@@ -247,7 +267,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     init = init_binary()
 
     key = hashlib.sha256()
-    for part in (init.read_bytes(), BUSYBOX.read_bytes(), PASSWD.encode(), GROUP.encode(), ROOT_UUID.encode()):
+    for part in (init.read_bytes(), BUSYBOX.read_bytes(), PASSWD.encode(), GROUP.encode(), IMAGE_HOSTS.encode(),
+                 ROOT_UUID.encode(), b"/mnt", b"hosts 0600"):
         key.update(hashlib.sha256(part).digest())
     for name, spec in sorted(SPECS.items()):
         key.update(name.encode() + b"\0" + encode_spec(spec))
@@ -271,7 +292,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 Boot = tuple[BootResult, bytes, str, float]
 # name: (spec, more kernel command line)
 PLAIN = {
-    **{name: (name, "") for name in ("basics", "alice", "bob", "ghost", "notfound", "noshell", "selfterm", "reap")},
+    **{name: (name, "") for name in ("basics", "alice", "bob", "ghost", "notfound", "noshell", "pid1", "reap")},
     "read-only": ("noshell", "ro"),  # the disk has no /proc, /sys, /dev: stage 2 cannot create them
     "no-stage2": ("noshell", "imgconv.init=/no/such/init"),
 }
@@ -311,8 +332,9 @@ def test_argv_env_cwd_mounts_and_exit_code(booted: Callable[[str], Boot]) -> Non
         b"hostname=imgconv-test\n"
         b"uid=0(root) gid=0(root) groups=0(root),10(wheel)\n"
         b"umask=0022\n"
-        b"/ ext4\n/dev devtmpfs\n/dev/pts devpts\n/dev/shm tmpfs\n/proc proc\n/run tmpfs\n/sys sysfs\n"
-        b"/sys/fs/cgroup cgroup2\n/tmp tmpfs\n"
+        b"/ ext4\n/dev devtmpfs\n/dev/pts devpts\n/dev/shm tmpfs\n"
+        b"/etc/hostname tmpfs\n/etc/hosts tmpfs\n/etc/resolv.conf tmpfs\n"  # docker's generated files
+        b"/proc proc\n/run tmpfs\n/sys sysfs\n/sys/fs/cgroup cgroup2\n/tmp tmpfs\n"
         b"/proc/self/fd\n/proc/self/fd/0\n/proc/self/fd/1\n/proc/self/fd/2\npts/ptmx\n"
         b"/tmp 1777\n/dev/shm 1777\n"
     )
@@ -320,7 +342,16 @@ def test_argv_env_cwd_mounts_and_exit_code(booted: Callable[[str], Boot]) -> Non
     rest = output[len(expected) :]
     lo, _, rest = rest.partition(b"\n")
     assert lo.startswith(b"lo=0x") and int(lo[3:], 16) & 1, "loopback is up"
-    assert rest == b"".join(_b(e) + b"\0" for e in env) + b"no newline at the end"
+    environ = b"".join(_b(e) + b"\0" for e in env)
+    assert rest == environ + (
+        # docker's content, root's, 0644, bind-mounted over the image's
+        b"/etc/hostname 644 0:0\n" + HOSTNAME.encode() + b"\n"
+        b"/etc/hosts 644 0:0\n" + DOCKER_HOSTS
+        + b"/etc/resolv.conf 644 0:0\n" + host_resolv_conf()
+        # beneath them, the image's own file is unchanged, and the missing ones are empty 0755 mount points
+        + b"/mnt/etc/hostname 755 0\n/mnt/etc/hosts 600 %d\n/mnt/etc/resolv.conf 755 0\n" % len(IMAGE_HOSTS)
+        + IMAGE_HOSTS.encode() + b"no newline at the end"
+    ), "the exit marker follows the last byte mid-line and adds nothing"
 
 
 def test_named_user_gets_groups_home_and_usable_stdio(booted: Callable[[str], Boot]) -> None:
@@ -368,13 +399,16 @@ def test_no_shell_involved(booted: Callable[[str], Boot]) -> None:
     assert output == b"$(id)|a;b|*|$HOME|"
 
 
-def test_killed_by_signal_is_128_plus(booted: Callable[[str], Boot]) -> None:
-    result, output, _, _ = booted("selfterm")
-    assert result.status == 128 + 15
-    assert output == b"before\n"
+def test_workload_is_pid_1_of_its_namespace(booted: Callable[[str], Boot]) -> None:
+    """As under docker: $$ is 1, its parent is outside (0), signals without a handler do nothing to
+    it, even its own SIGKILL, and a fault still kills it: 128+11."""
+    result, output, _, seconds = booted("pid1")
+    assert output == b"pid=1 ppid=0\nsurvived\n"
+    assert (result.status, result.workload_status) == (128 + 11, 128 + 11)
+    assert seconds < 45
 
 
-def test_orphans_reaped_and_leftovers_do_not_hold_the_vm(booted: Callable[[str], Boot]) -> None:
+def test_orphans_go_to_the_workload_and_leftovers_do_not_hold_the_vm(booted: Callable[[str], Boot]) -> None:
     result, output, _, seconds = booted("reap")
     assert result.status == 0
     assert output == b"zombies=0\ndone\n"
@@ -383,13 +417,15 @@ def test_orphans_reaped_and_leftovers_do_not_hold_the_vm(booted: Callable[[str],
 
 
 def test_stop_request_delivers_sigterm(guest: Guest) -> None:
-    result, output, _, _ = guest.boot("trap", stop_on=b"ready")
+    # Stopping once "ready\n" is out, newline included: the decoder holds no newline back.
+    result, output, _, _ = guest.boot("trap", stop_on=b"ready\n")
     assert output == b"ready\ngot TERM\n"
     assert (result.status, result.workload_status, result.stopped) == (0, 0, True)
 
 
-def test_stop_request_ignored_is_137(guest: Guest) -> None:
-    result, output, _, seconds = guest.boot("stubborn", stop_on=b"ready", stop_grace=2)
+def test_stop_of_a_shell_without_a_trap_is_137(guest: Guest) -> None:
+    """PID 1 of its namespace, the shell ignores SIGTERM: the stop ends in a kill, as docker stop's."""
+    result, output, _, seconds = guest.boot("untrapped", stop_on=b"ready\n", stop_grace=2)
     assert output == b"ready\n"
     assert (result.status, result.workload_status, result.stopped) == (137, None, True)
     assert seconds < 30

@@ -2,7 +2,9 @@
 
 Every fixture image is converted once (session fixture `converted_disk`), checked with
 `qemu-img check`, booted with `imgconv boot`, and must print exactly what `docker run` of the
-same image prints in the test world's dockerd, and exit with the same code.
+same image prints in the test world's dockerd, and exit with the same code. The `runtime` image
+shows what the runtime adds: the workload as PID 1 of its own PID namespace and docker's generated
+/etc/hostname, /etc/hosts and /etc/resolv.conf.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.world import DockerWorld, FixtureImage
 
 pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
 
-IMAGES = ["busybox", "distroless", "tricky", "debian"]
+IMAGES = ["busybox", "distroless", "tricky", "runtime", "debian"]
 
 
 def boot(disk: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
@@ -58,6 +60,17 @@ def test_tricky_image_really_is_tricky(fixture_image: Callable[[str], FixtureIma
     for needle in (" ", "$(", ";", "&", "'", '\\"'):
         assert needle in joined
     assert " " in config["WorkingDir"] and ":" in config["User"]
+
+
+def test_runtime_image_shows_what_docker_gives(fixture_image: Callable[[str], FixtureImage],
+                                               docker_world: DockerWorld) -> None:
+    """Guard the comparison above for `runtime`: docker's side is what we think it is (PID 1, reparenting,
+    zombies, its /etc files), and its resolv.conf is the one `imgconv boot` computes from this host's."""
+    from converter.boot.qemu import host_resolv_conf
+    from fixtures import runtime
+
+    docker = docker_world.run(fixture_image("runtime").repo_tag)
+    assert (docker.out, docker.exit_code) == (runtime.expected_stdout(host_resolv_conf().decode()), runtime.EXIT_CODE)
 
 
 def test_sidecar_and_read_only_artifact(converted_disk: Callable[[str], Path],
@@ -99,7 +112,7 @@ def test_boots_under_plain_qemu_with_seabios(converted_disk: Callable[[str], Pat
     assert b"<<imgconv:start>>\n" in console
     workload = console.split(b"<<imgconv:start>>\n", 1)[1]
     assert workload.startswith(busybox.EXPECTED_STDOUT.encode())
-    assert b"<<imgconv:exit status=0 nl=0>>" in workload
+    assert workload[len(busybox.EXPECTED_STDOUT):].startswith(b"<<imgconv:exit status=0>>\n")
     assert proc.returncode == 0  # the guest powered itself off
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fixtures import NAMES, busybox, debian, distroless, tricky
+from fixtures import NAMES, busybox, debian, distroless, runtime, tricky
 from tests.treecmp import Entry, diff_trees, docker_runtime_paths, hardlink_groups, tree_from_tar
 from tests.world import DockerWorld, FixtureImage, Registry
 
@@ -96,6 +96,13 @@ def test_distroless_runs(docker_world: DockerWorld, fixture_image: ImageFactory)
 def test_tricky_runs(docker_world: DockerWorld, fixture_image: ImageFactory) -> None:
     result = docker_world.run(fixture_image("tricky").repo_tag)
     assert (result.out, result.stderr, result.exit_code) == (tricky.expected_stdout(), b"", tricky.EXIT_CODE)
+
+
+def test_runtime_runs(docker_world: DockerWorld, fixture_image: ImageFactory) -> None:
+    resolv_conf = docker_world.run(fixture_image("busybox").repo_tag, ["/etc/resolv.conf"], entrypoint="cat").out
+    result = docker_world.run(fixture_image("runtime").repo_tag)
+    assert (result.out, result.stderr, result.exit_code) == (runtime.expected_stdout(resolv_conf), b"",
+                                                             runtime.EXIT_CODE)
 
 
 @pytest.mark.slow

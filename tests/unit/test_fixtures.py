@@ -16,7 +16,7 @@ from fixtures import busybox, catalog, debian, distroless, tricky
 from fixtures.image import layer_tar
 from tests.treecmp import tree_from_tar
 
-PURE = ("busybox", "distroless", "tricky")
+PURE = ("busybox", "distroless", "tricky", "runtime")
 
 
 @pytest.fixture

@@ -11,9 +11,17 @@
  *
  *   stage 2 (PID 1 anywhere else): the container runtime. Mount what docker/runc would mount,
  *     read the run spec written by imgconv (imgconv.spec=, default /.imgconv/init.spec),
- *     resolve the user exactly as runc's libcontainer/user does, start the workload with its
- *     stdout and stderr on pipes, relay them to the console, reap every child, forward
- *     signals, and power the VM off when the workload exits.
+ *     resolve the user exactly as runc's libcontainer/user does, provide docker's generated
+ *     /etc/hostname, /etc/hosts and /etc/resolv.conf, start the workload with its stdout and
+ *     stderr on pipes, relay them to the console, forward signals, and power the VM off when
+ *     the workload exits.
+ *
+ * The workload runs as in a container: PID 1 of its own PID namespace, with a private mount
+ * namespace and a /proc of that PID namespace. So `echo $$` prints 1, orphans are reparented
+ * to the workload (which reaps them or not, as under docker), a signal it has no handler for is
+ * ignored (SIGTERM from a stop, or `kill $$`), and when it exits the kernel kills everything
+ * left in its namespace. This program stays the VM's PID 1 outside that namespace: it relays
+ * the output, forwards signals to the workload, waits for it and powers off.
  *
  * It must work in images that have no shell and no libc, so it depends on nothing but the
  * kernel. It prints nothing of its own except the console markers read by the host
@@ -24,9 +32,17 @@
  * keys: arg (repeated, the whole argv), env (repeated, KEY=VALUE), cwd, user, hostname;
  * unknown keys are ignored.
  *
- * Console protocol: "<<imgconv:start>>\n" right before the workload starts; at the end
- * "<<imgconv:exit status=N nl=1>>\n" preceded by an extra "\n" when the workload's output did
- * not end with one (so the marker starts a line), or "<<imgconv:exit status=N nl=0>>\n".
+ * Generated files: like docker, /etc/hostname (the spec's hostname), /etc/hosts (docker's for a
+ * container without network) and /etc/resolv.conf are files of a small tmpfs bind-mounted over
+ * the image's (which are never changed; a missing one gets an empty mount point, as docker makes
+ * them). resolv.conf is what `imgconv boot` computed from the host's the way docker does, passed
+ * as the QEMU firmware config file opt/imgconv/resolv.conf; without it (a plain qemu boot) it is
+ * what docker writes on a host without one.
+ *
+ * Console protocol: "<<imgconv:start>>\n" right before the workload starts, then the workload's
+ * bytes, unchanged; at the end "<<imgconv:exit status=N>>\n" right after the workload's last
+ * byte, mid-line if that is where the output stopped (no newline is added, so the host never has
+ * to hold one back). Nothing follows it: the kernel is silenced first.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -35,6 +51,7 @@
 #include <grp.h>
 #include <net/if.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -51,11 +68,16 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
+#include <sys/utsname.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <sys/io.h>
+#define HAVE_FW_CFG_PORTS 1
+#endif
 
 #define PROG "imgconv-init"
 #define DEFAULT_STAGE2 "/.imgconv/init"
@@ -77,8 +99,6 @@
 
 static int debug_on;
 static int stage;               /* 1 or 2, for fatal() */
-static int relayed_any;         /* a workload byte went to the console */
-static unsigned char last_relayed;
 
 static void put(int fd, const void *buf, size_t len)
 {
@@ -172,14 +192,13 @@ static void silence_kernel(void)
 }
 
 /* The exit marker is the last thing on the console: the host takes only a marker that nothing
- * follows as the exit (a workload may print marker-like lines), so the kernel is silenced first. */
+ * follows as the exit (a workload may print marker-like text), so the kernel is silenced first.
+ * It follows the workload's last byte directly, even mid-line. */
 static void emit_exit(int status)
 {
 	silence_kernel();
-	char marker[80];
-	int nl = relayed_any && last_relayed != '\n';
-	int n = snprintf(marker, sizeof marker, "%s<<imgconv:exit status=%d nl=%d>>\n", nl ? "\n" : "",
-			 status, nl);
+	char marker[64];
+	int n = snprintf(marker, sizeof marker, "<<imgconv:exit status=%d>>\n", status);
 	put(1, marker, (size_t)n);
 }
 
@@ -688,6 +707,202 @@ static void loopback_up(void)
 	close(s);
 }
 
+/* ----------------------------------------------------- generated /etc -- */
+
+#define FW_CFG_RESOLV_CONF "opt/imgconv/resolv.conf"
+#define MAX_RESOLV_CONF_BYTES (64u << 10)
+#define ETC_FILES_TMPFS "/dev/.imgconv-etc"
+
+/* libnetwork's /etc/hosts for a container without a network (no line for the container's IP). */
+static const char DOCKER_HOSTS[] = "127.0.0.1\tlocalhost\n"
+				   "::1\tlocalhost ip6-localhost ip6-loopback\n"
+				   "fe00::0\tip6-localnet\n"
+				   "ff00::0\tip6-mcastprefix\n"
+				   "ff02::1\tip6-allnodes\n"
+				   "ff02::2\tip6-allrouters\n";
+
+/* What libnetwork writes for --network none on a host without a resolv.conf (or without a usable
+ * nameserver in it): Google's public DNS, the IPv6 ones dropped since that network has no IPv6. */
+static const char DOCKER_DEFAULT_RESOLV_CONF[] = "\nnameserver 8.8.8.8\nnameserver 8.8.4.4\n";
+
+#ifdef HAVE_FW_CFG_PORTS
+#define FW_CFG_PORT_SEL 0x510
+#define FW_CFG_PORT_DATA 0x511
+#define FW_CFG_SIGNATURE 0x0000
+#define FW_CFG_FILE_DIR 0x0019
+
+static void fw_cfg_read(void *buf, size_t len)
+{
+	unsigned char *p = buf;
+	for (size_t i = 0; i < len; i++)
+		p[i] = inb(FW_CFG_PORT_DATA);
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Only QEMU has a firmware config device: the I/O ports of other hardware are left alone. */
+static int on_qemu(void)
+{
+	if (access("/sys/bus/acpi/devices/QEMU0002:00", F_OK) == 0)
+		return 1;
+	char vendor[8] = "";
+	int fd = open("/sys/class/dmi/id/sys_vendor", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, vendor, sizeof vendor - 1);
+	close(fd);
+	return n >= 4 && memcmp(vendor, "QEMU", 4) == 0;
+}
+
+/* A file given to qemu as -fw_cfg name=NAME,...; NULL when there is none. Read through the I/O
+ * ports, as the firmware does: the kernel's qemu_fw_cfg driver is a module, often absent. */
+static char *fw_cfg_file(const char *name, size_t limit, size_t *len)
+{
+	if (!on_qemu() || ioperm(FW_CFG_PORT_SEL, 2, 1) < 0)
+		return NULL;
+	char *data = NULL;
+	unsigned char word[4], entry[64]; /* be32 size, be16 select, u16 reserved, char name[56] */
+	outw(FW_CFG_SIGNATURE, FW_CFG_PORT_SEL);
+	fw_cfg_read(word, sizeof word);
+	if (memcmp(word, "QEMU", 4) == 0) {
+		outw(FW_CFG_FILE_DIR, FW_CFG_PORT_SEL);
+		fw_cfg_read(word, sizeof word);
+		uint32_t count = be32(word);
+		for (uint32_t i = 0; i < count && i < 4096; i++) {
+			fw_cfg_read(entry, sizeof entry);
+			entry[sizeof entry - 1] = '\0';
+			if (strcmp((const char *)entry + 8, name) != 0)
+				continue;
+			uint32_t size = be32(entry);
+			if (size <= limit) {
+				data = xmalloc(size + 1);
+				outw((unsigned short)(entry[4] << 8 | entry[5]), FW_CFG_PORT_SEL);
+				fw_cfg_read(data, size);
+				data[size] = '\0';
+				*len = size;
+			}
+			break;
+		}
+	}
+	ioperm(FW_CFG_PORT_SEL, 2, 0);
+	return data;
+}
+#else
+static char *fw_cfg_file(const char *name, size_t limit, size_t *len)
+{
+	(void)name, (void)limit, (void)len;
+	return NULL;
+}
+#endif
+
+/* Every directory leading to path (not path itself); errors are left to the caller's open. */
+static void make_parents(const char *path)
+{
+	char buf[4096];
+	if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
+		return;
+	for (char *p = buf + 1; (p = strchr(p, '/')); p++) {
+		*p = '\0';
+		mkdir(buf, 0755);
+		*p = '/';
+	}
+}
+
+/* What docker's init layer puts where a generated file is missing: an empty 0755 file, made
+ * where the path leads when it is a dangling symlink (such as /etc/resolv.conf pointing into
+ * systemd's /run, a fresh tmpfs here). */
+static int make_mount_point(const char *path)
+{
+	struct stat st;
+	if (stat(path, &st) == 0) {
+		if (!S_ISDIR(st.st_mode))
+			return 0;
+		errno = EISDIR;
+		return -1;
+	}
+	int fd = open(path, O_WRONLY | O_CREAT | O_NOCTTY | O_CLOEXEC, 0755);
+	if (fd < 0 && errno == ENOENT) {
+		char target[4096], full[8192];
+		ssize_t n = readlink(path, target, sizeof target - 1);
+		if (n > 0) {
+			target[n] = '\0';
+			const char *slash = strrchr(path, '/');
+			if (target[0] == '/')
+				snprintf(full, sizeof full, "%s", target);
+			else
+				snprintf(full, sizeof full, "%.*s/%s", (int)(slash - path), path, target);
+			make_parents(full);
+			fd = open(path, O_WRONLY | O_CREAT | O_NOCTTY | O_CLOEXEC, 0755);
+		}
+	}
+	if (fd < 0)
+		return -1;
+	close(fd);
+	return 0;
+}
+
+/* Docker's /etc/hostname, /etc/hosts and /etc/resolv.conf, bind-mounted over the image's. Their
+ * tmpfs is mounted only while they are made: the bind mounts keep it alive, and nothing of it is
+ * left anywhere else. A file that cannot be provided (a read-only root without the mount point, a
+ * directory in its place) is skipped: the workload still runs. */
+static void etc_files(const char *hostname)
+{
+	struct utsname uts;
+	if (!*hostname && uname(&uts) == 0)
+		hostname = uts.nodename;
+	size_t hlen = strlen(hostname);
+	char *hostname_file = xmalloc(hlen + 1);
+	memcpy(hostname_file, hostname, hlen);
+	hostname_file[hlen] = '\n';
+	size_t rlen = 0;
+	char *resolv = fw_cfg_file(FW_CFG_RESOLV_CONF, MAX_RESOLV_CONF_BYTES, &rlen);
+	if (!resolv)
+		debug("no %s from the host: docker's default resolv.conf", FW_CFG_RESOLV_CONF);
+	const struct {
+		const char *name, *data;
+		size_t len;
+	} files[] = {
+		{"hostname", hostname_file, hlen + 1},
+		{"hosts", DOCKER_HOSTS, sizeof DOCKER_HOSTS - 1},
+		{"resolv.conf", resolv ? resolv : DOCKER_DEFAULT_RESOLV_CONF,
+		 resolv ? rlen : sizeof DOCKER_DEFAULT_RESOLV_CONF - 1},
+	};
+
+	if ((mkdir(ETC_FILES_TMPFS, 0700) < 0 && errno != EEXIST) ||
+	    mount("tmpfs", ETC_FILES_TMPFS, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=1m") < 0) {
+		debug("no tmpfs for the generated /etc files: %s", strerror(errno));
+		rmdir(ETC_FILES_TMPFS);
+		free(hostname_file);
+		free(resolv);
+		return;
+	}
+	if (mkdir_mode("/etc", 0755) < 0)
+		debug("cannot create /etc: %s", strerror(errno));
+	for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+		char src[64], dst[64];
+		snprintf(src, sizeof src, ETC_FILES_TMPFS "/%s", files[i].name);
+		snprintf(dst, sizeof dst, "/etc/%s", files[i].name);
+		int fd = open(src, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd < 0 || fchmod(fd, 0644) < 0) {
+			debug("cannot write %s: %s", src, strerror(errno));
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		put(fd, files[i].data, files[i].len);
+		close(fd);
+		if (make_mount_point(dst) < 0 || mount(src, dst, NULL, MS_BIND, NULL) < 0)
+			debug("cannot provide %s: %s", dst, strerror(errno));
+	}
+	umount2(ETC_FILES_TMPFS, MNT_DETACH);
+	rmdir(ETC_FILES_TMPFS);
+	free(hostname_file);
+	free(resolv);
+}
+
 /* --------------------------------------------------------------- spec -- */
 
 struct spec {
@@ -1105,9 +1320,27 @@ __attribute__((noreturn)) static void exec_workload(char **argv, char **env)
 	child_fail(err == ENOENT ? 127 : 126, "exec %s: %s", path, errtext(err));
 }
 
-__attribute__((noreturn)) static void run_child(struct spec *s, const struct exec_user *u, int out,
-						int errfd, const gid_t *groups, size_t ngroups)
+/* In the workload, PID 1 of its new PID namespace: a mount namespace of its own with a /proc of
+ * that PID namespace (runc mounts a fresh one), so that /proc/self, ps and $$ agree. The mounts
+ * made so far (the generated /etc files included) are copied into it. */
+static void own_proc(void)
 {
+	if (unshare(CLONE_NEWNS) < 0) {
+		debug("no mount namespace for the workload: %s", strerror(errno));
+		return;
+	}
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		debug("cannot make the workload's mounts private: %s", strerror(errno));
+	umount2("/proc", MNT_DETACH); /* not over the old one: /proc/mounts shows one proc, as runc's */
+	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+		child_fail(125, "cannot mount /proc: %s", strerror(errno));
+}
+
+__attribute__((noreturn)) static void run_child(struct spec *s, const struct exec_user *u, int out,
+						int errfd, const gid_t *groups, size_t ngroups, int pidns)
+{
+	if (pidns)
+		own_proc();
 	setsid();
 	int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(errfd, 2) < 0)
@@ -1146,8 +1379,6 @@ static int relay(int from, int to)
 	if (n == 0)
 		return 0;
 	put(to, buf, (size_t)n);
-	relayed_any = 1;
-	last_relayed = (unsigned char)buf[n - 1];
 	return 1;
 }
 
@@ -1188,6 +1419,7 @@ __attribute__((noreturn)) static void stage2(void)
 	read_spec(c.spec, &s);
 	if (*s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		debug("sethostname %s: %s", s.hostname, strerror(errno));
+	etc_files(s.hostname);
 
 	struct userdb passwd = {0}, group = {0};
 	passwd.data = read_file("/etc/passwd", MAX_USERDB_BYTES, &passwd.len);
@@ -1224,12 +1456,17 @@ __attribute__((noreturn)) static void stage2(void)
 	int out[2], err[2];
 	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0)
 		fatal("pipe: %s", strerror(errno));
+	/* The next child, the workload, is PID 1 of a new PID namespace. Without PID namespaces
+	 * (a kernel built without them) it runs beside this init, as before. */
+	int pidns = unshare(CLONE_NEWPID) == 0;
+	if (!pidns)
+		debug("no PID namespace for the workload: %s", strerror(errno));
 	put(1, "<<imgconv:start>>\n", 18);
 	pid_t main_pid = fork();
 	if (main_pid < 0)
 		fatal("fork: %s", strerror(errno));
 	if (main_pid == 0)
-		run_child(&s, &u, out[1], err[1], groups, ngroups);
+		run_child(&s, &u, out[1], err[1], groups, ngroups, pidns);
 	close(out[1]);
 	close(err[1]);
 
@@ -1239,7 +1476,8 @@ __attribute__((noreturn)) static void stage2(void)
 	while (!main_done || fds[1].fd >= 0 || fds[2].fd >= 0) {
 		int timeout = -1;
 		if (main_done && !killed) {
-			/* Like docker when a container's main process exits: everyone else goes. */
+			/* Like docker when a container's main process exits: everyone else goes. The
+			 * kernel did that already when the workload was PID 1 of its namespace. */
 			kill(-1, SIGKILL);
 			killed = 1;
 			drain_deadline = now() + DRAIN_SECONDS;
