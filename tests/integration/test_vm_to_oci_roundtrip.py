@@ -1,0 +1,161 @@
+"""The exact round trip: every fixture image -> `imgconv oci-to-qcow2` -> `imgconv vm-to-oci` is the image again.
+
+The disks come from the session's `converted_disk` (tests/integration/conftest.py), shared with the
+oci-to-qcow2 tests. The judges are not imgconv: `umoci unpack` flattens the original image and the exported one
+(whiteouts, opaque directories and hard links applied by umoci, not by converter/oci/flatten.py) and the host
+reads both trees; the test world's dockerd runs both. With `--base ORIGINAL`, the export must be the original's
+layers, untouched, plus one layer holding nothing at all, since the disk did not change.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures import NAMES
+from tests.integration.conftest import source_ref
+from tests.integration.judge import (
+    Jobs,
+    Ran,
+    imgconv,
+    layer_tar,
+    manifest_of,
+    selected,
+    skopeo_inspect,
+    tool,
+    umoci_tree,
+)
+from tests.treecmp import diff_trees
+from tests.world import DockerWorld, FixtureImage
+
+pytestmark = [pytest.mark.appliance, pytest.mark.docker]
+
+BY_NAME = [pytest.param(name, marks=[pytest.mark.slow] if name == "debian" else []) for name in NAMES]
+
+
+@dataclass
+class RoundTrips:
+    root: Path
+    jobs: Jobs
+    images: dict[str, FixtureImage]
+    docker: DockerWorld
+
+    def result(self, key: str) -> dict[str, Any]:
+        return self.jobs[key].ok().json  # type: ignore[no-any-return]
+
+    def layout(self, key: str) -> Path:
+        self.result(key)
+        return self.root / key
+
+    def original(self, name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The original's OCI layout: (manifest digest, manifest, config); the layers --base must keep."""
+        image = self.images[name]
+        return manifest_of(image.oci_dir, image.tag)
+
+    def source_config(self, name: str) -> dict[str, Any]:
+        """The config as the disk's source had it, read raw by skopeo: a docker-daemon: or docker-archive:
+        source has Docker's serialisation of the image (more fields), which the round trip must give back."""
+        image = self.images[name]
+        ref = source_ref(image)
+        flags = ("--daemon-host", self.docker.host) if ref.startswith("docker-daemon:") else ()
+        return json.loads(tool("skopeo", "inspect", "--raw", "--config", *flags, ref))  # type: ignore[no-any-return]
+
+
+def _export(disk: str, layout: Path, *args: str, env: dict[str, str]) -> Ran:
+    return imgconv("vm-to-oci", disk, f"oci:{layout}:1", "--json", *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def round_trips(request: pytest.FixtureRequest, converted_disk: Callable[[str], Path],
+                fixture_image: Callable[[str], FixtureImage], docker_world: DockerWorld,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoundTrips]:
+    trips = RoundTrips(tmp_path_factory.mktemp("round-trip"), Jobs(), {}, docker_world)
+    try:
+        for name in NAMES:
+            image = trips.images[name] = fixture_image(name)
+            disk = functools.partial(lambda n: str(converted_disk(n)), name)  # made in the main thread only
+            trips.jobs.define(f"{name}-rt", _export, trips.root / f"{name}-rt", prepare=disk, env=docker_world.env)
+            trips.jobs.define(f"{name}-base", _export, trips.root / f"{name}-base", "--base", image.oci_ref,
+                              prepare=disk, env=docker_world.env)
+        # Exports start as soon as their disk exists (usually made already by the oci-to-qcow2 tests), while
+        # the next disk is being made; the biggest first, so that the small ones fill the other worker.
+        wanted = {f"{params['name']}-{'base' if test.startswith('test_base') else 'rt'}"
+                  for test, params in selected(request) if "name" in params}
+        for name in sorted(NAMES, key=lambda n: n != "debian"):
+            trips.jobs.start(*(key for key in (f"{name}-rt", f"{name}-base") if key in wanted))
+        yield trips
+    finally:
+        trips.jobs.close()
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_file_tree_is_the_original(name: str, round_trips: RoundTrips) -> None:
+    """Path by path: type, mode, owner, size, content hash, link target, xattrs, and who is hard-linked to whom."""
+    image = round_trips.images[name]
+    exported = umoci_tree(round_trips.layout(f"{name}-rt"), "1", round_trips.root)
+    original = umoci_tree(image.oci_dir, image.tag, round_trips.root)
+    assert diff_trees(original, exported, hardlinks=True) == []
+    assert len(original) >= 7  # distroless, the smallest, has 7 paths
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_config_is_the_original(name: str, round_trips: RoundTrips) -> None:
+    result = round_trips.result(f"{name}-rt")
+    original = round_trips.source_config(name)
+    _digest, manifest, config = manifest_of(round_trips.layout(f"{name}-rt"), "1")
+    assert result["source"]["made_by_imgconv"] is True and result["source"]["os"] is None
+    assert config["config"] == original["config"]  # Entrypoint, Cmd, Env, User, WorkingDir, labels, ...
+    assert (config["os"], config["architecture"]) == (original["os"], original["architecture"])
+    assert len(manifest["layers"]) == 1
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [result["new_layer"]["diff_id"]]}
+    # the original history, its layers now folded into one, and a line saying what happened
+    history = config["history"]
+    def sans_empty(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in h.items() if k != "empty_layer"} for h in entries]
+
+    assert sans_empty(history[:-1]) == sans_empty(original["history"])
+    assert all(h["empty_layer"] for h in history[:-1])
+    assert "vm-to-oci" in history[-1]["created_by"] and not history[-1].get("empty_layer")
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_docker_run_is_the_original(name: str, round_trips: RoundTrips) -> None:
+    copy = f"imgconv-roundtrip/{name}:1"
+    tool("skopeo", "copy", "--quiet", "--dest-daemon-host", round_trips.docker.host,
+         f"oci:{round_trips.layout(name + '-rt')}:1", f"docker-daemon:{copy}")
+    assert round_trips.docker.image_id(copy) == round_trips.result(f"{name}-rt")["image_id"]
+    original = round_trips.docker.run(round_trips.images[name].repo_tag)
+    again = round_trips.docker.run(copy)
+    assert (again.out, again.err, again.exit_code) == (original.out, original.err, original.exit_code)
+    assert original.out  # every fixture prints something
+
+
+@pytest.mark.parametrize("name", BY_NAME)
+def test_base_is_the_original_plus_one_empty_layer(name: str, round_trips: RoundTrips) -> None:
+    result = round_trips.result(f"{name}-base")
+    layout = round_trips.layout(f"{name}-base")
+    _digest, original_manifest, original = round_trips.original(name)
+    _digest, manifest, config = manifest_of(layout, "1")
+    # the original's layers, byte for byte (same digests, sizes, media types), then exactly one more
+    assert manifest["layers"][:-1] == original_manifest["layers"]
+    assert len(manifest["layers"]) == len(original_manifest["layers"]) + 1
+    assert config["rootfs"]["diff_ids"][:-1] == original["rootfs"]["diff_ids"]
+    source = round_trips.source_config(name)
+    assert config["config"] == source["config"]
+    assert config["history"][:-1] == source["history"]
+    # an unchanged disk: the new layer holds no entry at all (no file, no directory, no whiteout)
+    new = manifest["layers"][-1]
+    assert result["new_layer"] == {"digest": new["digest"], "diff_id": config["rootfs"]["diff_ids"][-1],
+                                   "entries": 0}
+    data = layer_tar(layout, new)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        assert tar.getmembers() == []
+    assert skopeo_inspect(f"oci:{layout}:1")["Layers"] == [d["digest"] for d in manifest["layers"]]
