@@ -7,8 +7,12 @@ renamed from a temporary name, and the daemon and registries receive a finished 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,24 +82,54 @@ def deliver(built: Built, ref: Reference, *, tls_verify: bool, scratch: Path) ->
 
 def _into_layout(built: Built, root: Path, tag: str | None) -> None:
     if not root.exists():
-        # A fresh layout: give it the tag and move the whole directory into place at once.
-        writer = LayoutWriter(built.layout)
-        manifest_raw = writer.store.blob_path(built.manifest.digest).read_bytes()
-        _retag(writer, manifest_raw, built.manifest.media_type, tag)
-        staged = root.with_name(f".{root.name}.imgconv-staging")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(built.layout, staged)
-        os.replace(staged, root)
-        return
+        # A fresh layout: staged beside its final name under a private name, tagged there, and renamed into
+        # place at once. Another writer may have made it meanwhile: then the image is added to theirs.
+        staged = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".imgconv-staging", dir=root.parent))
+        try:
+            shutil.copytree(built.layout, staged, dirs_exist_ok=True)
+            writer = LayoutWriter(staged)
+            manifest_raw = writer.store.blob_path(built.manifest.digest).read_bytes()
+            _retag(writer, manifest_raw, built.manifest.media_type, tag)
+            try:
+                os.rename(staged, root)
+                return
+            except OSError:
+                if not root.is_dir():
+                    raise
+            check_layout(root)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    _add_to_layout(built, root, tag)
+
+
+def _add_to_layout(built: Built, root: Path, tag: str | None) -> None:
+    """Blobs first (each under a private temporary name), then index.json, under a lock so that concurrent
+    imgconv runs adding to one layout do not lose each other's tags."""
     target = LayoutWriter(root)
     for desc in (built.config, *built.layers, built.manifest):
         dest = target.store.blob_path(desc.digest)
-        if not dest.exists():
-            temp = dest.with_name(f".{dest.name}.imgconv-tmp")
-            shutil.copyfile(built.layout / "blobs" / "sha256" / desc.digest.removeprefix("sha256:"), temp)
-            os.replace(temp, dest)
+        if dest.exists():
+            continue
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name[:16]}.", suffix=".imgconv-tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(built.layout / "blobs" / "sha256" / desc.digest.removeprefix("sha256:"), name)
+            os.replace(name, dest)
+        finally:
+            Path(name).unlink(missing_ok=True)
     manifest_raw = target.store.blob_path(built.manifest.digest).read_bytes()
-    target.add_manifest(manifest_raw, built.manifest.media_type, tag)
+    with _locked(root):
+        target.add_manifest(manifest_raw, built.manifest.media_type, tag)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _retag(writer: LayoutWriter, manifest_raw: bytes, media_type: str, tag: str | None) -> None:
