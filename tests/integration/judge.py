@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,6 @@ class Ran:
 def imgconv(*args: str, env: Mapping[str, str] | None = None, epoch: int | None = None,
             timeout: float = 900) -> Ran:
     """`imgconv ARGS` with a clean SOURCE_DATE_EPOCH (set only when `epoch` is given)."""
-    import time
-
     full = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     full.update(env or {})
     if epoch is not None:
@@ -66,6 +65,14 @@ def tool(*argv: str, timeout: float = 600) -> str:
                           timeout=timeout, check=False)
     assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
 def skopeo_inspect(ref: str, *extra: str) -> dict[str, Any]:
@@ -199,6 +206,8 @@ class Jobs:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vm-to-oci-job")
         self._futures: dict[str, Future[Any]] = {}
         self._defined: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any], Any]] = {}
+        self.timings: dict[str, tuple[float, float]] = {}  # key -> (started after, seconds)
+        self._created = time.monotonic()
 
     def define(self, key: str, fn: Any, *args: Any, prepare: Any = None, **kwargs: Any) -> None:
         assert key not in self._defined, key
@@ -210,7 +219,14 @@ class Jobs:
                 fn, args, kwargs, prepare = self._defined[key]
                 if prepare is not None:
                     args = (prepare(), *args)
-                self._futures[key] = self._pool.submit(fn, *args, **kwargs)
+                self._futures[key] = self._pool.submit(self._timed, key, fn, *args, **kwargs)
+
+    def _timed(self, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timings[key] = (started - self._created, time.monotonic() - started)
 
     def __getitem__(self, key: str) -> Any:
         self.start(key)
@@ -218,6 +234,11 @@ class Jobs:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        log = os.environ.get("IMGCONV_TEST_JOB_LOG")  # where to append when each job ran, for tuning
+        if log:
+            with open(log, "a") as out:
+                for key, (start, seconds) in sorted(self.timings.items(), key=lambda kv: kv[1][0]):
+                    out.write(f"{key:24} started at {start:6.1f} s, took {seconds:6.1f} s\n")
 
 
 def selected(request: Any) -> list[tuple[str, dict[str, Any]]]:
