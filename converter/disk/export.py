@@ -20,6 +20,7 @@ import os
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,6 +166,10 @@ class DiffState:
     seen: set[str] = field(default_factory=set)
     written: set[str] = field(default_factory=set)
     signatures: dict[str, Signature] = field(default_factory=dict)
+    # New hard links to files this layer does not hold, by target: the target is written into the layer
+    # after the stream (its content read from the disk again), because Docker's overlay2 applies a layer
+    # on its own and refuses a link into a lower layer ("link ...: no such file or directory").
+    deferred: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
 
     def whiteouts(self, scope: Filter) -> list[str]:
         """Topmost base paths the disk no longer has (a deleted directory needs one whiteout)."""
@@ -194,11 +199,13 @@ def write_layer(stream: BinaryIO, layer: LayerWriter, scope: Filter, diff: DiffS
             continue
         diff.seen.add(path)
         if member.islnk():
-            # Same inode, same signature as its target. A new link to an unchanged lower-layer
-            # file may point into that layer: OCI applies layers in order, so the target exists.
+            # Same inode, same signature as its target.
             sig = diff.signatures.get(info.linkname)
             if sig is None or diff.base.get(path) != sig or info.linkname in diff.written:
-                layer.add(info, None)
+                if sig is None or info.linkname in diff.written:
+                    layer.add(info, None)
+                else:  # the target is unchanged: not in this layer (yet)
+                    diff.deferred.setdefault(info.linkname, []).append(info)
                 diff.written.add(path)
             if sig is not None:
                 diff.signatures[path] = sig
@@ -222,6 +229,24 @@ def write_layer(stream: BinaryIO, layer: LayerWriter, scope: Filter, diff: DiffS
             marker = tarfile.TarInfo(f"{head}/.wh.{name}" if head else f".wh.{name}")
             marker.mode = 0o644
             layer.add(marker, None)
+
+
+def write_deferred_links(layer: LayerWriter, diff: DiffState,
+                         fetch: Callable[[str, Signature], AbstractContextManager[IO[bytes]]]) -> None:
+    """--base: each unchanged file that gained a hard link is written into the layer (its content from
+    *fetch*), then its new links, so that no link of the layer points into a lower one."""
+    for target, links in diff.deferred.items():
+        sig = diff.signatures[target]
+        info = tarfile.TarInfo(target)
+        info.type = tarfile.REGTYPE
+        info.mode, info.uid, info.gid, info.size = sig.mode, sig.uid, sig.gid, sig.size
+        info.mtime = links[0].mtime  # one inode: the links' times are the target's
+        info.uname = info.gname = ""
+        info.pax_headers = dict(sig.xattrs)
+        with fetch(target, sig) as data:
+            layer.add(info, data)
+        for link in links:
+            layer.add(link, None)
 
 
 def _spool(data: IO[bytes] | None, size: int) -> IO[bytes]:
@@ -421,8 +446,29 @@ def _export_in_appliance(app: Appliance, disk: Path, options: ExportOptions, lay
         consumer.join()
         if consumer.error is not None:
             raise consumer.error
+        if diff is not None and diff.deferred:
+            write_deferred_links(layer, diff, functools.partial(_read_again, app, scratch))
     assert layer.result is not None
     result["layer"] = layer.result
+
+
+@contextmanager
+def _read_again(app: Appliance, scratch: Path, path: str, sig: Signature) -> Iterator[IO[bytes]]:
+    """A file the tar stream already passed, read again from the (read-only) disk and checked against it."""
+    local = scratch / "read-again"
+    try:
+        app.call(f"read /{path} from the disk", app.g.download, f"/{path}", str(local))
+    except UnicodeError:  # the bindings pass names as UTF-8 text
+        raise DiskError(f"the disk's {path!r} gained a hard link but its name is not UTF-8, so it cannot be read "
+                        "again; export without --base") from None
+    try:
+        with local.open("rb") as data:
+            if hash_stream(data, sig.size + 1) != sig.sha256:
+                raise LayerError(f"the disk's {path!r} read differently the second time")
+            data.seek(0)
+            yield data
+    finally:
+        local.unlink(missing_ok=True)
 
 
 def _consume(stream: BinaryIO, *, layer: LayerWriter, scope: Filter, diff: DiffState | None,

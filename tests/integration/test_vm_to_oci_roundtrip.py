@@ -9,9 +9,12 @@ layers, untouched, plus one layer holding nothing at all, since the disk did not
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import io
 import json
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from tests.integration.judge import (
     tool,
     umoci_tree,
 )
-from tests.treecmp import diff_trees
+from tests.treecmp import Entry, diff_trees
 from tests.world import DockerWorld, FixtureImage
 
 pytestmark = [pytest.mark.appliance, pytest.mark.docker]
@@ -89,8 +92,14 @@ def round_trips(request: pytest.FixtureRequest, converted_disk: Callable[[str], 
         # the next disk is being made; the biggest first, so that the small ones fill the other worker.
         wanted = {f"{params['name']}-{'base' if test.startswith('test_base') else 'rt'}"
                   for test, params in selected(request) if "name" in params}
+        changed = trips.root / "tricky-changed.qcow2"
+        trips.jobs.define("tricky-changed", _change_then_export, changed, trips.root / "tricky-changed",
+                          trips.images["tricky"].oci_ref, prepare=functools.partial(converted_disk, "tricky"),
+                          env=docker_world.env)
+        if any(test == "test_base_of_a_changed_disk_holds_the_changes" for test, _ in selected(request)):
+            wanted.add("tricky-changed")
         for name in sorted(NAMES, key=lambda n: n != "debian"):
-            trips.jobs.start(*(key for key in (f"{name}-rt", f"{name}-base") if key in wanted))
+            trips.jobs.start(*(key for key in (f"{name}-rt", f"{name}-base", f"{name}-changed") if key in wanted))
         yield trips
     finally:
         trips.jobs.close()
@@ -159,3 +168,75 @@ def test_base_is_the_original_plus_one_empty_layer(name: str, round_trips: Round
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         assert tar.getmembers() == []
     assert skopeo_inspect(f"oci:{layout}:1")["Layers"] == [d["digest"] for d in manifest["layers"]]
+
+
+# -- --base on a disk that changed in the VM ----------------------------------------------------------------------
+
+NEW_RELEASE = "changed on the VM\n"
+
+
+def _change_then_export(disk: Path, copy: Path, layout: Path, base: str, *, env: dict[str, str]) -> Ran:
+    """What a user does in the VM, done with libguestfs on a copy of the tricky disk: a file rewritten, a symlink
+    and a whole tree deleted, a directory emptied, a mode and an xattr changed, new files and a new hard link."""
+    import guestfs  # type: ignore[import-not-found]
+
+    from converter.boot.accel import configure_guestfs  # the host's accelerator choice, nothing else
+
+    shutil.copyfile(disk, copy)
+    copy.chmod(0o644)
+    g = guestfs.GuestFS(python_return_dict=True)
+    configure_guestfs(g)
+    g.set_network(False)
+    g.add_drive_opts(str(copy), format="qcow2", readonly=False)
+    g.launch()
+    g.mount("/dev/sda1", "/")
+    g.write("/etc/fixture-release", NEW_RELEASE)
+    g.rm("/bin/ls")
+    g.rm_rf("/usr")
+    g.rm("/home/app/.profile")
+    g.mkdir("/new-dir")
+    g.write("/new-dir/new-file", "new\n")
+    g.chmod(0o600, "/etc/passwd")
+    g.ln("/etc/group", "/etc/group-link")
+    g.setxattr("user.note", "added in the VM", len("added in the VM"), "/bin/busybox")
+    g.umount_all()
+    g.shutdown()
+    g.close()
+    return imgconv("vm-to-oci", str(copy), f"oci:{layout}:1", "--base", base, "--json", env=env)
+
+
+def test_base_of_a_changed_disk_holds_the_changes(round_trips: RoundTrips) -> None:
+    """The new layer holds the changed and new entries and whiteouts for what was deleted, nothing else (the one
+    unchanged file written again is the other name of the new hard link); umoci applies it to the original's
+    layers and gets the changed tree."""
+    result = round_trips.result("tricky-changed")
+    layout = round_trips.layout("tricky-changed")
+    image = round_trips.images["tricky"]
+    _digest, original_manifest, _config = round_trips.original("tricky")
+    _digest, manifest, _config = manifest_of(layout, "1")
+    assert manifest["layers"][:-1] == original_manifest["layers"]
+    data = layer_tar(layout, manifest["layers"][-1])
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        entries = {m.name: m for m in tar.getmembers()}
+    assert sorted(entries) == sorted([
+        "new-dir", "new-dir/new-file", "etc/fixture-release", "etc/passwd", "bin/busybox", "etc/group-link",
+        "etc/group", "bin/.wh.ls", ".wh.usr", "home/app/.wh..profile"])
+    assert result["new_layer"]["entries"] == len(entries)
+    links = {name: entries[name].linkname for name in ("etc/group", "etc/group-link") if entries[name].islnk()}
+    assert len(links) == 1 and set(links.values()) == {"etc/group", "etc/group-link"} - set(links), links
+    # no link into a lower layer: Docker's overlay2 applies each layer on its own and would refuse it
+    assert all(m.linkname in entries for m in entries.values() if m.islnk())
+    # the tree: the original's (as umoci makes it) with exactly these changes
+    expected = dict(umoci_tree(image.oci_dir, image.tag, round_trips.root))
+    release = NEW_RELEASE.encode()
+    expected["etc/fixture-release"] = dataclasses.replace(expected["etc/fixture-release"], size=len(release),
+                                                          sha256=hashlib.sha256(release).hexdigest())
+    for gone in [p for p in expected if p == "usr" or p.startswith("usr/")] + ["bin/ls", "home/app/.profile"]:
+        del expected[gone]
+    expected["new-dir"] = Entry("dir", 0o755, 0, 0)
+    expected["new-dir/new-file"] = Entry("file", 0o644, 0, 0, 4, hashlib.sha256(b"new\n").hexdigest())
+    expected["etc/passwd"] = dataclasses.replace(expected["etc/passwd"], mode=0o600)
+    expected["etc/group-link"] = dataclasses.replace(expected["etc/group"], hardlink="etc/group")
+    expected["bin/busybox"] = dataclasses.replace(expected["bin/busybox"],
+                                                  xattrs=(("user.note", b"added in the VM"),))
+    assert diff_trees(expected, umoci_tree(layout, "1", round_trips.root), hardlinks=True) == []
