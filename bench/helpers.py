@@ -1,0 +1,56 @@
+"""Small programs `bench/run.py` times as subprocesses, so they pay the same Python start-up as the CLI.
+
+    python bench/helpers.py flatten REF
+        imgconv's flattener over every layer of REF, written to /dev/null; prints entries and bytes as JSON.
+    python bench/helpers.py direct-boot DISK KERNEL INITRD APPEND
+        converter.boot.qemu.boot with direct_kernel=(KERNEL, INITRD, APPEND): no firmware, no bootloader;
+        exits with the workload's status, like `imgconv boot`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def flatten_to_null(reference: str) -> int:
+    from converter.oci.flatten import LayerInput, flatten, open_output
+    from converter.oci.reference import parse_reference
+    from converter.oci.source import open_image
+
+    with open_image(parse_reference(reference)) as image, open(os.devnull, "wb") as sink:
+        tar = open_output(sink)
+        layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
+        tree = flatten(layers, tar)
+        tar.close()
+    print(json.dumps({"entries": tree.entries, "content_bytes": tree.content_bytes}))
+    return 0
+
+
+def direct_boot(disk: str, kernel: str, initrd: str, append: str) -> int:
+    from converter.boot.qemu import boot
+
+    result = boot(Path(disk), timeout=math.inf, verbose=False, stdout=sys.stdout.buffer, stderr=sys.stderr,
+                  direct_kernel=(Path(kernel), Path(initrd), append))
+    if result.message:
+        print(result.message, file=sys.stderr)
+    return result.status
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "flatten":
+        return flatten_to_null(argv[1])
+    if len(argv) == 5 and argv[0] == "direct-boot":
+        return direct_boot(*argv[1:])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

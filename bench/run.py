@@ -1,0 +1,860 @@
+"""`make bench`: imgconv against its peers, measured in the same run on the same inputs, printed as ratios.
+
+    .venv/bin/python bench/run.py [--repeat N | --quick] [--images busybox,debian] [--groups build,export,...]
+                                  [--json PATH] [--write-readme] [--keep]
+
+Each number is the median of N runs (default 3) of a whole command as a subprocess: wall time, and the peak
+resident memory of its whole process tree (the sum of RSS over the process and all its descendants, sampled
+every 50 ms from /proc; the appliance's qemu included), plus imgconv's own process peak (VmHWM). Rows and
+why each peer was chosen: bench/README.md. Only ratios are meant to be compared across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # fixtures/ and converter/ (the latter is also installed editable)
+
+PY = sys.executable
+IMGCONV = str(Path(PY).parent / "imgconv")
+HELPERS = str(ROOT / "bench" / "helpers.py")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 1 << 20
+SAMPLE_EVERY = 0.05
+RUN_TIMEOUT = 900.0
+GROUPS = ("build", "export", "boot", "read")
+DEFAULT_IMAGES = ("busybox", "debian")
+# vm-to-oci leaves out what oci-to-qcow2 injected; the peer is told the same with tar excludes. The fixtures have
+# no kernel of their own, so the host modules tree imgconv adds is the only thing under lib/modules.
+TAR_OUT_EXCLUDES = "./.imgconv ./lost+found ./lib/modules ./usr/lib/modules"
+# The --no-kernel-modules row (same content as virt-make-fs gets) costs N more conversions: only where the
+# image's own content is large enough for that comparison to matter. For small images the step table shows
+# the modules' cost ("writing the root filesystem" is almost all modules).
+NO_MODULES_ROW = ("debian",)
+FS_OPTIONS = ("-b", "4096", "-i", "8192", "-m", "1", "-L", "imgconv-root")  # as converter/disk/build.py's mke2fs
+
+PEERS = {
+    "virt-make-fs": "`virt-make-fs --format=qcow2 --type=ext4 --partition=mbr` gets the image's root filesystem as a "
+                    "ready tar (flattening it is not timed) and builds a partitioned ext4 qcow2 in one libguestfs "
+                    "appliance, but adds no kernel, initramfs, init or bootloader and checks no digests.",
+    "no-VM floor": "the host-only minimum: `umoci unpack` (verify, decompress and apply the layers onto the host "
+                   "filesystem) then `mkfs.ext4 -d` into a raw file of imgconv's disk size: no VM, no partition "
+                   "table, no boot files, and it extracts onto the host, which imgconv must never do.",
+    "guestfish tar-out": "`guestfish --ro -i tar-out / - | gzip` (same disk, same excludes, inspection included) "
+                         "streams the files out and compresses them, but writes no OCI layout, computes no "
+                         "digests and does not normalise or filter entries.",
+    "direct kernel boot": "qemu `-kernel -initrd -append` with the same kernel, initramfs, command line and disk, "
+                          "run by the same `converter.boot.qemu.boot`: no bootloader, no kernel read through the "
+                          "BIOS; the gap is what SeaBIOS plus extlinux cost.",
+    "skopeo inspect": "`skopeo inspect oci:DIR:1` reads the index, manifest and config only: it verifies no layer, "
+                      "where `imgconv inspect` hashes and decompresses every blob.",
+    "umoci unpack": "`umoci unpack --rootless` verifies, decompresses and applies every layer and writes the files "
+                    "to the host; imgconv's flattener (`converter.oci.flatten`) verifies and decompresses the same "
+                    "layers and writes one tar stream to /dev/null.",
+}
+
+
+class BenchError(RuntimeError):
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr  # the failed command's whole stderr
+
+
+# -- measuring one command --------------------------------------------------------------------------------
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, rss bytes, comm) for every process that can be read."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        close = data.rfind(b")")
+        comm = data[data.find(b"(") + 1 : close].decode(errors="replace")
+        fields = data[close + 2 :].split()
+        try:
+            table[int(entry.name)] = (int(fields[1]), int(fields[21]) * PAGE, comm)
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def _tree(root: int, table: dict[int, tuple[int, int, str]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _rss, _comm) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        if pid in table:
+            found.append(pid)
+        pending.extend(children.get(pid, ()))
+    return found
+
+
+def _hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Peak RSS of a process tree: the sum over all live descendants, sampled; and the root's own VmHWM."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(name="bench-sampler", daemon=True)
+        self.root = root
+        self.peak_tree = 0
+        self.peak_root = 0
+        self.by_comm: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(SAMPLE_EVERY)
+
+    def sample(self) -> None:
+        table = _proc_table()
+        pids = _tree(self.root, table)
+        total = 0
+        per_comm: dict[str, int] = {}
+        for pid in pids:
+            _ppid, rss, comm = table[pid]
+            total += rss
+            per_comm[comm] = per_comm.get(comm, 0) + rss
+        self.peak_tree = max(self.peak_tree, total)
+        for comm, rss in per_comm.items():
+            self.by_comm[comm] = max(self.by_comm.get(comm, 0), rss)
+        self.peak_root = max(self.peak_root, _hwm(self.root))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] != b"Z"
+
+
+def stop_tree(root: int, grace: float = 15.0, reap: Callable[[], object] | None = None) -> None:
+    """End a command we started and everything it started: SIGTERM to it first (imgconv then stops its
+    appliance or VM itself), SIGKILL to whatever of its tree is still running after *grace* seconds.
+
+    The root must be reaped as soon as it exits (by *reap*, or by a wait4 in another thread): libguestfs'
+    recovery process kills the appliance only once its parent is gone, and a zombie parent still counts.
+    """
+    table = _proc_table()
+    tree = {pid: table[pid][2] for pid in _tree(root, table)}
+    with suppress(ProcessLookupError, PermissionError):
+        os.kill(root, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        if reap is not None:
+            reap()
+        time.sleep(0.1)
+    now = _proc_table()
+    for pid, comm in tree.items():
+        if pid in now and now[pid][2] == comm and _alive(pid):  # the same process, not a reused pid
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def become_subreaper() -> None:
+    """Orphans of the commands we run (libguestfs' recovery process, a killed qemu) become our children,
+    so they can be reaped instead of lingering as zombies under a pid 1 that does not reap."""
+    with suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap_orphans() -> None:
+    """Reap the orphans that became ours. Only called when no command of ours is left to wait for."""
+    with suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def reap_at_exit(patience: float = 10.0) -> None:
+    """Wait (a little) for orphans still running, e.g. a recovery process killing its appliance."""
+    deadline = time.monotonic() + patience
+    while True:
+        reap_orphans()
+        mine = [pid for pid, (ppid, _rss, _comm) in _proc_table().items() if ppid == os.getpid() and _alive(pid)]
+        if not mine or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float
+    tree_rss: int  # peak of the summed RSS of the whole process tree
+    own_rss: int  # the root process's own peak (VmHWM): imgconv's Python when the root is imgconv
+    max_rss: int  # the largest single process (wait4's ru_maxrss), a cross-check of the sampling
+    cpu: float  # user + system seconds of the whole tree (wait4): less sensitive to a busy machine than wall time
+    by_comm: dict[str, int]
+    steps: dict[str, float]  # imgconv --json step timings, when the command printed them
+
+
+def _step_name(name: str) -> str | None:
+    """imgconv's step names, with paths taken out so runs can be compared; None for the enclosing step."""
+    if name.startswith("reading "):
+        return None  # `reading REF` encloses the whole conversion
+    if name.startswith("checking "):
+        return "checking the disk (qemu-img)"
+    if name.startswith("writing ") and ("/" in name or ":" in name):
+        return "delivering the layout"
+    return name
+
+
+def parse_steps(stderr_text: str) -> dict[str, float]:
+    steps: dict[str, float] = {}
+    for line in stderr_text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "step-done":
+            name = _step_name(str(event.get("step")))
+            if name is not None:
+                steps[name] = steps.get(name, 0.0) + float(event.get("seconds", 0.0))
+    return steps
+
+
+def measure(argv: Sequence[str], *, env: dict[str, str], logs: Path, stdout: Path | None = None,
+            ok: Callable[[int, str], bool] = lambda rc, _err: rc == 0) -> Sample:
+    """Run *argv* once; stdout to *stdout* (or /dev/null), stderr to a log. Raises BenchError if not *ok*."""
+    logs.mkdir(parents=True, exist_ok=True)
+    err_path = logs / f"{len(list(logs.iterdir())):03d}-{Path(argv[0]).name}.stderr"
+    with open(stdout or os.devnull, "wb") as out, open(err_path, "wb") as err:
+        started = time.monotonic()
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                start_new_session=True)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        timer = threading.Timer(RUN_TIMEOUT, stop_tree, args=(proc.pid,))
+        timer.start()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            stop_tree(proc.pid, reap=proc.poll)
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+            sampler.stop()
+            reap_orphans()
+        seconds = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    err_text = err_path.read_text(errors="replace")
+    if not ok(proc.returncode, err_text):
+        tail = " | ".join(line for line in err_text.strip().splitlines()[-6:] if not line.startswith("{"))
+        raise BenchError(f"{Path(argv[0]).name} {' '.join(argv[1:3])}... exited {proc.returncode}: {tail[-600:]}",
+                         err_text)
+    # The root's VmHWM is exact where sampling can miss a short peak: the tree's peak is at least that.
+    return Sample(seconds, max(sampler.peak_tree, sampler.peak_root), sampler.peak_root, usage.ru_maxrss * 1024,
+                  usage.ru_utime + usage.ru_stime, sampler.by_comm, parse_steps(err_text))
+
+
+# -- inputs -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fixture:
+    name: str
+    oci_dir: Path
+    layers: int
+    compressed: int
+    uncompressed: int
+    largest_compressed: int
+    largest_uncompressed: int
+
+    @property
+    def ref(self) -> str:
+        return f"oci:{self.oci_dir}:1"
+
+
+def load_fixture(name: str) -> Fixture:
+    from converter.disk.build import uncompressed_estimate
+    from converter.oci.reference import parse_reference
+    from converter.oci.source import open_image
+    from fixtures import cache_key, cache_root, cached
+    from fixtures.dockerd import dockerd_unavailable
+
+    entry = cache_root() / "fixtures" / f"{name}-{cache_key(name)}"
+    if name == "debian" and not (entry / "fixture.json").exists():
+        reason = dockerd_unavailable()
+        if reason is not None:
+            raise BenchError(f"the debian fixture is not cached and cannot be built here: {reason}")
+        say("building the debian fixture (cache is cold: a private dockerd is started and stopped, ~2 min)")
+    built = cached(name)
+    with open_image(parse_reference(f"oci:{built.oci_dir}:1")) as image:
+        packed = [layer.descriptor.size for layer in image.layers]
+        unpacked = [uncompressed_estimate(image, layer) for layer in image.layers]
+    return Fixture(name, built.oci_dir, len(packed), sum(packed), sum(unpacked), max(packed), max(unpacked))
+
+
+def bench_env() -> tuple[dict[str, str], str]:
+    """The environment for every command: libguestfs' direct backend, and TCG forced when KVM does not work."""
+    from converter.boot.accel import choose_accel
+
+    accel = choose_accel()
+    env = {**os.environ, "LIBGUESTFS_BACKEND": "direct"}
+    env.pop("LIBGUESTFS_DEBUG", None)
+    env.pop("LIBGUESTFS_TRACE", None)
+    settings = [s for s in env.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":") if s and s != "force_tcg"]
+    if accel == "tcg":
+        settings.append("force_tcg")
+    env["LIBGUESTFS_BACKEND_SETTINGS"] = ":".join(settings)
+    return env, accel
+
+
+def require_tools() -> None:
+    needed = {"virt-make-fs": "libguestfs-tools", "guestfish": "libguestfs-tools", "umoci": "umoci",
+              "skopeo": "skopeo", "mkfs.ext4": "e2fsprogs", "gzip": "gzip", "tar": "tar",
+              "qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
+    missing = sorted({pkg for tool, pkg in needed.items() if shutil.which(tool) is None})
+    if missing:
+        raise BenchError(f"missing Debian packages: {' '.join(missing)} (make setup installs them)")
+    if not os.access(IMGCONV, os.X_OK):
+        raise BenchError(f"{IMGCONV} is missing: run make setup")
+
+
+def unpack_cmd(fixture: Fixture, bundle: Path, rootless: bool) -> list[str]:
+    return ["umoci", "unpack", *(["--rootless"] if rootless else []), "--image", f"{fixture.oci_dir}:1", str(bundle)]
+
+
+def rootfs_tar(fixture: Fixture, work: Path, env: dict[str, str]) -> Path:
+    """The image's final root filesystem as one tar, flattened by umoci (an independent implementation)."""
+    bundle = work / f"rootfs-{fixture.name}"
+    tar = work / f"rootfs-{fixture.name}.tar"
+    try:
+        subprocess.run(unpack_cmd(fixture, bundle, os.geteuid() != 0), env=env, check=True, capture_output=True)
+        subprocess.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(bundle / "rootfs"),
+                        "-cf", str(tar), "."], check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        raise BenchError(f"preparing the root filesystem tar failed: {exc.stderr.decode(errors='replace')}") from None
+    finally:
+        remove(bundle)
+    return tar
+
+
+def remove(*paths: Path) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# -- rows -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    task: str
+    image: str
+    peer: str
+    image_bytes: int
+    mine: list[Sample] = field(default_factory=list)
+    theirs: list[Sample] = field(default_factory=list)
+    note: str = ""
+    error: str = ""
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, work: Path, repeat: int, env: dict[str, str]) -> None:
+        self.work, self.repeat, self.env = work, repeat, env
+        self.logs = work / "logs"
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.failed = False
+
+    def run(self, row: Row, who: str, argv: Sequence[str], **kwargs: Any) -> Sample:
+        sample = measure(argv, env=self.env, logs=self.logs, **kwargs)
+        (row.mine if who == "imgconv" else row.theirs).append(sample)
+        say(f"  {row.task} [{row.image}] {who if who == 'imgconv' else row.peer}: {sample.seconds:.1f}s, "
+            f"peak RSS {sample.tree_rss / MiB:.0f} MiB")
+        return sample
+
+    @contextmanager
+    def guarded(self, *rows: Row) -> Iterator[None]:
+        """A failure ends these rows (recorded, shown in the table) and the rest of the bench goes on."""
+        try:
+            yield
+        except BenchError as exc:
+            self.failed = True
+            say(f"FAILED: {exc}")
+            for row in rows:
+                row.error = row.error or str(exc)
+
+    # -- 1 and 2: oci-to-qcow2 ---------------------------------------------------------------------------
+
+    def build(self, fx: Fixture, keep_disk: Path) -> dict[str, Any] | None:
+        vmf = Row("oci-to-qcow2", fx.name, "virt-make-fs", fx.uncompressed)
+        nomod = Row("oci-to-qcow2 --no-kernel-modules", fx.name, "virt-make-fs", fx.uncompressed)
+        floor = Row("oci-to-qcow2", fx.name, "no-VM floor", fx.uncompressed)
+        with_nomod = fx.name in NO_MODULES_ROW
+        self.rows += [vmf, nomod, floor] if with_nomod else [vmf, floor]
+        sidecar: dict[str, Any] | None = None
+        rootless = os.geteuid() != 0
+        with self.guarded(vmf, nomod, floor):
+            tar = rootfs_tar(fx, self.work, self.env)
+            out, out_nomod, peer_out = self.work / "out.qcow2", self.work / "out-nomod.qcow2", self.work / "vmf.qcow2"
+            bundle, raw = self.work / "floor-bundle", self.work / "floor.raw"
+            for i in range(self.repeat):
+                say(f"oci-to-qcow2 [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(vmf, "imgconv", [IMGCONV, "oci-to-qcow2", "--json", fx.ref, str(out)])
+                if sidecar is None:
+                    sidecar = json.loads(Path(f"{out}.json").read_text())
+                if i == self.repeat - 1:
+                    os.replace(out, keep_disk)
+                    os.replace(f"{out}.json", f"{keep_disk}.json")
+                remove(out, Path(f"{out}.json"))
+                floor.mine.append(vmf.mine[-1])  # one imgconv run serves both rows
+                if with_nomod:
+                    with self.guarded(nomod):
+                        self.run(nomod, "imgconv", [IMGCONV, "oci-to-qcow2", "--json", "--no-kernel-modules",
+                                                    fx.ref, str(out_nomod)])
+                    remove(out_nomod, Path(f"{out_nomod}.json"))
+                with self.guarded(vmf, nomod):
+                    sample = self.run(vmf, "peer", ["virt-make-fs", "--format=qcow2", "--type=ext4",
+                                                    "--partition=mbr", str(tar), str(peer_out)])
+                    nomod.theirs.append(sample)
+                remove(peer_out)
+                size = str(sidecar["virtual_size"])
+                script = ('set -e; umoci unpack $4 --image "$1" "$2" >/dev/null; truncate -s "$5" "$3"; '
+                          'shift 5; exec mkfs.ext4 -q -F "$@"')
+                with self.guarded(floor):
+                    self.run(floor, "peer", ["bash", "-c", script, "floor", f"{fx.oci_dir}:1", str(bundle), str(raw),
+                                             "--rootless" if rootless else "", size, *FS_OPTIONS, "-d",
+                                             str(bundle / "rootfs"), str(raw)])
+                remove(bundle, raw)
+            remove(tar)
+        vmf.note = "peer gets the flattened tar for free; builds no boot files"
+        floor.note = "host-only: extracts onto the host"
+        return sidecar
+
+    # -- 3: vm-to-oci ------------------------------------------------------------------------------------
+
+    def export(self, fx: Fixture, disk: Path) -> None:
+        row = Row("vm-to-oci", fx.name, "guestfish tar-out", fx.uncompressed)
+        self.rows.append(row)
+        layout, peer_out = self.work / "vm-to-oci", self.work / "tar-out.tar.gz"
+        mount = ["-i"]
+        with self.guarded(row):
+            for i in range(self.repeat):
+                say(f"vm-to-oci [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(row, "imgconv", [IMGCONV, "vm-to-oci", "--json", str(disk), f"oci:{layout}:1"])
+                remove(layout)
+
+                def peer(how: list[str]) -> list[str]:
+                    return ["bash", "-o", "pipefail", "-c",
+                            'guestfish --ro --format=qcow2 -a "$1" "${@:3}" tar-out / - numericowner:true '
+                            'xattrs:true excludes:"$2" | gzip > "$0"',
+                            str(peer_out), str(disk), TAR_OUT_EXCLUDES, *how]
+
+                try:
+                    self.run(row, "peer", peer(mount))
+                except BenchError as exc:
+                    if i > 0 or "no operating system" not in exc.stderr:
+                        raise
+                    # inspection needs an /etc/os-release (or the like): mount the root by hand instead
+                    mount = ["-m", "/dev/sda1"]
+                    row.note = "peer mounts with -m: inspection finds no OS in this image"
+                    self.run(row, "peer", peer(mount))
+                remove(peer_out)
+
+    # -- 4: boot -----------------------------------------------------------------------------------------
+
+    def boot(self, fx: Fixture, disk: Path, sidecar: dict[str, Any]) -> None:
+        row = Row("boot (to the workload's exit)", fx.name, "direct kernel boot", fx.uncompressed)
+        self.rows.append(row)
+        with self.guarded(row):
+            kernel, initrd, append = direct_kernel_parts(fx, disk, sidecar, self.work, self.env)
+            mine_out, peer_out = self.work / "boot.out", self.work / "direct.out"
+            for i in range(self.repeat):
+                say(f"boot [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(row, "imgconv", [IMGCONV, "boot", str(disk)], stdout=mine_out)
+                self.run(row, "peer", [PY, HELPERS, "direct-boot", str(disk), str(kernel), str(initrd), append],
+                         stdout=peer_out)
+                if mine_out.read_bytes() != peer_out.read_bytes():
+                    raise BenchError("the direct kernel boot printed something else than imgconv boot")
+            row.note = "same kernel, initramfs, disk and exit marker"
+            remove(mine_out, peer_out, initrd)
+
+    # -- 5: reading images -------------------------------------------------------------------------------
+
+    def read(self, fx: Fixture) -> None:
+        inspect = Row("inspect (verify every blob)", fx.name, "skopeo inspect", fx.uncompressed)
+        flat = Row("flatten to /dev/null", fx.name, "umoci unpack", fx.uncompressed)
+        self.rows += [inspect, flat]
+        bundle = self.work / "umoci-bundle"
+        with self.guarded(inspect, flat):
+            for i in range(self.repeat):
+                say(f"inspect and flatten [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(inspect, "imgconv", [IMGCONV, "inspect", fx.ref])
+                self.run(inspect, "peer", ["skopeo", "inspect", fx.ref])
+                self.run(flat, "imgconv", [PY, HELPERS, "flatten", fx.ref])
+                self.run(flat, "peer", unpack_cmd(fx, bundle, rootless=True))
+                remove(bundle)
+        inspect.note = "peer verifies nothing"
+        flat.note = "peer writes the files to the host"
+        if flat.mine and flat.theirs:
+            mine, theirs = median([s.seconds for s in flat.mine]), median([s.seconds for s in flat.theirs])
+            self.notes.append(f"flatten throughput [{fx.name}] over {fx.uncompressed / MiB:.1f} MiB of layer tar: "
+                              f"imgconv {fx.uncompressed / MiB / mine:.0f} MiB/s, "
+                              f"umoci unpack {fx.uncompressed / MiB / theirs:.0f} MiB/s (both incl. start-up)")
+        if inspect.mine:
+            own = median([s.own_rss for s in inspect.mine])
+            self.notes.append(f"imgconv inspect [{fx.name}] peak RSS {own / MiB:.0f} MiB (own process) vs largest "
+                              f"layer {fx.largest_compressed / MiB:.1f} MiB compressed / "
+                              f"{fx.largest_uncompressed / MiB:.1f} MiB uncompressed")
+
+
+def _append_of(conf: str) -> tuple[str, str, str]:
+    found: dict[str, str] = {}
+    for line in conf.splitlines():
+        words = line.strip().split(None, 1)
+        if len(words) == 2 and words[0] in ("LINUX", "INITRD", "APPEND"):
+            found[words[0]] = words[1]
+    if set(found) != {"LINUX", "INITRD", "APPEND"}:
+        raise BenchError(f"cannot read the disk's extlinux.conf: {conf!r}")
+    return found["LINUX"], found["INITRD"], found["APPEND"]
+
+
+def direct_kernel_parts(fx: Fixture, disk: Path, sidecar: dict[str, Any], work: Path,
+                        env: dict[str, str]) -> tuple[Path, Path, str]:
+    """The kernel, initramfs and command line the disk boots with, as files on the host.
+
+    A host kernel is taken from /boot and its initramfs rebuilt (build_initramfs is byte-reproducible),
+    with the command line imgconv writes into extlinux.conf; any other kernel is copied out of the disk.
+    """
+    from converter.boot.initbin import init_binary
+    from converter.boot.initramfs import build_initramfs
+    from converter.disk.build import BOOT_DIR, extlinux_conf, volume_uuid
+    from converter.oci.reference import parse_reference
+    from converter.oci.source import open_image
+
+    kernel = sidecar.get("kernel") or {}
+    release = str(kernel.get("release"))
+    host = Path("/boot") / f"vmlinuz-{release}"
+    if kernel.get("origin") == "host" and host.is_file() and (Path("/lib/modules") / release).is_dir():
+        initrd = work / f"initramfs-{release}.img"
+        initrd.write_bytes(build_initramfs(release, Path("/lib/modules") / release, init_binary()))
+        with open_image(parse_reference(fx.ref)) as image:
+            conf = extlinux_conf(f"{BOOT_DIR}/vmlinuz-{release}", f"{BOOT_DIR}/initramfs-{release}.img",
+                                 volume_uuid(image))
+        return host, initrd, _append_of(conf)[2]
+    out = work / "disk-boot"
+    out.mkdir(exist_ok=True)
+    subprocess.run(["guestfish", "--ro", "--format=qcow2", "-a", str(disk), "-m", "/dev/sda1",
+                    "copy-out", f"/{BOOT_DIR}", str(out)], env=env, check=True, capture_output=True)
+    linux, initrd_path, append = _append_of((out / "boot" / "extlinux.conf").read_text())
+    if not linux.startswith(f"/{BOOT_DIR}/"):
+        subprocess.run(["guestfish", "--ro", "--format=qcow2", "-a", str(disk), "-m", "/dev/sda1",
+                        "copy-out", linux, str(out)], env=env, check=True, capture_output=True)
+        kernel_file = out / Path(linux).name
+    else:
+        kernel_file = out / "boot" / Path(linux).name
+    return kernel_file, out / "boot" / Path(initrd_path).name, append
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+def _cell_seconds(samples: list[Sample]) -> str:
+    return f"{median([s.seconds for s in samples]):.2f} s" if samples else "–"
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| task | image | imgconv | peer | peer time | ratio | CPU ratio | imgconv peak RSS (tree / own) "
+        "| peer peak RSS | imgconv RSS ÷ image |",
+        "|---|---|--:|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        if row.error and not (row.mine and row.theirs):
+            lines.append(f"| {row.task} | {row.image} | {_cell_seconds(row.mine)} | {row.peer} | "
+                         f"{_cell_seconds(row.theirs)} | failed: {row.error[:80].replace('|', '/')} | | | | |")
+            continue
+        mine = median([s.seconds for s in row.mine])
+        theirs = median([s.seconds for s in row.theirs])
+        tree = median([s.tree_rss for s in row.mine])
+        own = median([s.own_rss for s in row.mine])
+        peer_rss = median([s.tree_rss for s in row.theirs])
+        ratio = f"**{mine / theirs:.2f}×**" if theirs > 0 else "–"
+        cpu_mine, cpu_theirs = median([s.cpu for s in row.mine]), median([s.cpu for s in row.theirs])
+        cpu = f"{cpu_mine / cpu_theirs:.2f}×" if cpu_theirs >= 0.05 else "–"
+        lines.append(
+            f"| {row.task} | {row.image} | {mine:.2f} s | {row.peer} | {theirs:.2f} s | {ratio} | {cpu} | "
+            f"{_mib(tree)} / {_mib(own)} | {_mib(peer_rss)} | {tree / row.image_bytes:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def step_table(rows: list[Row]) -> str:
+    """Median seconds per imgconv step (from --json), for the rows whose imgconv printed steps."""
+    lines = ["| imgconv step | " + " | ".join(f"{r.task} [{r.image}]" for r in rows) + " |",
+             "|---|" + "--:|" * len(rows)]
+    names: list[str] = []
+    for row in rows:
+        for sample in row.mine:
+            names += [n for n in sample.steps if n not in names]
+    for name in names:
+        cells = [f"{median([s.steps.get(name, 0.0) for s in row.mine]):.2f}" for row in rows]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    other = [median([s.seconds - sum(s.steps.values()) for s in row.mine]) for row in rows]
+    lines.append("| (outside steps: start-up, planning, exit) | " + " | ".join(f"{o:.2f}" for o in other) + " |")
+    lines.append("| **total** | " + " | ".join(f"{median([s.seconds for s in r.mine]):.2f}" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def machine(accel: str) -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False)
+    version = (qemu.stdout.split("\n", 1)[0].split("version ")[-1].split()[0]) if qemu.stdout else "?"
+    return (f"{os.cpu_count()} cores, {mem:.0f} GiB, {accel.upper()} (KVM {'used' if accel == 'kvm' else 'unusable'}), "
+            f"Linux {platform.release()}, qemu {version}")
+
+
+@dataclass
+class Report:
+    """One bench run: what --json writes and --from-json reads back."""
+
+    date: str
+    machine: str
+    repeat: int
+    busy: float  # share of the machine's CPU that other processes used meanwhile
+    seconds: float
+    fixtures: list[Fixture]
+    rows: list[Row]
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date, "machine": self.machine, "repeat": self.repeat, "busy": self.busy,
+            "seconds": self.seconds, "notes": self.notes,
+            "fixtures": [{**f.__dict__, "oci_dir": str(f.oci_dir)} for f in self.fixtures],
+            "rows": [{"task": r.task, "image": r.image, "peer": r.peer, "image_bytes": r.image_bytes, "note": r.note,
+                      "error": r.error, "imgconv": [s.__dict__ for s in r.mine],
+                      "peer_samples": [s.__dict__ for s in r.theirs]} for r in self.rows],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Report:
+        fixtures = [Fixture(**{**f, "oci_dir": Path(f["oci_dir"])}) for f in doc["fixtures"]]
+        rows = [Row(r["task"], r["image"], r["peer"], r["image_bytes"], [Sample(**s) for s in r["imgconv"]],
+                    [Sample(**s) for s in r["peer_samples"]], r["note"], r["error"]) for r in doc["rows"]]
+        return cls(doc["date"], doc["machine"], doc["repeat"], doc["busy"], doc["seconds"], fixtures, rows,
+                   doc["notes"])
+
+    def text(self) -> str:
+        """What `make bench` prints."""
+        out = [f"# imgconv bench, {self.date}, {self.machine}, median of {self.repeat}", "",
+               f"Other processes kept {self.busy:.0%} of the machine's CPU busy during the bench"
+               + (" (a busy machine: wall-time ratios are noisy, CPU ratios less so)." if self.busy > 0.1 else "."),
+               "", table(self.rows)]
+        built = [r for r in self.rows if r.mine and r.mine[0].steps and r.peer != "no-VM floor"]
+        if built:
+            out += ["", "Where imgconv's time goes (median seconds per step, from --json):", "", step_table(built)]
+        out.append("")
+        out += [f"- {note}" for note in self.notes]
+        for row in self.rows:
+            rss = median([s.by_comm.get("qemu-system-x86", 0) for s in row.mine]) if row.mine else 0
+            if rss and row.peer != "no-VM floor":
+                out.append(f"- {row.task} [{row.image}]: of the imgconv peak, qemu {_mib(rss)}")
+        out += [f"- {row.task} vs {row.peer} [{row.image}]: {row.note}" for row in self.rows if row.note]
+        out += ["", f"(bench took {self.seconds:.0f}s)"]
+        return "\n".join(out)
+
+    def readme_section(self) -> str:
+        used = [p for p in PEERS if any(r.peer == p for r in self.rows)]
+        images = "; ".join(f"{f.name}: {f.layers} layer{'s' if f.layers > 1 else ''}, {f.compressed / MiB:.1f} "
+                           f"MiB compressed, {f.uncompressed / MiB:.1f} MiB of tar" for f in self.fixtures)
+        return "\n".join([
+            "## Benchmarks",
+            "",
+            f"`make bench` ({self.date[:10]}, {self.machine}, other processes using {self.busy:.0%} of the CPU "
+            f"meanwhile; median of {self.repeat}; rows and peers explained in [bench/README.md](bench/README.md)). "
+            "Ratio = imgconv ÷ peer in wall time, so above 1 imgconv is slower; CPU ratio is the same for the CPU "
+            "seconds of the whole process tree, steadier on a shared machine. RSS is the peak of the whole process "
+            "tree (the appliance's qemu included) / imgconv's own Python process. "
+            f"Images: {images}.",
+            "",
+            table(self.rows),
+            "",
+            *[f"- **{p}**: {PEERS[p]}" for p in used],
+            "",
+        ])
+
+
+def write_readme(section: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    match = re.search(r"^## Benchmarks\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if match is None:
+        raise BenchError("README.md has no '## Benchmarks' section")
+    readme.write_text(text[: match.start()] + section + ("\n" if match.end() < len(text) else "") + text[match.end():])
+
+
+# -- main -------------------------------------------------------------------------------------------------
+
+
+def _on_term(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown (3)")
+    parser.add_argument("--quick", action="store_true", help="one run per measurement (--repeat 1)")
+    parser.add_argument("--images", default=",".join(DEFAULT_IMAGES), help="fixture images (busybox,debian)")
+    parser.add_argument("--groups", default=",".join(GROUPS),
+                        help=f"which rows: {','.join(GROUPS)} (export and boot use the disk build makes)")
+    parser.add_argument("--json", type=Path, help="also write every sample here")
+    parser.add_argument("--write-readme", action="store_true", help="replace README.md's Benchmarks section")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every run)")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: show (and --write-readme) a --json file")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        report = Report.from_json(json.loads(args.from_json.read_text()))
+        print(report.text())
+        if args.write_readme:
+            write_readme(report.readme_section())
+            say("README.md's Benchmarks section updated")
+        return 0
+    repeat = 1 if args.quick else args.repeat
+    if repeat < 1:
+        parser.error("--repeat must be at least 1")
+    names = [n for n in args.images.split(",") if n]
+    groups = [g for g in args.groups.split(",") if g]
+    if unknown := [g for g in groups if g not in GROUPS]:
+        parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    signal.signal(signal.SIGTERM, _on_term)
+    become_subreaper()
+
+    started = time.monotonic()
+    busy_start, own_start = busy_cpu_seconds(), own_cpu_seconds()
+    try:
+        require_tools()
+        env, accel = bench_env()
+        from converter.boot.initbin import init_binary
+
+        init_binary()  # compiled once and cached: not part of any measurement
+        fixtures = [load_fixture(n) for n in names]
+    except BenchError as exc:
+        say(str(exc))
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="imgconv-bench-"))
+    bench = Bench(work, repeat, env)
+    try:
+        for fx in fixtures:
+            say(f"{fx.name}: {fx.layers} layers, {fx.compressed / MiB:.1f} MiB compressed, "
+                f"{fx.uncompressed / MiB:.1f} MiB uncompressed")
+            disk = work / f"{fx.name}.qcow2"
+            sidecar = None
+            if {"build", "export", "boot"} & set(groups):
+                if "build" in groups:
+                    sidecar = bench.build(fx, disk)
+                else:  # the other rows still need a disk made by imgconv: made once, untimed
+                    subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, str(disk)], env=env, check=True)
+                    sidecar = json.loads(Path(f"{disk}.json").read_text())
+            if sidecar is not None and disk.exists():
+                if "export" in groups:
+                    bench.export(fx, disk)
+                if "boot" in groups:
+                    bench.boot(fx, disk, sidecar)
+            if "read" in groups:
+                bench.read(fx)
+            remove(disk, Path(f"{disk}.json"))
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        reap_at_exit()
+        if args.keep:
+            say(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    others = (busy_cpu_seconds() - busy_start) - (own_cpu_seconds() - own_start)
+    report = Report(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", machine(accel), repeat,
+                    max(0.0, others / (elapsed * (os.cpu_count() or 1))), elapsed, fixtures, bench.rows, bench.notes)
+    print(report.text())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1))
+    if args.write_readme:
+        write_readme(report.readme_section())
+        say("README.md's Benchmarks section updated")
+    return 1 if bench.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
