@@ -443,8 +443,8 @@ def _build_in_appliance(image: Image, options: BuildOptions, plan: Plan, disk: P
         try:
             g = app.g
             with monitor.step("partitioning and formatting"):
-                app.call("create the partition table", g.part_init, DEVICE, "mbr")
-                app.call("create the root partition", g.part_add, DEVICE, "p", 2048, -1)
+                # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
+                app.call("create the partition table", g.part_disk, DEVICE, "mbr")
                 app.call("mark the partition bootable", g.part_set_bootable, DEVICE, 1, True)
                 app.call("create the ext4 filesystem", g.mke2fs, PARTITION, fstype="ext4", blocksize=4096,
                          label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, bytesperinode=8192)
