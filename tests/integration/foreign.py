@@ -549,9 +549,11 @@ def cache_key() -> str:
 
 def foreign_disks(cache: Path) -> dict[str, ForeignDisk]:
     """The disks, from CACHE/foreign/disks-KEY (built there first, under a lock, if missing)."""
+    import contextlib
     import fcntl
     import shutil
     import tempfile
+    import time
 
     key = cache_key()
     entry = cache / "foreign" / f"disks-{key}"
@@ -566,9 +568,11 @@ def foreign_disks(cache: Path) -> dict[str, ForeignDisk]:
                     os.rename(tmp, entry)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-                for other in entry.parent.glob("disks-*"):  # older recipes: never used again
-                    if other != entry:
-                        shutil.rmtree(other, ignore_errors=True)
+                for other in entry.parent.glob("disks-*"):  # other recipes, unused for two days
+                    with contextlib.suppress(OSError):
+                        if other != entry and time.time() - (other / "disks.json").stat().st_mtime > 2 * 86400:
+                            shutil.rmtree(other, ignore_errors=True)
+    os.utime(entry / "disks.json")  # in use
     record = json.loads((entry / "disks.json").read_text())
     disks = {}
     for name, doc in record.items():
