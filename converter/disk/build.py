@@ -37,6 +37,7 @@ from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, build_initramfs, docker_env, encode_spec, needed_modules
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel, resolve_in_tree
 from converter.disk.appliance import Appliance, launch
+from converter.disk.fifo import through_fifo
 from converter.errors import ImageError, ToolError, UsageError
 from converter.oci.flatten import DIR, FlatTree, LayerInput, flatten, open_output, parents
 from converter.oci.image import Image, Layer
@@ -263,47 +264,16 @@ def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
     tar.close()
 
 
-class _Producer(threading.Thread):
-    """Writes the stream into the FIFO the appliance reads; keeps its error for the main thread."""
-
-    def __init__(self, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
-        super().__init__(name="imgconv-stream", daemon=True)
-        self.fifo, self.work = fifo, work
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with open(self.fifo, "wb", buffering=1 << 20) as out:
-                self.work(out)
-        except BaseException as exc:  # handed to the main thread
-            self.error = exc
-
-    def unblock(self) -> None:
-        """If the reader went away, let a blocked open/write fail instead of hanging forever."""
-        if self.is_alive():
-            try:
-                fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        self.join(timeout=10)
-
-
 def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
-    producer = _Producer(fifo, work)
-    producer.start()
+    """Unpack what *work* writes into the disk's root, through a FIFO (nothing staged on the host)."""
     try:
-        app.call("unpack the image's files into the disk", app.g.tar_in, str(fifo), "/", xattrs=True)
+        through_fifo(fifo, "write", work,
+                     lambda path: app.call("unpack the image's files into the disk", app.g.tar_in, path, "/",
+                                           xattrs=True))
     except ToolError as exc:
-        producer.unblock()
-        if producer.error is not None:
-            raise producer.error from None
         if "No space left" in str(exc):
             raise ToolError("the disk is too small for the image's files; pass a larger --size") from None
         raise
-    producer.join()
-    if producer.error is not None:
-        raise producer.error
 
 
 # -- step 3b: kernel, initramfs, bootloader --------------------------------------------------------------
@@ -433,7 +403,6 @@ def _build_in_appliance(image: Image, options: BuildOptions, plan: Plan, disk: P
     """Step 3, run in a worker thread so Ctrl-C is seen at once even while libguestfs is busy."""
     uuid = volume_uuid(image)
     fifo = scratch / "rootfs.fifo"
-    os.mkfifo(fifo)
     total = sum(uncompressed_estimate(image, layer) for layer in image.layers)
 
     def work() -> None:

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from converter import __version__
+from converter.artifact import sha256_file
 from converter.disk.appliance import Appliance, launch
 from converter.disk.build import run_interruptibly
+from converter.disk.fifo import StreamBroken, through_fifo
 from converter.disk.inspect import Opened, check_disk, exclude_patterns, open_guest, probe_format
-from converter.errors import DiskError, LayerError, ToolError, UsageError
+from converter.errors import DiskError, LayerError, UsageError
 from converter.oci.deliver import WORK_TAG, Built, check_destination, deliver
 from converter.oci.flatten import clean_header, forget_members, normalize_name, parents
 from converter.oci.image import Image
@@ -38,7 +40,7 @@ from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, ImageConfig, Platform, normalise_arch
 from converter.oci.reference import parse_reference
 from converter.oci.source import open_image, scratch_dir
-from converter.oci.tree import Signature, hash_stream, index_image, signature
+from converter.oci.tree import Signature, hash_stream, index_image, read_upto, signature
 from converter.oci.writer import LayerWriter, WrittenLayer, copy_blob, write_image
 from converter.progress import Monitor
 
@@ -120,40 +122,17 @@ def filter_for(opened: Opened, keep_boot: bool) -> Filter:
 # -- streaming the disk into a layer ----------------------------------------------------------------------
 
 
-class _Consumer(threading.Thread):
-    def __init__(self, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
-        super().__init__(name="imgconv-layer", daemon=True)
-        self.fifo, self.work = fifo, work
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with open(self.fifo, "rb", buffering=1 << 20) as stream:
-                self.work(stream)
-        except BaseException as exc:
-            self.error = exc
-
-    def unblock(self) -> None:
-        if self.is_alive():
-            try:  # a reader still waiting in open(): give it an empty stream
-                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
-                os.close(fd)
-            except OSError:
-                pass
-        self.join(timeout=10)
-
-
 def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     try:
         tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20)
     except tarfile.ReadError as exc:
-        raise ToolError(f"the disk's files could not be read: {exc}") from None
+        raise StreamBroken(f"the disk's files could not be read: {exc}") from None
     try:
         for member in tar:
             yield member, tar
             forget_members(tar)  # bounded memory whatever the number of files
     except tarfile.TarError as exc:
-        raise ToolError(f"the disk's files could not be read: {exc}") from None
+        raise StreamBroken(f"the disk's files could not be read: {exc}") from None
     finally:
         tar.close()
 
@@ -212,9 +191,8 @@ def write_layer(stream: BinaryIO, layer: LayerWriter, scope: Filter, diff: DiffS
             continue
         if member.isreg():
             # The content is needed both for the hash and, if changed, for the layer: spool it.
-            spool = _spool(data, member.size)
-            sig = signature(info, hash_stream(spool, member.size))
-            spool.seek(0)
+            spool, content_hash = _spool(data, member.size)
+            sig = signature(info, content_hash)
         else:
             spool, sig = None, signature(info)
         diff.signatures[path] = sig
@@ -249,19 +227,17 @@ def write_deferred_links(layer: LayerWriter, diff: DiffState,
             layer.add(link, None)
 
 
-def _spool(data: IO[bytes] | None, size: int) -> IO[bytes]:
+def _spool(data: IO[bytes] | None, size: int) -> tuple[IO[bytes], str]:
+    """Keep a file's content (in memory up to 8 MiB, then on disk) and hash it in the same pass."""
     import tempfile
 
     spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)
-    remaining = size
-    while data is not None and remaining > 0:
-        chunk = data.read(min(remaining, 1 << 20))
-        if not chunk:
-            break
+    digest = hashlib.sha256()
+    for chunk in read_upto(data, size):
         spool.write(chunk)
-        remaining -= len(chunk)
+        digest.update(chunk)
     spool.seek(0)
-    return spool
+    return spool, digest.hexdigest()
 
 
 # -- config ----------------------------------------------------------------------------------------------------
@@ -328,14 +304,6 @@ def build_config(opened: Opened, base: Image | None, options: ExportOptions, dif
 # -- the conversion ------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 def export(disk: Path, dest: str, options: ExportOptions, monitor: Monitor) -> dict[str, Any]:
     ref = parse_reference(dest)
     check_destination(ref)
@@ -346,7 +314,7 @@ def export(disk: Path, dest: str, options: ExportOptions, monitor: Monitor) -> d
         fmt = probe_format(disk)
         info = check_disk(disk, fmt)
     hashed: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: hashed.setdefault("sha", _sha256_file(disk)), daemon=True)
+    hasher = threading.Thread(target=lambda: hashed.setdefault("sha", sha256_file(disk)), daemon=True)
     hasher.start()
     with scratch_dir() as scratch:
         base_ctx = open_image(parse_reference(options.base), platform=options.platform,
@@ -427,25 +395,14 @@ def _export_in_appliance(app: Appliance, disk: Path, options: ExportOptions, lay
         except RuntimeError:
             continue
     fifo = scratch / "disk.fifo"
-    os.mkfifo(fifo)
     epoch = source_date_epoch(options.reproducible)
     diff = DiffState(base=base_index) if base_index is not None else None
     with monitor.step("writing the layer"), monitor.bar("files", used or None) as bar, \
             LayerWriter(layout, options.compression, clamp_mtime=epoch) as layer:
-        consumer = _Consumer(fifo, functools.partial(_consume, layer=layer, scope=scope, diff=diff,
-                                                     on_bytes=bar.update))
-        consumer.start()
-        try:
-            app.call("read the disk's files", g.tar_out, "/", str(fifo), numericowner=True, xattrs=True,
-                     excludes=scope.patterns())
-        except ToolError:
-            consumer.unblock()
-            if consumer.error is not None:
-                raise consumer.error from None
-            raise
-        consumer.join()
-        if consumer.error is not None:
-            raise consumer.error
+        through_fifo(fifo, "read",
+                     functools.partial(_consume, layer=layer, scope=scope, diff=diff, on_bytes=bar.update),
+                     lambda path: app.call("read the disk's files", g.tar_out, "/", path, numericowner=True,
+                                           xattrs=True, excludes=scope.patterns()))
         if diff is not None and diff.deferred:
             write_deferred_links(layer, diff, functools.partial(_read_again, app, scratch))
     assert layer.result is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -42,15 +43,21 @@ def signature(info: tarfile.TarInfo, content_hash: str = "") -> Signature:
                      content_hash, info.linkname if info.issym() else "", device, xattrs)
 
 
-def hash_stream(data: IO[bytes] | None, size: int) -> str:
-    digest = hashlib.sha256()
+def read_upto(data: IO[bytes] | None, size: int) -> Iterator[bytes]:
+    """The next *size* bytes of *data* (fewer if it ends first), in chunks of bounded size."""
     remaining = size
     while data is not None and remaining > 0:
         chunk = data.read(min(remaining, 1 << 20))
         if not chunk:
-            break
-        digest.update(chunk)
+            return
         remaining -= len(chunk)
+        yield chunk
+
+
+def hash_stream(data: IO[bytes] | None, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in read_upto(data, size):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

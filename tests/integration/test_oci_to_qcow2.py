@@ -209,3 +209,15 @@ def test_boot_timeout_has_its_own_code(converted_disk: Callable[[str], Path]) ->
     proc = imgconv("boot", str(converted_disk("busybox")), "--timeout", "0.5")
     assert proc.returncode == 124, proc.stderr.decode()
     assert time.monotonic() - started < 60
+
+
+def test_too_small_a_disk_says_so(fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
+    """The host modules tree alone (~90 MB) cannot fit in 64M: the cause is named, not its echo."""
+    output = tmp_path / "tiny.qcow2"
+    proc = imgconv("oci-to-qcow2", "--size", "64M", fixture_image("busybox").oci_ref, str(output))
+    err = proc.stderr.decode()
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "Broken pipe" not in err
+    assert err.strip().splitlines()[-1] == (
+        "imgconv: error: the disk is too small for the image's files; pass a larger --size")
+    assert not output.exists() and not _partial_files(tmp_path, output.name)
