@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -316,9 +317,13 @@ def boot(
 
     The disk is never written: the VM runs on a throwaway overlay. The workload's output is
     streamed as it comes. Ctrl-C asks the workload to stop (SIGTERM), as `docker stop` does.
-    Exit codes: the workload's own (128+N if killed by signal N); 124 when --timeout expired;
-    125 when the VM ended without a workload status (kernel panic, init failure); 137 when a
-    stop was requested and the workload did not end in time.
+
+    Exit codes:
+
+    * the workload's own (128+N if it was killed by signal N);
+    * 124 when --timeout expired;
+    * 125 when the VM ended without a workload status (kernel panic, init failure);
+    * 137 when a stop was requested and the workload did not end in time.
     """
     import math
 
