@@ -2,14 +2,18 @@
 
 Work happens under a hidden temporary name beside OUTPUT (same filesystem, so the final
 rename is atomic); OUTPUT appears only when complete. A run that is killed leaves at most a
-`.NAME.imgconv-*` file beside it, never a partial OUTPUT.
+`.NAME.imgconv-HOST-PID-*` file beside it, never a partial OUTPUT, and the next run to the same
+OUTPUT removes it once that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +43,41 @@ def check_output(output: Path, force: bool) -> None:
         raise UsageError(f"{output} already exists; pass --force to replace it")
 
 
+def _temp_prefix(output: Path, pid: int | None = None) -> str:
+    """`.NAME.imgconv-HOST-PID-`: who made a temporary file, so a later run can tell whether it is abandoned."""
+    host = socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+    return f".{output.name}.imgconv-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_abandoned(output: Path) -> list[Path]:
+    """Remove temporary files beside *output* left by runs of this host that were killed (SIGKILL, power loss)
+    before they could clean up. Files of live processes, of other hosts and of unknown form are left alone."""
+    ours = _temp_prefix(output, 0).removesuffix("0-")
+    removed = []
+    for path in (output.parent or Path(".")).glob(f".{glob.escape(output.name)}.imgconv-*"):
+        pid_text = path.name[len(ours):].split("-", 1)[0] if path.name.startswith(ours) else ""
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 @contextmanager
 def temp_beside(output: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary file name beside *output*, removed unless it has been renamed away."""
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.imgconv-", suffix=suffix, dir=output.parent or ".")
+    sweep_abandoned(output)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(output), suffix=suffix, dir=output.parent or ".")
     os.close(fd)
     path = Path(name)
     try:
