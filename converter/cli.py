@@ -162,10 +162,10 @@ def oci_to_qcow2(
                                              help="Virtual disk size (e.g. 4G). Default: content plus headroom.")
                     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
-    kernel: Annotated[Path | None, typer.Option("--kernel", metavar="PATH",
+    kernel: Annotated[Path | None, typer.Option("--kernel", metavar="PATH", readable=False,
                                                 help="Kernel to boot. Default: the image's own, else this "
                                                      "machine's newest under /boot.")] = None,
-    initrd: Annotated[Path | None, typer.Option("--initrd", metavar="PATH",
+    initrd: Annotated[Path | None, typer.Option("--initrd", metavar="PATH", readable=False,
                                                 help="Initramfs for --kernel (default: imgconv builds one).")
                       ] = None,
     hostname: Annotated[str, typer.Option("--hostname", help="The VM's hostname.")] = "imgconv",
@@ -213,7 +213,9 @@ def oci_to_qcow2(
 
 @app.command("vm-to-oci")
 def vm_to_oci(
-    disk: Annotated[Path, typer.Argument(metavar="DISK", help="The VM disk: qcow2, raw, vmdk, vhdx, vpc or vdi.")],
+    # readable=False: imgconv checks the disk itself and says what is wrong in one line
+    disk: Annotated[Path, typer.Argument(metavar="DISK", help="The VM disk: qcow2, raw, vmdk, vhdx, vpc or vdi.",
+                                         readable=False)],
     dest: Annotated[str, typer.Argument(metavar="DEST",
                                         help="Where to write the image, e.g. oci:./out:latest or docker://host/name:tag.")],
     compression: Annotated[str, typer.Option("--compression", help="Layer compression: gzip or zstd.")] = "gzip",
@@ -305,7 +307,8 @@ def port_spec(text: str) -> str:
 
 @app.command()
 def boot(
-    disk: Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format).")],
+    disk: Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format).",
+                                         readable=False)],
     timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
                                                   help="Stop the VM after this long (exit code 124).")] = None,
     memory: Annotated[int, typer.Option("--memory", "-m", metavar="MIB", help="Guest memory in MiB.")] = 512,

@@ -17,7 +17,11 @@ EXIT_INTERRUPTED = 130  # SIGINT / SIGTERM: nothing was left at the output
 def one_line(text: str, limit: int = 400) -> str:
     """Collapse a possibly multi-line message (a tool's stderr, say) into one readable line."""
     flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+    if len(flat) <= limit:
+        return flat
+    # Keep both ends: what was being done comes first, and a tool's reason ("File name too long") last.
+    half = (limit - 5) // 2
+    return f"{flat[:half]} ... {flat[-half:]}"
 
 
 class ImgconvError(Exception):

@@ -178,14 +178,24 @@ def needed_modules(modules_root: Path, names: Sequence[str] = DISK_MODULES) -> l
     order: list[str] = []
     seen: set[str] = set()
 
-    def visit(path: str) -> None:
-        if path in seen:
+    def visit(start: str) -> None:
+        """Depth-first, dependencies before their user; a loop instead of recursion, since an image's
+        modules.dep is untrusted and may chain further than Python's stack goes."""
+        if start in seen:
             return
-        seen.add(path)
+        seen.add(start)
         # modules.dep lists a module's dependencies so that loading them last-to-first works.
-        for dep in reversed(deps.get(path, [])):
-            visit(dep)
-        order.append(path)
+        stack = [(start, iter(reversed(deps.get(start, []))))]
+        while stack:
+            path, pending = stack[-1]
+            for dep in pending:
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, iter(reversed(deps.get(dep, [])))))
+                    break
+            else:
+                stack.pop()
+                order.append(path)
 
     for name in names:
         key = name.replace("-", "_")

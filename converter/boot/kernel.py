@@ -8,6 +8,7 @@ guessed from a file name.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from converter.errors import ImageError, UsageError
 
 HOST_BOOT = Path("/boot")
 HOST_MODULES = Path("/lib/modules")
+HEADER_BYTES = 0x10000  # enough for the setup header and the kernel_version string it points to
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def version_key(release: str) -> tuple[object, ...]:
 def read_release(path: Path) -> str:
     try:
         with path.open("rb") as f:
-            header = f.read(0x10000)
+            header = f.read(HEADER_BYTES)
     except OSError as exc:
         raise UsageError(f"cannot read kernel {path}: {exc.strerror}") from None
     release = bzimage_release(header)
@@ -76,6 +78,8 @@ def from_flag(kernel: Path, initrd: Path | None) -> Kernel:
     release = read_release(kernel)
     if initrd is not None and not initrd.is_file():
         raise UsageError(f"initrd {initrd} does not exist")
+    if initrd is not None and not os.access(initrd, os.R_OK):
+        raise UsageError(f"initrd {initrd} cannot be read")
     modules = HOST_MODULES / release
     return Kernel(release, "flag", host_path=kernel, host_initrd=initrd,
                   host_modules=modules if modules.is_dir() else None)
@@ -96,17 +100,29 @@ def host_kernel() -> Kernel:
     return Kernel(release, "host", host_path=path, host_modules=HOST_MODULES / release)
 
 
-def image_kernel(kinds: Mapping[str, str], symlinks: Mapping[str, str]) -> Kernel | None:
-    """The newest kernel the flattened image ships, with its modules tree, if it has one."""
+KERNEL_NAME = re.compile(r"boot/vmlinuz-.+|(?:usr/)?lib/modules/[^/]+/vmlinuz")
+_RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def image_kernel(kinds: Mapping[str, str], symlinks: Mapping[str, str],
+                 headers: Mapping[str, bytes]) -> Kernel | None:
+    """The newest kernel the flattened image ships, with its modules tree, if it has one.
+
+    *headers* holds the first bytes of each file whose name looks like a kernel. Only a real bzImage
+    counts, and its release comes from its own header (what `uname -r` will say, so where modprobe
+    looks), never from the file name: an image's files are untrusted, and a name is only a name.
+    """
     found: dict[str, str] = {}
     for path in kinds:
-        match = re.fullmatch(r"boot/vmlinuz-(.+)", path) or re.fullmatch(r"(?:usr/)?lib/modules/([^/]+)/vmlinuz", path)
-        if match and path not in symlinks and kinds[path] != "dir":
-            found.setdefault(match.group(1), path)
+        if not KERNEL_NAME.fullmatch(path) or path in symlinks or kinds[path] == "dir":
+            continue
+        release = bzimage_release(headers.get(path, b""))
+        if release is not None and _RELEASE.fullmatch(release):
+            found.setdefault(release, path)
     best = None
     for release in sorted(found, key=version_key, reverse=True):
         modules = resolve_in_tree(f"lib/modules/{release}", symlinks)
-        if modules in kinds:
+        if kinds.get(modules) == "dir":
             best = Kernel(release, "image", guest_path=found[release], guest_modules=modules)
             break
     return best

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import stat
 import tarfile
 import threading
@@ -29,17 +30,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 from converter import __version__
 from converter.artifact import check_output, now_utc, publish, temp_beside
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, build_initramfs, docker_env, encode_spec, needed_modules
-from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel, resolve_in_tree
+from converter.boot.kernel import (
+    HEADER_BYTES,
+    KERNEL_NAME,
+    Kernel,
+    from_flag,
+    host_kernel,
+    image_kernel,
+    resolve_in_tree,
+)
 from converter.disk.appliance import Appliance, launch
 from converter.disk.fifo import through_fifo
-from converter.errors import ImageError, ToolError, UsageError
-from converter.oci.flatten import DIR, FlatTree, LayerInput, flatten, open_output, parents
+from converter.errors import ImageError, ImgconvError, ToolError, UsageError
+from converter.oci.flatten import (
+    DIR,
+    FlatTree,
+    LayerInput,
+    abandon_output,
+    flatten,
+    gnu_xattrs_encoded,
+    open_output,
+    parents,
+)
 from converter.oci.image import Image, Layer
 from converter.oci.model import Platform
 from converter.oci.reference import parse_reference
@@ -95,6 +113,7 @@ class Plan:
 
     spec: InitSpec
     disk_bytes: int
+    inodes: int
     kernel: Kernel | None = None  # known before streaming for --kernel; after it otherwise
     tree: FlatTree | None = None
     injected: list[str] = field(default_factory=list)  # paths imgconv created in the guest
@@ -115,7 +134,7 @@ def run_spec(image: Image, hostname: str) -> InitSpec:
 
 
 def uncompressed_estimate(image: Image, layer: Layer) -> int:
-    """Bytes of tar a layer will inflate to: exact where the format says, generous otherwise."""
+    """Bytes of tar a layer will inflate to: exact where the format says, counted where it does not."""
     size = layer.descriptor.size
     if layer.compression == "none":
         return size
@@ -130,28 +149,63 @@ def uncompressed_estimate(image: Image, layer: Layer) -> int:
         while isize < size:
             isize += 1 << 32
         return max(isize, size * 2)
-    return size * 6
+    # zstd records no total (streamed frames omit even their own), and its ratio has no useful bound (a
+    # preallocated file of zeros shrinks 30 000 times): count it. zstd inflates at a GB/s, so this extra
+    # pass over the (rare) zstd layers costs little; a corrupt layer is left for the real pass to report.
+    try:
+        with image.open_layer(layer) as stream:
+            total = 0
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+        return total
+    except ImgconvError:
+        return size * 6
 
 
-def disk_size(image: Image, options: BuildOptions, extra: int) -> int:
+INODE_SIZE = 256  # mke2fs's default for ext4
+BYTES_PER_INODE = 8192
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    size: int  # virtual bytes
+    inodes: int  # for mke2fs -N
+
+
+def plan_disk(image: Image, options: BuildOptions, extra_bytes: int, extra_entries: int) -> DiskPlan:
+    """How big a disk and how many inodes: room for every byte and every file of the image, plus headroom.
+
+    Every tar entry takes at least one 512-byte header, so a layer's tar size bounds the files it can
+    hold: sizing inodes by that bound (and the disk by their tables) means a tree of many tiny files
+    (node_modules) can never run out of inodes, which sizing by bytes alone allowed. Unused inode tables
+    cost nothing in a sparse disk.
+    """
+    content = sum(uncompressed_estimate(image, layer) for layer in image.layers)
+    entries = content // 512 + extra_entries
+    wanted_inodes = entries + entries // 10 + 4096
     if options.size is not None:
-        return options.size
-    content = sum(uncompressed_estimate(image, layer) for layer in image.layers) + extra
+        return DiskPlan(options.size, max(options.size // BYTES_PER_INODE,
+                                          min(wanted_inodes, options.size // (4 * INODE_SIZE))))
+    total = content + extra_bytes
     # ext4 spends a block per small file and some metadata per group; headroom lets the VM write.
-    headroom = max(256 * MiB, content // 4)
-    total = int(content * 1.15) + headroom + 64 * MiB
-    return -(-total // (64 * MiB)) * (64 * MiB)
+    headroom = max(256 * MiB, total // 4)
+    size = int(total * 1.15) + headroom + 64 * MiB
+    inodes = max(size // BYTES_PER_INODE, wanted_inodes)
+    size += (inodes - size // BYTES_PER_INODE) * INODE_SIZE  # room for the extra inode tables
+    return DiskPlan(-(-size // (64 * MiB)) * (64 * MiB), inodes)
 
 
-def tree_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
+def tree_size(path: Path) -> tuple[int, int]:
+    """Bytes of file content and number of entries under *path* (a kernel's modules tree)."""
+    total, entries = 0, 0
+    for root, dirs, files in os.walk(path):
+        entries += len(dirs) + len(files)
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size
             except OSError:
                 continue
-    return total
+    return total, entries
 
 
 # -- step 3: the stream into the appliance ----------------------------------------------------------
@@ -198,6 +252,9 @@ def place(tree: FlatTree, wanted: str, plan: Plan, tar: tarfile.TarFile) -> str:
     header can be re-emitted at the end of the stream (tar then restores the original mtime).
     """
     target = resolve_in_tree(wanted, tree.symlinks)
+    if target == RESERVED or target.startswith(f"{RESERVED}/"):
+        raise ImageError(f"cannot place /{wanted} in the image: its symlinks lead it to /{target}, "
+                         f"inside /{RESERVED}, which imgconv reserves for its own files")
     chain = list(reversed(list(parents(target))))
     for ancestor in chain:
         kind = tree.kinds.get(ancestor)
@@ -229,17 +286,109 @@ def origin_record(image: Image, options: BuildOptions, plan: Plan) -> dict[str, 
     }
 
 
+class ApplianceSink:
+    """The tar sink in front of the stream to the appliance's GNU tar. It escapes xattr names as GNU tar
+    reads them, and keeps the first bytes of every file named like a kernel, so that the image's kernel can
+    be checked (is it a bzImage? which release?) without reading it twice."""
+
+    def __init__(self, inner: tarfile.TarFile) -> None:
+        self.inner = inner
+        self.headers: dict[str, bytes] = {}
+        self._links: dict[str, str] = {}
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
+        if any(key.startswith("SCHILY.xattr.") and "%" in key for key in tarinfo.pax_headers):
+            tarinfo.pax_headers = gnu_xattrs_encoded(tarinfo.pax_headers)
+        name = tarinfo.name.strip("/")
+        if KERNEL_NAME.fullmatch(name):
+            if tarinfo.islnk():
+                self._links[name] = tarinfo.linkname.strip("/")
+            elif tarinfo.isreg() and fileobj is not None:
+                head = _read_full(fileobj, min(tarinfo.size, HEADER_BYTES))
+                self.headers[name] = head
+                fileobj = cast(IO[bytes], _Prefixed(head, fileobj))
+        self.inner.addfile(tarinfo, fileobj)
+
+    def kernel_headers(self) -> dict[str, bytes]:
+        found = dict(self.headers)
+        for name, target in self._links.items():
+            if target in self.headers:
+                found[name] = self.headers[target]
+        return found
+
+
+def _read_full(fileobj: IO[bytes], size: int) -> bytes:
+    parts, wanted = [], size
+    while wanted > 0:
+        chunk = fileobj.read(wanted)
+        if not chunk:
+            break
+        parts.append(chunk)
+        wanted -= len(chunk)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """*head* (already read from *rest*) followed by the rest of *rest*: full reads, as tarfile needs."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        super().__init__()
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            data, self.head = self.head + self.rest.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + _read_full(self.rest, size - len(data)) if len(data) < size else data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+
+# The guest init mounts devtmpfs and proc on these (and sysfs on /sys when it can): through a symlink the
+# mount would land on whatever it points to. Docker's init layer hides such entries under directories;
+# imgconv refuses them rather than change the image behind the user's back.
+RUNTIME_DIRS = ("dev", "proc", "sys")
+
+
+def check_runtime_dirs(tree: FlatTree) -> None:
+    for name in RUNTIME_DIRS:
+        if name in tree.symlinks:
+            raise ImageError(f"the image's /{name} is a symbolic link (to {tree.symlinks[name]!r}); the VM mounts "
+                             f"its own /{name} there, so it must be a directory")
+        if name != "sys" and tree.kinds.get(name, DIR) != DIR:
+            raise ImageError(f"the image's /{name} is not a directory; the VM mounts its own /{name} there")
+
+
 def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
                  on_bytes: Callable[[int], None]) -> None:
     """Everything the appliance unpacks: the image's final root filesystem, then imgconv's files."""
     tar = open_output(out)
+    try:
+        _write_stream(image, options, plan, tar, on_bytes)
+    except BaseException:
+        abandon_output(tar)
+        raise
+    tar.close()
+
+
+def _write_stream(image: Image, options: BuildOptions, plan: Plan, tar: tarfile.TarFile,
+                  on_bytes: Callable[[int], None]) -> None:
     layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
-    tree = flatten(layers, tar, on_bytes)
+    sniffer = ApplianceSink(tar)
+    tree = flatten(layers, sniffer, on_bytes)
     plan.tree = tree
     if RESERVED in tree.kinds:
         raise ImageError(f"the image already contains /{RESERVED}, which imgconv reserves for its own files")
+    check_runtime_dirs(tree)
     if plan.kernel is None:
-        plan.kernel = image_kernel(tree.kinds, tree.symlinks) or host_kernel()
+        plan.kernel = image_kernel(tree.kinds, tree.symlinks, sniffer.kernel_headers()) or host_kernel()
     _add_dir(tar, RESERVED)
     _add_dir(tar, BOOT_DIR)
     plan.injected.append(RESERVED)
@@ -261,7 +410,6 @@ def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
         header.mtime = mtime
         tar.addfile(header)
     _add_bytes(tar, f"{RESERVED}/origin.json", json.dumps(origin_record(image, options, plan), indent=2).encode())
-    tar.close()
 
 
 def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None]) -> None:
@@ -279,19 +427,41 @@ def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None]) ->
 # -- step 3b: kernel, initramfs, bootloader --------------------------------------------------------------
 
 
+MAX_GUEST_MODULE = 64 * MiB  # a module, modules.dep or modules.builtin larger than this is not one
+
+
+def _guest_file(app: Appliance, path: str) -> bool:
+    """*path* in the guest is a regular file (not a symlink, FIFO or device) of a plausible size."""
+    if not app.call(f"look for {path}", app.g.is_file, path):  # symlinks are not followed
+        return False
+    if app.call(f"measure {path}", app.g.filesize, path) > MAX_GUEST_MODULE:
+        raise ImageError(f"the image's {path} is too large to be part of a kernel's modules")
+    return True
+
+
 def fetch_guest_modules(app: Appliance, kernel: Kernel, scratch: Path) -> Path:
-    """Copy what the initramfs needs of an image kernel's modules out of the guest."""
+    """Copy what the initramfs needs of an image kernel's modules out of the guest.
+
+    The image's modules.dep names the files: each name must stay inside the modules tree (it
+    becomes a path on the host) and be a regular file in the guest.
+    """
     assert kernel.guest_modules is not None
     local = scratch / "modules" / kernel.release
     local.mkdir(parents=True)
     for name in ("modules.dep", "modules.builtin"):
         guest = f"/{kernel.guest_modules}/{name}"
-        if app.call(f"look for {guest}", app.g.is_file, guest):
+        if _guest_file(app, guest):
             app.call(f"read {guest}", app.g.download, guest, str(local / name))
     for rel in needed_modules(local):
-        (local / rel).parent.mkdir(parents=True, exist_ok=True)
-        guest = f"/{kernel.guest_modules}/{rel}"
-        app.call(f"read {guest}", app.g.download, guest, str(local / rel))
+        clean = posixpath.normpath(rel)
+        if rel.startswith("/") or clean == "." or clean.startswith("../") or clean == ".." or "\0" in rel:
+            raise ImageError(f"the image's /{kernel.guest_modules}/modules.dep names {rel!r}, "
+                             "which is outside its modules tree")
+        guest = f"/{kernel.guest_modules}/{clean}"
+        if not _guest_file(app, guest):
+            raise ImageError(f"the image's kernel module {guest} is not a regular file")
+        (local / clean).parent.mkdir(parents=True, exist_ok=True)
+        app.call(f"read {guest}", app.g.download, guest, str(local / clean))
     return local
 
 
@@ -352,11 +522,13 @@ def convert(source: str, options: BuildOptions, monitor: Monitor) -> dict[str, A
             raise ImageError(f"{image.source} is for {image.config.platform}; imgconv boots x86_64 guests only")
         spec = run_spec(image, options.hostname)
         init_binary()  # compile (once, cached) before the appliance starts, so a missing compiler fails fast
-        modules_bytes = tree_size(kernel.host_modules) if kernel and kernel.host_modules else 0
-        if kernel is None:
+        modules = kernel.host_modules if kernel else None
+        if kernel is None:  # the image's own kernel needs no room for modules; the host's (the fallback) does
             host = _host_kernel_or_none()
-            modules_bytes = tree_size(host.host_modules) if host and host.host_modules else 0
-        plan = Plan(spec=spec, disk_bytes=disk_size(image, options, modules_bytes + 64 * MiB), kernel=kernel)
+            modules = host.host_modules if host else None
+        modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
+        disk = plan_disk(image, options, modules_bytes + 64 * MiB, modules_entries + 64)
+        plan = Plan(spec=spec, disk_bytes=disk.size, inodes=disk.inodes, kernel=kernel)
         with temp_beside(options.output, ".qcow2") as work_disk:
             run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(plan.disk_bytes)],
                 purpose="create the disk image")
@@ -416,7 +588,7 @@ def _build_in_appliance(image: Image, options: BuildOptions, plan: Plan, disk: P
                 app.call("create the partition table", g.part_disk, DEVICE, "mbr")
                 app.call("mark the partition bootable", g.part_set_bootable, DEVICE, 1, True)
                 app.call("create the ext4 filesystem", g.mke2fs, PARTITION, fstype="ext4", blocksize=4096,
-                         label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, bytesperinode=8192)
+                         label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, numberofinodes=plan.inodes)
                 app.call("mount the root filesystem", g.mount, PARTITION, "/")
             with monitor.step("writing the root filesystem"), monitor.bar("layers", total) as bar:
                 stream_into(app, fifo, lambda out: write_stream(image, options, plan, out, bar.update))

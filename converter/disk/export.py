@@ -34,7 +34,7 @@ from converter.disk.fifo import StreamBroken, through_fifo
 from converter.disk.inspect import Opened, check_disk, exclude_patterns, open_guest, probe_format
 from converter.errors import DiskError, LayerError, UsageError
 from converter.oci.deliver import WORK_TAG, Built, check_destination, deliver
-from converter.oci.flatten import clean_header, forget_members, normalize_name, parents
+from converter.oci.flatten import clean_header, forget_members, gnu_xattrs_decoded, normalize_name, parents, whiteout_of
 from converter.oci.image import Image
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, ImageConfig, Platform, normalise_arch
@@ -151,10 +151,20 @@ class DiffState:
     deferred: dict[str, list[tarfile.TarInfo]] = field(default_factory=dict)
 
     def whiteouts(self, scope: Filter) -> list[str]:
-        """Topmost base paths the disk no longer has (a deleted directory needs one whiteout)."""
+        """Topmost base paths the disk no longer has (a deleted directory needs one whiteout).
+
+        None beneath a path the disk holds as a non-directory: the layer's own entry there (a symlink, a
+        file) already replaces the base's whole directory, and a whiteout beneath it would be applied
+        through the symlink (Docker deletes the target's file) or refused ("not a directory").
+        """
         gone = [p for p in self.base if p not in self.seen and not scope.covers(p)]
         gone_set = set(gone)
-        return sorted(p for p in gone if not any(parent in gone_set for parent in parents(p)))
+        return sorted(p for p in gone if not any(parent in gone_set or self._replaced(parent)
+                                                  for parent in parents(p)))
+
+    def _replaced(self, path: str) -> bool:
+        sig = self.signatures.get(path)
+        return sig is not None and sig.type != tarfile.DIRTYPE
 
 
 def write_layer(stream: BinaryIO, layer: LayerWriter, scope: Filter, diff: DiffState | None,
@@ -164,6 +174,10 @@ def write_layer(stream: BinaryIO, layer: LayerWriter, scope: Filter, diff: DiffS
         path = normalize_name(member.name, "the disk")
         if not path or not scope.keeps(path):
             continue
+        if whiteout_of(path) is not None:
+            raise DiskError(f"the disk holds /{path}, a name OCI layers reserve for deletions (.wh.*): "
+                            "no image can carry it; rename it first")
+        member.pax_headers = gnu_xattrs_decoded(member.pax_headers)
         if member.islnk():
             target = normalize_name(member.linkname, "the disk", link=True)
             if not scope.keeps(target):
@@ -305,6 +319,9 @@ def build_config(opened: Opened, base: Image | None, options: ExportOptions, dif
 
 
 def export(disk: Path, dest: str, options: ExportOptions, monitor: Monitor) -> dict[str, Any]:
+    # Absolute, so that no tool reads the name as anything but a file: qemu-img takes `vm-1:2.qcow2` for a
+    # protocol, `file:x` for another file, and `-x` for an option.
+    disk = Path(os.path.abspath(disk))
     ref = parse_reference(dest)
     check_destination(ref)
     if options.compression not in ("gzip", "zstd"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ CHECKABLE = frozenset({"qcow2", "vmdk", "vhdx", "vdi"})
 
 def probe_format(path: Path) -> str:
     """The disk format from its magic bytes: qcow2, vmdk, vhdx, vpc, vdi, or raw."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DiskError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise DiskError(f"{path} cannot be read: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise DiskError(f"{path} is a directory, not a disk image")
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # a FIFO would block the open below forever
+        raise DiskError(f"{path} is not a disk image file or a block device")
     try:
         with path.open("rb") as f:
             head = f.read(1024)
@@ -72,6 +83,9 @@ def check_disk(path: Path, fmt: str) -> dict[str, Any]:
         said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         raise DiskError(f"{path} is not a readable {fmt} disk: {said[-1] if said else 'qemu-img failed'}")
     info: dict[str, Any] = json.loads(proc.stdout)
+    if info.get("encrypted"):
+        raise DiskError(f"{path} is encrypted; imgconv reads plain disks only (decrypt a copy first with "
+                        "qemu-img convert --object secret,... --image-opts ...)")
     backing = info.get("backing-filename") or info.get("full-backing-filename")
     if backing:
         raise DiskError(f"{path} has a backing file ({_shown(str(backing))}); convert the whole chain first "
@@ -193,16 +207,19 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
     ordered = sorted(mounts.items(), key=lambda item: (item[0].count("/") if item[0] != "/" else 0, item[0]))
     mounted = []
     for mountpoint, device in ordered:
+        where = mountpoint if mountpoint == "/" else _inside_guest(app, mountpoint)
+        if where is None:
+            continue  # the guest could not mount it either
         try:
-            g.mount_ro(device, mountpoint)
+            g.mount_ro(device, where)
         except RuntimeError:
             try:  # an xfs or ext4 journal that needs replaying cannot be replayed read-only
-                g.mount_options("ro,norecovery", device, mountpoint)
+                g.mount_options("ro,norecovery", device, where)
             except RuntimeError as exc:
                 if mountpoint == "/":
                     raise ToolError(f"cannot mount the root filesystem {device}: {exc}") from None
                 continue
-        mounted.append(mountpoint)
+        mounted.append(where)
 
     def text(fn: Any) -> str:
         try:
@@ -215,6 +232,23 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
                   product=text(g.inspect_get_product_name), arch=text(g.inspect_get_arch),
                   mountpoints=tuple((m, d) for m, d in ordered if m in mounted))
     return Opened(os=info, mountpoints=mounted)
+
+
+def _inside_guest(app: Appliance, mountpoint: str) -> str | None:
+    """Where the guest's own kernel would mount *mountpoint*: its symlinks and `..` resolved inside the guest,
+    as mounted so far, or None if it names no directory there.
+
+    libguestfs mounts at /sysroot + the path given and resolves that in the appliance, where a symlink of
+    the guest's (`/srv/x -> /usr/bin`) or a `..` leads out of the guest: a disk's fstab could then cover
+    the appliance's own programs with its own. realpath runs chrooted into the guest, so its answer
+    stays inside.
+    """
+    g = app.g
+    try:
+        where = str(g.realpath(mountpoint))
+        return where if where.startswith("/") and g.is_dir(where) else None
+    except RuntimeError:
+        return None
 
 
 def exclude_patterns(paths: Sequence[str]) -> list[str]:

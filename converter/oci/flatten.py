@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -150,6 +151,33 @@ def _xattr_headers(pax: Mapping[str, str]) -> dict[str, str]:
                 continue
             kept.setdefault(f"SCHILY.xattr.{name}", raw.decode("utf-8", "surrogateescape"))
     return kept
+
+
+# GNU tar (the appliance's tar, for tar-in and tar-out) escapes "%" and "=" in the xattr names of its
+# SCHILY.xattr records as %25 and %3D, and decodes them when it reads; other writers (Go, Python) write
+# names as they are. So names are encoded on the way into the appliance and decoded on the way out.
+_GNU_ESCAPES = re.compile("%(25|3D)")
+_XATTR = "SCHILY.xattr."
+
+
+def gnu_xattrs_encoded(pax: Mapping[str, str]) -> dict[str, str]:
+    """PAX records with xattr names escaped as GNU tar reads them."""
+    return {(_XATTR + key[len(_XATTR):].replace("%", "%25") if key.startswith(_XATTR) else key): value
+            for key, value in pax.items()}
+
+
+def gnu_xattrs_decoded(pax: Mapping[str, str]) -> dict[str, str]:
+    """PAX records from GNU tar with xattr names unescaped; a name holding "=" cannot be a PAX keyword in
+    any other tar, so it is left out (as the flattener leaves out libarchive's)."""
+    out: dict[str, str] = {}
+    for key, value in pax.items():
+        if key.startswith(_XATTR):
+            name = _GNU_ESCAPES.sub(lambda m: "%" if m.group(1) == "25" else "=", key[len(_XATTR):])
+            if "=" in name:
+                continue
+            key = _XATTR + name
+        out[key] = value
+    return out
 
 
 def clean_header(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
@@ -596,3 +624,12 @@ def flatten(layers: Sequence[LayerInput], out: TarSink,
 def open_output(stream: BinaryIO) -> tarfile.TarFile:
     """The tar writer flatten expects: PAX (long names, big ids, xattrs), streamed."""
     return StreamingTarFile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BUFSIZE)
+
+
+def abandon_output(tar: tarfile.TarFile) -> None:
+    """Drop a stream writer after a failure without flushing it: its file may be closed already, and the
+    finaliser of an unclosed stream would write to it and print a second, confusing error."""
+    stream = tar.fileobj
+    if stream is not None and hasattr(stream, "closed"):
+        stream.closed = True
+    tar.closed = True  # type: ignore[attr-defined]  # TarFile's own flag, set by close()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import platform as _platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from converter.errors import ImageError
 from converter.oci.reference import DIGEST_RE
@@ -76,7 +77,32 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
         raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ImageError(f"{what} is not a JSON object")
-    return doc
+    result: dict[str, Any] = doc
+    try:
+        json.dumps(result, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800"): rare, so only then walk the document
+        try:
+            result = cast(dict[str, Any], _replace_surrogates(result))
+        except RecursionError:
+            raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
+    except RecursionError:
+        raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
+    return result
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(value: Any) -> Any:
+    """Lone UTF-16 surrogates become U+FFFD, as Go's encoding/json (Docker, containerd) decodes them: the
+    image then means the same here as there, and no string that cannot be encoded reaches the guest."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(key): _replace_surrogates(item) for key, item in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

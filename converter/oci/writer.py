@@ -7,6 +7,7 @@ gzip header carries no name or time, and with a clamp time (SOURCE_DATE_EPOCH) n
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -17,7 +18,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
-from converter.oci.flatten import StreamingTarFile
+from converter.oci.flatten import StreamingTarFile, abandon_output
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, MediaType, canonical_json
 
@@ -119,6 +120,12 @@ class LayerWriter:
                  tb: TracebackType | None) -> None:
         try:
             if kind is not None:
+                # Thrown away: close quietly now, while the temporary file is still open, so that no
+                # finaliser writes into a closed stream later (a second, confusing error on stderr).
+                abandon_output(self.tar)
+                if self._compressor is not None:
+                    with contextlib.suppress(Exception):
+                        self._compressor.close()
                 return
             self.tar.close()
             if self._compressor is not None:
