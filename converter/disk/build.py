@@ -17,6 +17,7 @@ so `vm-to-oci` can take them out again.
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
@@ -298,6 +299,7 @@ class ApplianceSink:
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
         if any(key.startswith("SCHILY.xattr.") and "%" in key for key in tarinfo.pax_headers):
+            tarinfo = copy.copy(tarinfo)  # the caller's header (kept in the FlatTree) stays as the image has it
             tarinfo.pax_headers = gnu_xattrs_encoded(tarinfo.pax_headers)
         name = tarinfo.name.strip("/")
         if KERNEL_NAME.fullmatch(name):
@@ -381,14 +383,14 @@ def write_stream(image: Image, options: BuildOptions, plan: Plan, out: BinaryIO,
 def _write_stream(image: Image, options: BuildOptions, plan: Plan, tar: tarfile.TarFile,
                   on_bytes: Callable[[int], None]) -> None:
     layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
-    sniffer = ApplianceSink(tar)
-    tree = flatten(layers, sniffer, on_bytes)
+    sink = ApplianceSink(tar)
+    tree = flatten(layers, sink, on_bytes)
     plan.tree = tree
     if RESERVED in tree.kinds:
         raise ImageError(f"the image already contains /{RESERVED}, which imgconv reserves for its own files")
     check_runtime_dirs(tree)
     if plan.kernel is None:
-        plan.kernel = image_kernel(tree.kinds, tree.symlinks, sniffer.kernel_headers()) or host_kernel()
+        plan.kernel = image_kernel(tree.kinds, tree.symlinks, sink.kernel_headers()) or host_kernel()
     _add_dir(tar, RESERVED)
     _add_dir(tar, BOOT_DIR)
     plan.injected.append(RESERVED)
@@ -408,7 +410,7 @@ def _write_stream(image: Image, options: BuildOptions, plan: Plan, tar: tarfile.
     for path, mtime in plan.touched_dirs.items():
         header = tree.dirs[path]
         header.mtime = mtime
-        tar.addfile(header)
+        sink.addfile(header)
     _add_bytes(tar, f"{RESERVED}/origin.json", json.dumps(origin_record(image, options, plan), indent=2).encode())
 
 
