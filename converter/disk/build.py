@@ -108,13 +108,22 @@ class BuildOptions:
         }
 
 
+INODE_SIZE = 256  # mke2fs's default for ext4
+BYTES_PER_INODE = 8192
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    size: int  # virtual bytes
+    inodes: int  # for mke2fs -N
+
+
 @dataclass
 class Plan:
     """What the steps decided; filled in as the conversion goes."""
 
     spec: InitSpec
-    disk_bytes: int
-    inodes: int
+    disk: DiskPlan
     kernel: Kernel | None = None  # known before streaming for --kernel; after it otherwise
     tree: FlatTree | None = None
     injected: list[str] = field(default_factory=list)  # paths imgconv created in the guest
@@ -163,16 +172,6 @@ def uncompressed_estimate(image: Image, layer: Layer) -> int:
         return size * 6
 
 
-INODE_SIZE = 256  # mke2fs's default for ext4
-BYTES_PER_INODE = 8192
-
-
-@dataclass(frozen=True)
-class DiskPlan:
-    size: int  # virtual bytes
-    inodes: int  # for mke2fs -N
-
-
 def plan_disk(image: Image, options: BuildOptions, extra_bytes: int, extra_entries: int) -> DiskPlan:
     """How big a disk and how many inodes: room for every byte and every file of the image, plus headroom.
 
@@ -186,7 +185,7 @@ def plan_disk(image: Image, options: BuildOptions, extra_bytes: int, extra_entri
     wanted_inodes = entries + entries // 10 + 4096
     if options.size is not None:
         return DiskPlan(options.size, max(options.size // BYTES_PER_INODE,
-                                          min(wanted_inodes, options.size // (4 * INODE_SIZE))))
+                                          min(wanted_inodes, options.size // (16 * INODE_SIZE))))
     total = content + extra_bytes
     # ext4 spends a block per small file and some metadata per group; headroom lets the VM write.
     headroom = max(256 * MiB, total // 4)
@@ -530,9 +529,9 @@ def convert(source: str, options: BuildOptions, monitor: Monitor) -> dict[str, A
             modules = host.host_modules if host else None
         modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
         disk = plan_disk(image, options, modules_bytes + 64 * MiB, modules_entries + 64)
-        plan = Plan(spec=spec, disk_bytes=disk.size, inodes=disk.inodes, kernel=kernel)
+        plan = Plan(spec=spec, disk=disk, kernel=kernel)
         with temp_beside(options.output, ".qcow2") as work_disk:
-            run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(plan.disk_bytes)],
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(plan.disk.size)],
                 purpose="create the disk image")
             _build_in_appliance(image, options, plan, work_disk, scratch, monitor)
             finished = work_disk
@@ -554,7 +553,7 @@ def convert(source: str, options: BuildOptions, monitor: Monitor) -> dict[str, A
                     "config_digest": image.config.digest,
                     "kernel": {"release": plan.kernel.release, "origin": plan.kernel.origin},
                     "format": str(options.format),
-                    "virtual_size": plan.disk_bytes,
+                    "virtual_size": plan.disk.size,
                     "options": options.recorded(),
                     "created": now_utc(),
                     "run": {"argv": list(spec.argv), "user": spec.user, "cwd": spec.cwd},
@@ -590,7 +589,7 @@ def _build_in_appliance(image: Image, options: BuildOptions, plan: Plan, disk: P
                 app.call("create the partition table", g.part_disk, DEVICE, "mbr")
                 app.call("mark the partition bootable", g.part_set_bootable, DEVICE, 1, True)
                 app.call("create the ext4 filesystem", g.mke2fs, PARTITION, fstype="ext4", blocksize=4096,
-                         label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, numberofinodes=plan.inodes)
+                         label=ROOT_LABEL, uuid=uuid, reservedblockspercentage=1, numberofinodes=plan.disk.inodes)
                 app.call("mount the root filesystem", g.mount, PARTITION, "/")
             with monitor.step("writing the root filesystem"), monitor.bar("layers", total) as bar:
                 stream_into(app, fifo, lambda out: write_stream(image, options, plan, out, bar.update))
