@@ -97,3 +97,51 @@ def test_unchanged_links_are_not_written(tmp_path: Path) -> None:
     target = _file("a", b"same\n")
     base = {"a": _sig(*target), "b": _sig(*target)}
     assert _layer(tmp_path, [target, _link("b", "a")], base, {}) == []
+
+
+def _dir(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+    return info, b""
+
+
+def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 1700000000
+    return info, b""
+
+
+def test_no_whiteout_beneath_a_directory_the_layer_replaces(tmp_path: Path) -> None:
+    """/lib became a symlink and /srv/d a file: their own entries replace the base's directories whole; a whiteout
+    beneath them would be applied through the symlink (Docker) or refused. A plain deletion still gets one."""
+    lib, lib_x, srv, srv_d, srv_d_c, gone = (_dir("lib"), _file("lib/x", b"x\n"), _dir("srv"), _dir("srv/d"),
+                                             _file("srv/d/c", b"c\n"), _file("srv/gone", b"g\n"))
+    base = {p: _sig(*e) if e[0].isreg() else signature(e[0])
+            for p, e in (("lib", lib), ("lib/x", lib_x), ("srv", srv), ("srv/d", srv_d), ("srv/d/c", srv_d_c),
+                         ("srv/gone", gone))}
+    now_lib, now_d = _symlink("lib", "usr/lib"), _file("srv/d", b"now a file\n")
+    members = _layer(tmp_path, [now_lib, srv, now_d], base, {"srv/d": now_d[1], "srv/.wh.gone": b""})
+    assert sorted(m.name for m in members) == ["lib", "srv/.wh.gone", "srv/d"]
+
+
+def test_disk_files_named_like_whiteouts_are_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from converter.errors import DiskError
+
+    for name in ("srv/.wh.secret", "srv/opaque/.wh..wh..opq"):
+        with pytest.raises(DiskError, match="reserve for deletions"):
+            _layer(tmp_path, [_file(name, b"x")], {}, {})
+
+
+def test_gnu_tar_xattr_names_are_decoded() -> None:
+    from converter.oci.flatten import gnu_xattrs_decoded, gnu_xattrs_encoded
+
+    names = ["user.plain", "user.per%cent", "user.literal%25", "user.%3D"]
+    pax = {f"SCHILY.xattr.{n}": "v" for n in names} | {"path": "a%25b"}
+    encoded = gnu_xattrs_encoded(pax)
+    assert encoded["SCHILY.xattr.user.per%25cent"] == "v" and encoded["SCHILY.xattr.user.literal%2525"] == "v"
+    assert encoded["path"] == "a%25b"  # only xattr names
+    assert gnu_xattrs_decoded(encoded) == pax
+    # a name GNU tar escaped "=" in cannot be a PAX keyword anywhere else: left out
+    assert gnu_xattrs_decoded({"SCHILY.xattr.user.a%3Db": "v"}) == {}

@@ -374,3 +374,22 @@ def test_config_descriptor_size_is_checked(tmp_path: Path) -> None:
            "layers": []}
     oci.index(oci.blob(json.dumps(doc).encode(), OCI_MANIFEST))
     assert "truncated" in image_error(open_layout, tmp_path, None, None, "oci:x")
+
+
+def test_lone_surrogates_read_as_docker_reads_them() -> None:
+    """Go's encoding/json (Docker) decodes a lone surrogate escape as U+FFFD; a proper pair is one character."""
+    from converter.oci.model import load_json
+
+    doc = load_json(b'{"Env": ["A=x\\ud800y"], "\\udc00k": ["\\ud83d\\ude00"]}', "a config")
+    assert doc == {"Env": ["A=x\ufffdy"], "\ufffdk": ["\U0001f600"]}
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # every string can now be encoded
+
+
+def test_shortened_messages_keep_the_reason_at_the_end() -> None:
+    from converter.errors import one_line
+
+    text = "libguestfs failed to unpack: tar: " + "n" * 500 + ": Cannot open: File name too long"
+    short = one_line(text, 300)
+    assert len(short) <= 300
+    assert short.startswith("libguestfs failed to unpack") and short.endswith("File name too long")
+    assert one_line("a\n  b\n\nc") == "a b c"
