@@ -401,7 +401,7 @@ def _export_in_appliance(app: Appliance, disk: Path, options: ExportOptions, lay
     if opened.origin is None and opened.os is None:
         raise DiskError(f"no operating system found on {disk}")
     result["opened"] = opened
-    if opened.os is not None:
+    if opened.os is not None and opened.os.distro != "unknown":
         monitor.note(f"found {opened.os.product} ({opened.os.distro} {opened.os.version}) on {opened.os.root}")
     scope = filter_for(opened, options.keep_boot)
     used = 0

@@ -12,7 +12,9 @@ Safety rules, because a disk file is untrusted input:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import stat
 import unicodedata
@@ -25,6 +27,8 @@ from converter.disk.appliance import Appliance
 from converter.errors import DiskError, ToolError
 from converter.oci.model import ImageConfig, load_json
 from converter.run import run
+
+log = logging.getLogger("imgconv.inspect")
 
 FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi")
 CHECKABLE = frozenset({"qcow2", "vmdk", "vhdx", "vdi"})
@@ -191,7 +195,12 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
     if mine is not None:
         return mine
     g = app.g
-    roots = app.call("inspect the disk for operating systems", g.inspect_os)
+    try:
+        roots = g.inspect_os()
+    except RuntimeError as exc:
+        if "augeas" not in str(exc):
+            raise ToolError(f"libguestfs failed to inspect the disk for operating systems: {exc}") from None
+        return _without_inspection(app, disk, root, str(exc))
     if root is not None:
         if root not in roots:
             found = _roots_described(app, roots) if roots else "none"
@@ -232,6 +241,36 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
                   product=text(g.inspect_get_product_name), arch=text(g.inspect_get_arch),
                   mountpoints=tuple((m, d) for m, d in ordered if m in mounted))
     return Opened(os=info, mountpoints=mounted)
+
+
+def _without_inspection(app: Appliance, disk: Path, root: str | None, why: str) -> Opened:
+    """Inspection stops at a configuration file it cannot parse (an fstab line with too few fields, say),
+    which the guest's own boot would shrug off. With --root, that filesystem alone is exported (the others
+    its fstab names cannot be known); without, the user is told so and shown the filesystems."""
+    g = app.g
+    filesystems = app.call("list filesystems", g.list_filesystems)
+    reason = why.split(": ", 1)[-1] if ": " in why else why
+    if root is None or root not in filesystems:
+        found = ", ".join(f"{dev} ({kind})" for dev, kind in sorted(filesystems.items())
+                          if kind not in ("swap", "unknown", "")) or "none"
+        said = f"--root {_shown(root)} is not a filesystem on {disk}" if root else \
+            f"the operating system on {disk} cannot be inspected"
+        raise DiskError(f"{said}: a configuration file of the guest does not parse ({clean_label(reason, 120)}); "
+                        f"pass --root DEVICE to export that filesystem alone (filesystems: {found})")
+    with contextlib.suppress(RuntimeError):
+        g.umount_all()  # a failed inspection can leave what it was reading mounted
+    try:
+        g.mount_ro(root, "/")
+    except RuntimeError:
+        app.call(f"mount {root}", g.mount_options, "ro,norecovery", root, "/")
+    log.warning("the guest's configuration does not parse (%s): exporting %s alone, without the filesystems "
+                "its /etc/fstab would mount", clean_label(reason, 120), root)
+    arch = "unknown"
+    with contextlib.suppress(RuntimeError):
+        arch = str(g.file_architecture(g.realpath("/bin/sh")))
+    info = OsInfo(root=root, distro="unknown", version="unknown", product="unknown", arch=arch,
+                  mountpoints=(("/", root),))
+    return Opened(os=info, mountpoints=["/"])
 
 
 def _inside_guest(app: Appliance, mountpoint: str) -> str | None:

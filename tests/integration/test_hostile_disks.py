@@ -1,6 +1,6 @@
 """`imgconv vm-to-oci` against hostile and unusual disks, built here with libguestfs (never with imgconv).
 
-One appliance launch builds four disks (cached by content in the test cache, as foreign.py's are):
+One appliance launch builds five disks (cached by content in the test cache, as foreign.py's are):
 
     main      a busybox "Alpine" whose files try everything tar and OCI layers are sensitive to: names with
               newlines, escapes, glob characters, invalid UTF-8, 255 bytes, a 3.6 KB deep path; symlinks that
@@ -12,6 +12,7 @@ One appliance launch builds four disks (cached by content in the test cache, as 
     whiteout  a file named `.wh.secret` and one named `.wh..wh..opq`: in a layer those are whiteouts;
     escape    an fstab whose mountpoints leave the guest's root (through a symlink, and through `..`), each
               mounting a filesystem that carries its own /bin/sh;
+    badfstab  an fstab line libguestfs inspection cannot parse: refused with a pointer to --root, exported with it;
     basediff  exported with --base over an image (made here with tarfile) in which /lib and /srv/d were
               directories: the disk has /lib -> usr/lib (a /usr merge) and /srv/d as a file.
 
@@ -218,6 +219,16 @@ def _build_escape(g: Any, scratch: Path) -> None:
     g.umount_all()
 
 
+def _build_badfstab(g: Any) -> None:
+    """An fstab line with two fields: libguestfs inspection (augeas) gives up on it, the guest's boot would not."""
+    g.part_disk("/dev/sde", "mbr")
+    g.mkfs("ext4", "/dev/sde1")
+    g.mount("/dev/sde1", "/")
+    _busybox_os(g, "Bad fstab", "/dev/sda1 / ext4 defaults 0 1\n/dev/sdb1 /data\nproc /proc proc defaults 0 0\n")
+    g.write("/srv/kept", b"exported all the same\n")
+    g.umount_all()
+
+
 BASE_ENTRIES = [("lib", None), ("lib/x", b"moved to usr/lib\n"), ("srv", None), ("srv/d", None),
                 ("srv/d/c", b"c\n"), ("srv/keep", b"same\n")]
 
@@ -258,7 +269,7 @@ def _write_base_layout(root: Path) -> None:
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
 
 
-DISKS = {"main": "512M", "whiteout": "64M", "escape": "128M", "basediff": "64M"}
+DISKS = {"main": "512M", "whiteout": "64M", "escape": "128M", "basediff": "64M", "badfstab": "64M"}
 
 
 def build_disks(directory: Path) -> dict[str, Path]:
@@ -280,6 +291,7 @@ def build_disks(directory: Path) -> dict[str, Path]:
         _build_whiteout(g)
         _build_escape(g, directory)
         _build_basediff(g)
+        _build_badfstab(g)
         g.shutdown()
     finally:
         g.close()
@@ -430,6 +442,8 @@ EXPORTS = {  # key: (disk, extra arguments); the slowest first
     "basediff": ("basediff", ()),  # text mode: its note carries the hostile product string
     "escape": ("escape", ("--quiet",)),
     "whiteout": ("whiteout", ("--quiet",)),
+    "badfstab": ("badfstab", ("--quiet",)),
+    "badfstab-root": ("badfstab", ("--quiet", "--root", "/dev/sda1")),
 }
 
 
@@ -747,3 +761,19 @@ def test_base_diff_has_no_whiteout_beneath_a_replaced_directory(hostile: Hostile
             parts = head.split("/") if head else []
             beneath += [path for i in range(1, len(parts) + 1) if "/".join(parts[:i]) in nondirs]
     assert beneath == []
+
+
+def test_an_fstab_inspection_cannot_parse_names_the_way_out(hostile: Hostile) -> None:
+    """libguestfs inspection gives up on a two-field fstab line: the error says so and offers --root."""
+    line = one_line_error(hostile.ran("badfstab"))
+    assert "does not parse" in line and "--root DEVICE" in line and "/dev/sda1 (ext4)" in line, line
+    assert not hostile.dest("badfstab").exists()
+
+
+def test_root_exports_that_filesystem_when_inspection_cannot(hostile: Hostile) -> None:
+    ran = hostile.ran("badfstab-root").ok()
+    assert "exporting /dev/sda1 alone" in ran.stderr, ran.stderr
+    tree = hostile.tree("badfstab-root")
+    assert tree["srv/kept"].sha256 == hashlib.sha256(b"exported all the same\n").hexdigest()
+    _digest, _manifest, config = manifest_of(hostile.dest("badfstab-root"), "t")
+    assert config["architecture"] == "amd64"  # from /bin/sh, since inspection could not say
