@@ -47,7 +47,7 @@ class Ran:
 
 
 def imgconv(*args: str, env: Mapping[str, str] | None = None, epoch: int | None = None,
-            timeout: float = 900) -> Ran:
+            timeout: float = 900, cwd: Path | None = None) -> Ran:
     """`imgconv ARGS` with a clean SOURCE_DATE_EPOCH (set only when `epoch` is given)."""
     full = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     full.update(env or {})
@@ -56,7 +56,7 @@ def imgconv(*args: str, env: Mapping[str, str] | None = None, epoch: int | None 
     argv = (str(IMGCONV), *args)
     started = time.monotonic()
     proc = subprocess.run(argv, env=full, capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+                          stdin=subprocess.DEVNULL, timeout=timeout, check=False, cwd=cwd)
     return Ran(argv, proc.returncode, proc.stdout, proc.stderr, round(time.monotonic() - started, 1))
 
 

@@ -82,11 +82,12 @@ class Converted:
 
 
 def convert(root: Path, layers: Sequence[bytes], container: dict[str, Any], *flags: str,
-            boot: bool = False) -> Converted:
+            boot: bool = False, output_name: str = "out/disk.qcow2") -> Converted:
+    """*output_name* is given to imgconv relative to *root* (its working directory), as a user types it."""
     ref = oci_layout(root / "layout", layers, container)
-    (root / "out").mkdir()
-    output = root / "out" / "disk.qcow2"
-    done = Converted(output, imgconv("oci-to-qcow2", "--quiet", *flags, ref, str(output)))
+    output = root / output_name
+    output.parent.mkdir()
+    done = Converted(output, imgconv("oci-to-qcow2", "--quiet", *flags, ref, output_name, cwd=root))
     if boot and done.ran.code == 0:
         done.boot = imgconv("boot", "--timeout", str(BOOT_TIMEOUT), str(output), timeout=BOOT_TIMEOUT + 120)
     return done
@@ -188,8 +189,9 @@ BOGUS_RELEASE = "9.9.9-bogus"
 def bogus_kernel_image(root: Path) -> Converted:
     specs = [*busybox(), d("boot"), f(f"boot/vmlinuz-{BOGUS_RELEASE}", "not a kernel"), d("lib"), d("lib/modules"),
              d(f"lib/modules/{BOGUS_RELEASE}"), f(f"lib/modules/{BOGUS_RELEASE}/modules.dep", "")]
+    # and a relative OUTPUT whose directory and name qemu-img would read as protocols if it were given them
     done = convert(root, [layer(*specs)], {"Entrypoint": ["/bin/sh", "-c", "echo hi; exit 5"]},
-                   "--no-kernel-modules")
+                   "--no-kernel-modules", output_name="vm:1/disk:2.qcow2")
     if done.ran.code == 0:
         done.boot = imgconv("boot", "--timeout", str(BOOT_TIMEOUT), str(done.output), timeout=BOOT_TIMEOUT + 120)
     return done
