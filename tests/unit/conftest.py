@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.cli import IMGCONV, Ran
+from tests.cli import imgconv as run_imgconv
 from tests.unit.layerkit import Layout
 
 
@@ -21,30 +19,9 @@ def oci(tmp_path: Path) -> Layout:
     return Layout(tmp_path / "layout")
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def _console_script() -> str:
-    beside = Path(sys.executable).with_name("imgconv")
-    found = str(beside) if beside.exists() else shutil.which("imgconv")
-    if found is None:
-        pytest.fail("the imgconv console script is not installed: run `make setup`")
-    return found
-
-
 @pytest.fixture
-def imgconv(tmp_path: Path) -> Callable[..., Result]:
-    """Run the installed `imgconv` (as a user would), in a scratch directory, without a terminal."""
-    script = _console_script()
-
-    def run(*args: str) -> Result:
-        env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
-        proc = subprocess.run([script, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-                              stdin=subprocess.DEVNULL)
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    return run
+def imgconv(tmp_path: Path) -> Callable[..., Ran]:
+    """Run the installed `imgconv` (as a user would, tests/cli.py), in a scratch directory, without a terminal."""
+    if not IMGCONV.exists():
+        pytest.fail("the imgconv console script is not installed: run `make setup`")
+    return functools.partial(run_imgconv, cwd=tmp_path, env={"COLUMNS": "200", "TERM": "dumb"}, timeout=120)

@@ -21,7 +21,7 @@ from converter.oci.flatten import LayerInput, flatten, open_output
 from converter.oci.image import verify_layers
 from converter.oci.reference import parse_reference
 from converter.oci.source import open_image
-from tests.unit.conftest import Result
+from tests.cli import Ran, assert_one_line_error
 from tests.unit.layerkit import (
     OCI_CONFIG,
     OCI_INDEX,
@@ -35,25 +35,16 @@ from tests.unit.layerkit import (
     sym,
 )
 
-Run = Callable[..., Result]
+Run = Callable[..., Ran]
 
 GOOD_LAYER = layer(d("etc"), f("etc/hostname", "box\n"), f("bin/app", b"\x7fELF" * 1000, 0o755))
 
 
-def one_line_error(result: Result, *needles: str) -> str:
-    """Assert *result* is a clean failure naming every needle; return the message."""
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("imgconv: error: "), lines[0]
-    assert result.code >= 2, (result.code, lines[0])
-    assert result.stdout == "", result.stdout
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+# Inspect's refusals exit 2 or more (tests/cli.py's contract, any failure code); returns the one line.
+one_line_error = functools.partial(assert_one_line_error, code=None)
 
 
-def inspect(imgconv: Run, ref: str, *extra: str) -> Result:
+def inspect(imgconv: Run, ref: str, *extra: str) -> Ran:
     return imgconv("inspect", "--quiet", ref, *extra)
 
 
