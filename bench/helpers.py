@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -20,14 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def flatten_to_null(reference: str) -> int:
-    from converter.oci.flatten import LayerInput, flatten, open_output
+    from converter.oci.flatten import flatten
     from converter.oci.reference import parse_reference
-    from converter.oci.source import open_image
+    from converter.oci.tarutil import open_output
+    from converter.oci.transport import open_image
 
     with open_image(parse_reference(reference)) as image, open(os.devnull, "wb") as sink:
         tar = open_output(sink)
-        layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
-        tree = flatten(layers, tar)
+        tree = flatten(image.layer_inputs(), tar)
         tar.close()
     print(json.dumps({"entries": tree.entries, "content_bytes": tree.content_bytes}))
     return 0

@@ -90,13 +90,14 @@ def inspect(
     Every blob is verified (size and sha256) while it is read; a corrupt image is an error.
     """
     from converter.inspect import inspect_image
+    from converter.records import dumps, to_json
 
     report = inspect_image(reference, platform=platform, tls_verify=tls_verify,
                            monitor=monitor_for(json_output, quiet or json_output))
     if json_output:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(dumps(report))
     else:
-        print(render_inspect(report))
+        print(render_inspect(to_json(report)))
 
 
 def render_inspect(report: dict[str, Any]) -> str:
@@ -186,6 +187,7 @@ def oci_to_qcow2(
     """
     from converter.disk.build import BuildOptions, DiskFormat, convert
     from converter.oci.model import Platform
+    from converter.records import dumps
 
     try:
         fmt = DiskFormat(disk_format)
@@ -205,10 +207,10 @@ def oci_to_qcow2(
     )
     record = convert(source, options, monitor_for(json_output, quiet))
     if json_output:
-        print(json.dumps(record, indent=2))
+        print(dumps(record))
     elif not quiet:
-        print(f"{output}: {record['format']}, {human_size(record['size'])} on disk, "
-              f"kernel {record['kernel']['release']}, sha256 {record['sha256']}")
+        print(f"{output}: {record.format}, {human_size(record.size)} on disk, "
+              f"kernel {record.kernel.release}, sha256 {record.sha256}")
 
 
 @app.command("vm-to-oci")
@@ -255,22 +257,26 @@ def vm_to_oci(
     Example: imgconv vm-to-oci legacy.qcow2 docker-daemon:legacy:latest
     """
     from converter.disk.export import ExportOptions, export
+    from converter.oci.config import ConfigOverrides
     from converter.oci.model import Platform
+    from converter.records import dumps
 
     options = ExportOptions(
         compression=compression, reproducible=reproducible, keep_boot=keep_boot, root=root, base=base,
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
-        entrypoint=parse_argv(entrypoint, "--entrypoint"), cmd=parse_argv(cmd, "--cmd"),
-        env=tuple(key_value(e, "--env") and e for e in env or ()), workdir=workdir, user=user,
-        labels=tuple(key_value(item, "--label") for item in label or ()),
-        expose=tuple(port_spec(p) for p in expose or ()),
+        overrides=ConfigOverrides(
+            entrypoint=parse_argv(entrypoint, "--entrypoint"), cmd=parse_argv(cmd, "--cmd"),
+            env=tuple(key_value(e, "--env") and e for e in env or ()), workdir=workdir, user=user,
+            labels=tuple(key_value(item, "--label") for item in label or ()),
+            expose=tuple(port_spec(p) for p in expose or ()),
+        ),
     )
     record = export(disk, dest, options, monitor_for(json_output, quiet))
     if json_output:
-        print(json.dumps(record, indent=2))
+        print(dumps(record))
     elif not quiet:
-        print(f"{record['destination']}: {len(record['layers'])} layer(s), image {record['image_id']}"
-              + (f", manifest {record['manifest_digest']}" if record.get("manifest_digest") else ""))
+        print(f"{record.destination}: {len(record.layers)} layer(s), image {record.image_id}"
+              + (f", manifest {record.manifest_digest}" if record.manifest_digest else ""))
 
 
 def parse_argv(value: str | None, flag: str) -> tuple[str, ...] | None:

@@ -1,41 +1,65 @@
-"""`imgconv inspect`: an image's identity, layers and run configuration, every blob verified."""
+"""`imgconv inspect`: an image's identity, layers and run configuration, every blob verified.
+
+    read-image      manifest and config verified
+    verify-layers   every layer read through its verifier (size, digest, diff_id), so a corrupt image is an
+                    error here rather than half-way through a conversion
+    report          the typed record the CLI renders
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from converter.oci.blobs import drain
+from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import parse_reference
-from converter.oci.source import open_image
+from converter.oci.transport import open_image
+from converter.pipeline import Context, Pipeline, Slot, Step
 from converter.progress import Monitor
+from converter.records import ImageIdentity, InspectRecord
 
 
-def inspect_image(reference: str, *, platform: str | None, tls_verify: bool, monitor: Monitor) -> dict[str, Any]:
-    ref = parse_reference(reference)
-    wanted = Platform.parse(platform) if platform else None
-    with monitor.step(f"reading {ref}"), open_image(ref, platform=wanted, tls_verify=tls_verify) as image:
-        total = sum(layer.descriptor.size for layer in image.layers)
-        with monitor.bar("verifying layers", total) as bar:
-            for layer in image.layers:
-                with image.open_layer(layer) as stream:
-                    drain(stream)
-                bar.update(layer.descriptor.size)
-        return {
-            "source": image.source,
-            "image_id": image.image_id,
-            "manifest_digest": image.manifest_digest,
-            "index_digest": image.index_digest,
-            "platform": str(image.config.platform),
-            "created": image.config.doc.get("created"),
-            "layers": [
-                {
-                    "digest": layer.descriptor.digest,
-                    "size": layer.descriptor.size,
-                    "media_type": layer.descriptor.media_type,
-                    "diff_id": layer.diff_id,
-                }
-                for layer in image.layers
-            ],
-            "config": image.config.summary(),
-        }
+@dataclass(frozen=True)
+class InspectOptions:
+    reference: str
+    platform: Platform | None = None
+    tls_verify: bool = True
+
+
+OPTIONS: Slot[InspectOptions] = Slot("options")
+IMAGE: Slot[Image] = Slot("image")
+RECORD: Slot[InspectRecord] = Slot("record")
+
+
+def read_image(ctx: Context) -> Image:
+    options = ctx[OPTIONS]
+    return ctx.enter(open_image(parse_reference(options.reference), platform=options.platform,
+                                tls_verify=options.tls_verify))
+
+
+def verify_layers(ctx: Context) -> None:
+    image = ctx[IMAGE]
+    with ctx.monitor.bar("verifying layers", sum(layer.descriptor.size for layer in image.layers)) as bar:
+        for layer in image.layers:
+            with image.open_layer(layer) as stream:
+                drain(stream)
+            bar.update(layer.descriptor.size)
+
+
+def report(ctx: Context) -> InspectRecord:
+    image = ctx[IMAGE]
+    return InspectRecord(ImageIdentity.of(image), str(image.config.platform), image.config.doc.get("created"),
+                         image.config.summary())
+
+
+PIPELINE: Pipeline[InspectRecord] = Pipeline("inspect", (
+    Step("read-image", "reading the image", read_image, IMAGE, (OPTIONS,)),
+    Step("verify-layers", "verifying the layers", verify_layers, None, (IMAGE,)),
+    Step("report", "reporting", report, RECORD, (IMAGE,)),
+), result=RECORD, given=(OPTIONS,))
+
+
+def inspect_image(reference: str, *, platform: str | None, tls_verify: bool, monitor: Monitor) -> InspectRecord:
+    options = InspectOptions(reference, Platform.parse(platform) if platform else None, tls_verify)
+    return PIPELINE.run(monitor, options=options)

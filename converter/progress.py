@@ -18,8 +18,9 @@ class Bar(Protocol):
 
 
 class Monitor(Protocol):
-    def step(self, name: str) -> Any:
-        """Context manager around a named step; reports its start and how long it took."""
+    def step(self, step_id: str, title: str) -> Any:
+        """Context manager around a step: *step_id* is stable (scripts and `make bench` read it), *title* is for
+        people. Reports the start and how long the step took."""
 
     def bar(self, desc: str, total: int | None, unit: str = "B") -> Any:
         """Context manager yielding a :class:`Bar` for work of known or unknown size."""
@@ -37,7 +38,7 @@ class NullMonitor:
     """--quiet: nothing at all."""
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, step_id: str, title: str) -> Iterator[None]:
         yield
 
     @contextmanager
@@ -61,16 +62,16 @@ class TextMonitor:
         self.bars = self.interactive
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, step_id: str, title: str) -> Iterator[None]:
         if not self.interactive:
             yield
             return
         start = time.monotonic()
-        print(f"imgconv: {name}...", file=self.stream, flush=True)
+        print(f"imgconv: {title}...", file=self.stream, flush=True)
         yield
         elapsed = time.monotonic() - start
         if elapsed >= 1.0:
-            print(f"imgconv: {name}: done in {elapsed:.1f}s", file=self.stream, flush=True)
+            print(f"imgconv: {title}: done in {elapsed:.1f}s", file=self.stream, flush=True)
 
     @contextmanager
     def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:
@@ -110,11 +111,12 @@ class JsonMonitor:
         print(json.dumps(event), file=self.stream, flush=True)
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, step_id: str, title: str) -> Iterator[None]:
         start = time.monotonic()
-        self.emit({"event": "step", "step": name})
+        self.emit({"event": "step", "id": step_id, "step": title})
         yield
-        self.emit({"event": "step-done", "step": name, "seconds": round(time.monotonic() - start, 3)})
+        self.emit({"event": "step-done", "id": step_id, "step": title,
+                   "seconds": round(time.monotonic() - start, 3)})
 
     @contextmanager
     def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:

@@ -7,12 +7,13 @@ every transport and lives here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from converter.errors import BlobError, ImageError
+from converter.errors import ImageError
 from converter.oci.blobs import open_layer_stream, read_verified
 from converter.oci.model import (
     INDEX_TYPES,
@@ -32,6 +33,14 @@ class BlobStore(Protocol):
     def open_blob(self, digest: str) -> BinaryIO: ...
 
     def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """One layer to flatten: how to name it in errors and how to open its uncompressed tar."""
+
+    what: str
+    open: Callable[[], AbstractContextManager[BinaryIO]]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,10 @@ class Image:
             Layer(i, desc, diff_id)
             for i, (desc, diff_id) in enumerate(zip(self.manifest.layers, self.config.diff_ids, strict=True))
         )
+
+    def layer_inputs(self) -> tuple[LayerInput, ...]:
+        """The layers as the flattener takes them, each verified as it is read."""
+        return tuple(LayerInput(layer.what, functools.partial(self.open_layer, layer)) for layer in self.layers)
 
     def open_layer(self, layer: Layer) -> AbstractContextManager[BinaryIO]:
         """The layer's uncompressed tar, verified against its digest, size and diff_id as it is read."""
@@ -131,16 +144,3 @@ def from_manifest(
         raise ImageError(f"{source} is for platform {config.platform}, not {platform}")
     return Image(source, manifest, config, store, index_digest)
 
-
-def verify_layers(image: Image, progress: Iterator[None] | None = None) -> None:
-    """Read every layer through its verifier (inspect does this so a bad blob is reported early)."""
-    from converter.oci.blobs import drain
-
-    for layer in image.layers:
-        try:
-            with image.open_layer(layer) as stream:
-                drain(stream)
-        except BlobError:
-            raise
-        if progress is not None:
-            next(progress, None)

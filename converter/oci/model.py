@@ -366,5 +366,12 @@ class ImageConfig:
 
 
 def canonical_json(doc: Mapping[str, Any] | Sequence[Any]) -> bytes:
-    """Stable JSON bytes for documents imgconv writes (so equal content has equal digests)."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Stable JSON bytes for documents imgconv writes (so equal content has equal digests).
+
+    Only JSON: a number JSON cannot carry (an image's ``1e999`` reads as infinity) is refused rather than
+    written as ``Infinity``, which no other tool would read."""
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise ImageError(f"cannot write the image's JSON: it holds a number JSON cannot represent ({exc})") from exc
+    return text.encode()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from converter.oci.flatten import LayerInput, flatten
+from converter.oci.flatten import flatten
 from converter.oci.image import Image
 
 
@@ -80,9 +80,6 @@ class SignatureIndex:
 
 def index_image(image: Image) -> dict[str, Signature]:
     """The final tree of *image*, as signatures (its layers are read, verified, once)."""
-    import functools
-
     sink = SignatureIndex()
-    layers = [LayerInput(layer.what, functools.partial(image.open_layer, layer)) for layer in image.layers]
-    flatten(layers, sink)
+    flatten(image.layer_inputs(), sink)
     return sink.entries

@@ -1,0 +1,83 @@
+"""The kernel and initramfs a converted disk boots, put in place inside the appliance.
+
+A host kernel (or ``--kernel``) is copied in; an image's own kernel stays where the image has it. The
+initramfs is the user's ``--initrd`` or one imgconv builds with the modules the boot needs: a host kernel's
+from the host, an image kernel's read out of the image (each name checked: modules.dep is image data).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+from converter.boot.extlinux import boot_entry
+from converter.boot.initbin import init_binary
+from converter.boot.initramfs import build_initramfs, needed_modules
+from converter.boot.kernel import Kernel, resolve_in_tree
+from converter.disk.appliance import Appliance
+from converter.errors import ImageError
+from converter.guest import BOOT_DIR
+from converter.oci.flatten import FlatTree
+from converter.records import BootEntry
+
+MiB = 1 << 20
+MAX_GUEST_MODULE = 64 * MiB  # a module, modules.dep or modules.builtin larger than this is not one
+
+
+def _guest_file(app: Appliance, path: str) -> bool:
+    """*path* in the guest is a regular file (not a symlink, FIFO or device) of a plausible size."""
+    if not app.call(f"look for {path}", app.g.is_file, path):  # symlinks are not followed
+        return False
+    if app.call(f"measure {path}", app.g.filesize, path) > MAX_GUEST_MODULE:
+        raise ImageError(f"the image's {path} is too large to be part of a kernel's modules")
+    return True
+
+
+def fetch_guest_modules(app: Appliance, release: str, guest_modules: str, scratch: Path) -> Path:
+    """Copy what the initramfs needs of an image kernel's modules out of the guest.
+
+    The image's modules.dep names the files: each name must stay inside the modules tree (it becomes a
+    path on the host) and be a regular file in the guest.
+    """
+    local = scratch / "modules" / release
+    local.mkdir(parents=True)
+    for name in ("modules.dep", "modules.builtin"):
+        guest = f"/{guest_modules}/{name}"
+        if _guest_file(app, guest):
+            app.call(f"read {guest}", app.g.download, guest, str(local / name))
+    for rel in needed_modules(local):
+        clean = posixpath.normpath(rel)
+        if rel.startswith("/") or clean == "." or clean.startswith("../") or clean == ".." or "\0" in rel:
+            raise ImageError(f"the image's /{guest_modules}/modules.dep names {rel!r}, which is outside its "
+                             "modules tree")
+        guest = f"/{guest_modules}/{clean}"
+        if not _guest_file(app, guest):
+            raise ImageError(f"the image's kernel module {guest} is not a regular file")
+        (local / clean).parent.mkdir(parents=True, exist_ok=True)
+        app.call(f"read {guest}", app.g.download, guest, str(local / clean))
+    return local
+
+
+def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, uuid: str) -> BootEntry:
+    """Kernel and initramfs into the disk; the boot entry that names them."""
+    if kernel.host_path is not None:
+        kernel_guest = f"{BOOT_DIR}/vmlinuz-{kernel.release}"
+        app.call("copy the kernel in", app.g.upload, str(kernel.host_path), f"/{kernel_guest}")
+    elif kernel.guest_path is not None:
+        kernel_guest = resolve_in_tree(kernel.guest_path, tree.symlinks)
+    else:
+        raise ValueError(f"{kernel.describe()} has no file")
+    initrd_guest = f"{BOOT_DIR}/initramfs-{kernel.release}.img"
+    if kernel.host_initrd is not None:
+        app.call("copy the initrd in", app.g.upload, str(kernel.host_initrd), f"/{initrd_guest}")
+    else:
+        if kernel.host_modules is not None:
+            modules = kernel.host_modules
+        elif kernel.guest_modules is not None:
+            modules = fetch_guest_modules(app, kernel.release, kernel.guest_modules, scratch)
+        else:  # ruled out when the kernel is chosen (build.check_inputs)
+            raise ValueError(f"{kernel.describe()} has no modules")
+        initramfs = scratch / "initramfs.img"
+        initramfs.write_bytes(build_initramfs(kernel.release, modules, init_binary()))
+        app.call("copy the initramfs in", app.g.upload, str(initramfs), f"/{initrd_guest}")
+    return boot_entry(kernel_guest, initrd_guest, uuid)

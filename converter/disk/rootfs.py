@@ -1,0 +1,273 @@
+"""What oci-to-qcow2 unpacks into the disk: the image's final root filesystem, then imgconv's own files.
+
+Two tar streams into the appliance's GNU tar, each through a FIFO (nothing is staged on the host):
+
+1. the image's layers flattened (:func:`write_image_tree`); the tree summary it returns says which kernel
+   the image carries, so the kernel is chosen between the two streams;
+2. imgconv's files (:func:`write_imgconv_files`): init, its spec, the image's config and manifest, a host
+   kernel's modules where modprobe looks, the headers of existing directories that received entries
+   (GNU tar then restores their mtime) and, last, the origin record listing every path added.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+from converter.boot.kernel import HEADER_BYTES, KERNEL_NAME, Kernel, resolve_in_tree
+from converter.disk.appliance import Appliance
+from converter.disk.fifo import through_fifo
+from converter.errors import ImageError, ToolError
+from converter.guest import BOOT_DIR, MOUNTED_BY_INIT, ORIGIN, RESERVED
+from converter.oci.flatten import DIR, FlatTree, flatten
+from converter.oci.image import Image
+from converter.oci.tarutil import abandon_output, gnu_xattrs_encoded, open_output, parents
+
+
+@dataclass(frozen=True)
+class ImageTree:
+    """The image's files as written into the disk, and the first bytes of each file named like a kernel."""
+
+    tree: FlatTree
+    kernel_headers: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """One file imgconv adds under /.imgconv."""
+
+    name: str
+    data: bytes
+    mode: int = 0o644
+
+
+@dataclass
+class Additions:
+    """Paths imgconv creates in the guest, and existing directories it writes into (their mtimes)."""
+
+    injected: list[str] = field(default_factory=list)
+    touched_dirs: dict[str, float] = field(default_factory=dict)
+
+
+# -- the image's tree -----------------------------------------------------------------------------------------
+
+
+class ApplianceSink:
+    """The tar sink in front of the stream to the appliance's GNU tar. It escapes xattr names as GNU tar
+    reads them, and keeps the first bytes of every file named like a kernel, so that the image's kernel can
+    be checked (is it a bzImage? which release?) without reading it twice."""
+
+    def __init__(self, inner: tarfile.TarFile) -> None:
+        self.inner = inner
+        self.headers: dict[str, bytes] = {}
+        self._links: dict[str, str] = {}
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
+        tarinfo = for_gnu_tar(tarinfo)
+        name = tarinfo.name.strip("/")
+        if KERNEL_NAME.fullmatch(name):
+            if tarinfo.islnk():
+                self._links[name] = tarinfo.linkname.strip("/")
+            elif tarinfo.isreg() and fileobj is not None:
+                head = _read_full(fileobj, min(tarinfo.size, HEADER_BYTES))
+                self.headers[name] = head
+                fileobj = cast(IO[bytes], _Prefixed(head, fileobj))
+        self.inner.addfile(tarinfo, fileobj)
+
+    def kernel_headers(self) -> dict[str, bytes]:
+        found = dict(self.headers)
+        for name, target in self._links.items():
+            if target in self.headers:
+                found[name] = self.headers[target]
+        return found
+
+
+def for_gnu_tar(tarinfo: tarfile.TarInfo, mtime: float | None = None) -> tarfile.TarInfo:
+    """*tarinfo* with its xattr names escaped as GNU tar reads them (and another mtime, if given), on a copy:
+    the caller's header (kept in the FlatTree) stays as the image has it."""
+    escape = any(key.startswith("SCHILY.xattr.") and "%" in key for key in tarinfo.pax_headers)
+    if not escape and mtime is None:
+        return tarinfo
+    copied = copy.copy(tarinfo)
+    if escape:
+        copied.pax_headers = gnu_xattrs_encoded(tarinfo.pax_headers)
+    if mtime is not None:
+        copied.mtime = mtime
+    return copied
+
+
+def _read_full(fileobj: IO[bytes], size: int) -> bytes:
+    parts, wanted = [], size
+    while wanted > 0:
+        chunk = fileobj.read(wanted)
+        if not chunk:
+            break
+        parts.append(chunk)
+        wanted -= len(chunk)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """*head* (already read from *rest*) followed by the rest of *rest*: full reads, as tarfile needs."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        super().__init__()
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            data, self.head = self.head + self.rest.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + _read_full(self.rest, size - len(data)) if len(data) < size else data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+
+def check_tree(tree: FlatTree) -> None:
+    """What the image may not hold: imgconv's reserved directory, or non-directories where the init mounts.
+
+    Through a symlink the init's mount would land on whatever it points to. Docker's init layer hides such
+    entries under directories; imgconv refuses them rather than change the image behind the user's back.
+    """
+    if RESERVED in tree.kinds:
+        raise ImageError(f"the image already contains /{RESERVED}, which imgconv reserves for its own files")
+    for name in MOUNTED_BY_INIT:
+        if name in tree.symlinks:
+            raise ImageError(f"the image's /{name} is a symbolic link (to {tree.symlinks[name]!r}); the VM mounts "
+                             f"its own /{name} there, so it must be a directory")
+        if name != "sys" and tree.kinds.get(name, DIR) != DIR:
+            raise ImageError(f"the image's /{name} is not a directory; the VM mounts its own /{name} there")
+
+
+def write_image_tree(image: Image, out: BinaryIO, on_bytes: Callable[[int], None]) -> ImageTree:
+    """The image's final root filesystem as one tar stream on *out*."""
+    with _tar_output(out) as tar:
+        sink = ApplianceSink(tar)
+        tree = flatten(image.layer_inputs(), sink, on_bytes)
+        check_tree(tree)
+    return ImageTree(tree, sink.kernel_headers())
+
+
+# -- imgconv's files ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _tar_output(out: BinaryIO) -> Iterator[tarfile.TarFile]:
+    """A tar stream that is finished on success and abandoned (no end-of-archive) on failure, so that the
+    appliance's tar fails instead of unpacking a truncated stream as if it were whole."""
+    tar = open_output(out)
+    try:
+        yield tar
+    except BaseException:
+        abandon_output(tar)
+        raise
+    tar.close()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755, mtime: float = 0) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime, info.uname, info.gname = tarfile.DIRTYPE, mode, mtime, "", ""
+    tar.addfile(info)
+
+
+def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str) -> None:
+    """Copy a host directory (a kernel's modules) into the stream: root-owned, symlinks not followed."""
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        rel = os.path.relpath(root, source)
+        base = dest if rel == "." else f"{dest}/{rel}"
+        st = os.lstat(root)
+        _add_dir(tar, base, stat.S_IMODE(st.st_mode), st.st_mtime)
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            info = tarfile.TarInfo(f"{base}/{name}")
+            info.mode, info.mtime, info.uname, info.gname = stat.S_IMODE(st.st_mode), st.st_mtime, "", ""
+            if stat.S_ISLNK(st.st_mode):
+                info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.size = st.st_size
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+
+
+def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile) -> str:
+    """Where *wanted* lands in the image once its symlinks are followed; create missing parents.
+
+    Existing directories that receive new entries are remembered with their mtime, so their header can be
+    re-emitted at the end of the stream (tar then restores the original mtime).
+    """
+    target = resolve_in_tree(wanted, tree.symlinks)
+    if target == RESERVED or target.startswith(f"{RESERVED}/"):
+        raise ImageError(f"cannot place /{wanted} in the image: its symlinks lead it to /{target}, "
+                         f"inside /{RESERVED}, which imgconv reserves for its own files")
+    chain = list(reversed(list(parents(target))))
+    for ancestor in chain:
+        kind = tree.kinds.get(ancestor)
+        if kind is None:
+            _add_dir(tar, ancestor)
+            tree.kinds[ancestor] = DIR
+            added.injected.append(ancestor)
+        elif kind != DIR:
+            raise ImageError(f"cannot place /{wanted} in the image: /{ancestor} is not a directory")
+    parent = chain[-1] if chain else ""
+    if parent and parent not in added.injected and parent in tree.dirs:
+        added.touched_dirs[parent] = tree.dirs[parent].mtime
+    return target
+
+
+def write_imgconv_files(tree: FlatTree, files: list[GuestFile], kernel: Kernel, modules: bool,
+                        origin: Callable[[Additions], bytes], out: BinaryIO) -> Additions:
+    """imgconv's files as one tar stream on *out*; *origin* renders the origin record from what was added."""
+    added = Additions(injected=[RESERVED] + ([] if "lost+found" in tree.kinds else ["lost+found"]))
+    with _tar_output(out) as tar:
+        _add_dir(tar, RESERVED)
+        _add_dir(tar, BOOT_DIR)
+        for guest_file in files:
+            _add_bytes(tar, f"{RESERVED}/{guest_file.name}", guest_file.data, guest_file.mode)
+        if kernel.host_modules is not None and modules:
+            dest = place(tree, f"lib/modules/{kernel.release}", added, tar)
+            if dest not in tree.kinds:
+                _add_host_tree(tar, kernel.host_modules, dest)
+                added.injected.append(dest)
+        for path, mtime in added.touched_dirs.items():
+            tar.addfile(for_gnu_tar(tree.dirs[path], mtime))
+        _add_bytes(tar, ORIGIN, origin(added))
+    return added
+
+
+def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None], doing: str) -> None:
+    """Unpack what *work* writes into the disk's root, through a FIFO (nothing staged on the host)."""
+    try:
+        through_fifo(fifo, "write", work, functools.partial(_tar_in, app, doing))
+    except ToolError as exc:
+        if "No space left" in str(exc):
+            raise ToolError("the disk is too small for the image's files; pass a larger --size") from exc
+        raise
+
+
+def _tar_in(app: Appliance, doing: str, path: str) -> None:
+    app.call(doing, app.g.tar_in, path, "/", xattrs=True)

@@ -1,0 +1,212 @@
+"""The runner every verb uses: a verb is a typed context plus a declared sequence of named steps.
+
+A step is a plain function of the run's :class:`Context` that returns one typed value, stored in the
+context under the step's :class:`Slot`; later steps read it back with ``ctx[SLOT]``, typed. A pipeline
+checks when it is *declared* that every slot a step needs is made by an earlier step (or given at the
+start), so a step never has to ask "is the kernel known yet?": a misordered pipeline fails at import,
+not half-way through a conversion.
+
+Steps have stable ids (``read-image``, ``write-rootfs``, ...). The monitor receives the id, a title for
+people and the duration (``--json`` progress and ``make bench`` read the ids). A new capability is a new
+step or a second implementation of one (a UEFI bootloader beside extlinux, a store publish beside the
+file publish), chosen when the pipeline is assembled, never an ``if`` inside another step.
+
+What every verb repeats lives here once:
+
+- resources (scratch directories, temporary files, open images) are entered into the run's exit stack
+  with :meth:`Context.enter` and released however the run ends;
+- an :class:`ApplianceSession` runs its inner steps inside one libguestfs appliance, in a worker thread,
+  so that SIGINT/SIGTERM are seen at once even while libguestfs blocks in C for minutes;
+- the run returns the value of the pipeline's result slot, typed.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from converter.disk.appliance import Appliance, launch
+from converter.progress import Monitor
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Drive = tuple[Path, str, bool]  # path, explicit format, read-only
+
+
+@dataclass(frozen=True, eq=False)
+class Slot(Generic[T]):
+    """A typed place in a run's context: made by one step, read by later ones."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"Slot({self.name})"
+
+
+class Context:
+    """One run's values (by slot), its monitor, and its exit stack of resources."""
+
+    def __init__(self, monitor: Monitor, stack: ExitStack) -> None:
+        self.monitor = monitor
+        self._stack = stack
+        self._values: dict[Slot[Any], Any] = {}
+
+    def __getitem__(self, slot: Slot[T]) -> T:
+        try:
+            return self._values[slot]  # type: ignore[no-any-return]
+        except KeyError:
+            # Pipeline.__post_init__ rules this out for declared needs; reaching it is a bug in a step.
+            raise LookupError(f"{slot.name} is read before any step made it") from None
+
+    def __contains__(self, slot: Slot[Any]) -> bool:
+        return slot in self._values
+
+    def put(self, slot: Slot[T], value: T) -> None:
+        self._values[slot] = value
+
+    def enter(self, resource: AbstractContextManager[T]) -> T:
+        """Enter *resource* for the rest of the run; it is exited, in reverse order, however the run ends."""
+        return self._stack.enter_context(resource)
+
+
+@dataclass(frozen=True)
+class Step(Generic[T]):
+    """One named piece of a verb. *makes* is None for steps that only act (write a file, say)."""
+
+    id: str
+    title: str
+    run: Callable[[Context], T]
+    makes: Slot[T] | None = None
+    needs: tuple[Slot[Any], ...] = ()
+
+    def execute(self, ctx: Context) -> None:
+        value = self.run(ctx)
+        if self.makes is not None:
+            ctx.put(self.makes, value)
+
+
+APPLIANCE: Slot[Appliance] = Slot("appliance")
+
+
+@dataclass(frozen=True)
+class ApplianceSession:
+    """Inner steps that run inside one libguestfs appliance with *drives* attached.
+
+    Launch and shutdown are steps of their own (``launch-appliance``, ``close-appliance``), so their cost
+    shows in the timings; shutdown is where libguestfs reports a failed flush, so it fails the run.
+    """
+
+    drives: Callable[[Context], list[Drive]]
+    steps: tuple[Step[Any], ...]
+    needs: tuple[Slot[Any], ...] = ()
+    memory_mib: int = 768
+
+    @property
+    def makes(self) -> Slot[Appliance]:
+        return APPLIANCE
+
+
+Item = Step[Any] | ApplianceSession
+
+
+@dataclass(frozen=True)
+class Pipeline(Generic[R]):
+    """A verb: its steps in order and the slot that holds its result."""
+
+    verb: str
+    items: tuple[Item, ...]
+    result: Slot[R]
+    given: tuple[Slot[Any], ...] = ()
+    _ids: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        made: set[Slot[Any]] = set(self.given)
+        ids: list[str] = []
+        for item in self.items:
+            inner: Sequence[Step[Any]] = item.steps if isinstance(item, ApplianceSession) else (item,)
+            missing = [s.name for s in item.needs if s not in made]
+            if isinstance(item, ApplianceSession):
+                made.add(APPLIANCE)
+                ids += ["launch-appliance"]
+            for step in inner:
+                missing += [s.name for s in step.needs if s not in made]
+                if step.makes is not None:
+                    made.add(step.makes)
+                ids.append(step.id)
+            if isinstance(item, ApplianceSession):
+                ids.append("close-appliance")
+            if missing:
+                raise TypeError(f"{self.verb}: {', '.join(missing)} needed before anything makes it")
+        if self.result not in made:
+            raise TypeError(f"{self.verb}: nothing makes the result {self.result.name}")
+        if len(set(ids)) != len(ids):
+            raise TypeError(f"{self.verb}: step ids repeat: {ids}")
+        object.__setattr__(self, "_ids", tuple(ids))
+
+    @property
+    def step_ids(self) -> tuple[str, ...]:
+        """Every step id in the order the steps run (what ``--json`` progress reports)."""
+        return self._ids
+
+    def run(self, monitor: Monitor, **given: Any) -> R:
+        """Run every step; *given* are the initial slots by name. Returns the result slot's value."""
+        by_name = {slot.name: slot for slot in self.given}
+        if set(given) != set(by_name):
+            raise TypeError(f"{self.verb} is given {sorted(given)}, expects {sorted(by_name)}")
+        with ExitStack() as stack:
+            ctx = Context(monitor, stack)
+            for name, value in given.items():
+                ctx.put(by_name[name], value)
+            for item in self.items:
+                if isinstance(item, ApplianceSession):
+                    run_interruptibly(functools.partial(_session, item, ctx))
+                else:
+                    _timed(item, ctx)
+            return ctx[self.result]
+
+
+def _timed(step: Step[Any], ctx: Context) -> None:
+    with ctx.monitor.step(step.id, step.title):
+        step.execute(ctx)
+
+
+def _session(session: ApplianceSession, ctx: Context) -> None:
+    with ExitStack() as appliance_stack:
+        with ctx.monitor.step("launch-appliance", "starting the appliance"):
+            app = appliance_stack.enter_context(launch(session.drives(ctx), memory_mib=session.memory_mib))
+        ctx.put(APPLIANCE, app)
+        for step in session.steps:
+            _timed(step, ctx)
+        with ctx.monitor.step("close-appliance", "closing the disk"):
+            appliance_stack.close()  # the appliance's shutdown: a failed flush fails the run
+
+
+def run_interruptibly(work: Callable[[], T]) -> T:
+    """Run *work* in a thread while this one stays free to receive SIGINT/SIGTERM; return its value.
+
+    libguestfs calls block in C for minutes, and a signal handler only runs in the main thread between
+    bytecodes. On interruption the worker is abandoned: libguestfs' recovery process kills the appliance
+    when imgconv exits, and the run's exit stack removes the temporary files.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=target, name="imgconv-worker", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]

@@ -1,0 +1,171 @@
+"""The records imgconv writes and prints: sidecar, origin record, inspect report, export result.
+
+They overlap (every one names the image it is about), so they share one :class:`ImageIdentity` built from
+an :class:`~converter.oci.image.Image`, and they are serialised in one place (:func:`to_json`), with the
+identity's fields at the top level where scripts and earlier disks expect them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from converter.oci.image import Image
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    digest: str
+    media_type: str
+    size: int
+    diff_id: str
+
+
+@dataclass(frozen=True)
+class ImageIdentity:
+    """Which image a record is about: the same whichever transport it was read from (the image ID)."""
+
+    source: str
+    image_id: str  # the config digest
+    manifest_digest: str | None
+    index_digest: str | None
+    layers: tuple[LayerRecord, ...]
+
+    @classmethod
+    def of(cls, image: Image) -> ImageIdentity:
+        return cls(
+            source=image.source, image_id=image.image_id, manifest_digest=image.manifest_digest,
+            index_digest=image.index_digest,
+            layers=tuple(LayerRecord(layer.descriptor.digest, layer.descriptor.media_type, layer.descriptor.size,
+                                     layer.diff_id) for layer in image.layers),
+        )
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    release: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    """What a disk's bootloader boots: paths inside its root filesystem, and the kernel command line.
+    Recorded in the sidecar, so that tools booting the same kernel directly need not parse the bootloader's
+    configuration back."""
+
+    kernel: str  # e.g. /.imgconv/boot/vmlinuz-6.1.0-57-cloud-amd64
+    initrd: str
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the disk runs: Entrypoint + Cmd with the image's User and WorkingDir."""
+
+    argv: tuple[str, ...]
+    user: str
+    cwd: str
+
+
+@dataclass(frozen=True)
+class OriginRecord:
+    """`/.imgconv/origin.json` in a disk: where it came from and every path imgconv added (vm-to-oci takes
+    exactly those out again)."""
+
+    imgconv: str
+    identity: ImageIdentity
+    kernel: KernelRecord
+    injected: tuple[str, ...]
+    touched_dirs: dict[str, float]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """The sidecar `OUTPUT.json` and `oci-to-qcow2 --json`'s result."""
+
+    imgconv: str
+    identity: ImageIdentity
+    config_digest: str
+    kernel: KernelRecord
+    boot: BootEntry
+    format: str
+    virtual_size: int
+    options: dict[str, Any]
+    created: str
+    run: RunRecord
+    sha256: str = ""
+    size: int = 0
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class InspectRecord:
+    """`imgconv inspect`'s report."""
+
+    identity: ImageIdentity
+    platform: str
+    created: Any
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OsRecord:
+    distro: str
+    version: str
+    product: str
+    root: str
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    disk: str
+    format: str
+    sha256: str | None
+    virtual_size: int | None
+    made_by_imgconv: bool
+    os: OsRecord | None
+
+
+@dataclass(frozen=True)
+class NewLayer:
+    digest: str
+    diff_id: str
+    entries: int
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """`vm-to-oci`'s result: the image written (its identity names the destination as its source)."""
+
+    destination: str
+    manifest_digest: str
+    image_id: str
+    layers: tuple[dict[str, Any], ...]
+    new_layer: NewLayer
+    source: DiskSource
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """A record as the JSON object imgconv writes: an ``identity`` field is merged into the top level."""
+    doc: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if f.name == "identity":
+            identity = dataclasses.asdict(value)
+            identity["layers"] = [dict(layer) for layer in identity["layers"]]
+            doc.update(identity)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            doc[f.name] = dataclasses.asdict(value)
+        elif isinstance(value, tuple):
+            doc[f.name] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+                           for v in value]
+        else:
+            doc[f.name] = value
+    return doc
+
+
+def dumps(record: Any, *, sort_keys: bool = False) -> str:
+    return json.dumps(to_json(record), indent=2, sort_keys=sort_keys, ensure_ascii=False)
