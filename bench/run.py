@@ -234,17 +234,6 @@ class Sample:
     steps: dict[str, float]  # imgconv --json step timings, when the command printed them
 
 
-def _step_name(name: str) -> str | None:
-    """imgconv's step names, with paths taken out so runs can be compared; None for the enclosing step."""
-    if name.startswith("reading "):
-        return None  # `reading REF` encloses the whole conversion
-    if name.startswith("checking "):
-        return "checking the disk (qemu-img)"
-    if name.startswith("writing ") and ("/" in name or ":" in name):
-        return "delivering the layout"
-    return name
-
-
 def parse_steps(stderr_text: str) -> dict[str, float]:
     steps: dict[str, float] = {}
     for line in stderr_text.splitlines():
@@ -254,10 +243,9 @@ def parse_steps(stderr_text: str) -> dict[str, float]:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict) and event.get("event") == "step-done":
-            name = _step_name(str(event.get("step")))
-            if name is not None:
-                steps[name] = steps.get(name, 0.0) + float(event.get("seconds", 0.0))
+        if isinstance(event, dict) and event.get("event") == "step-done" and "id" in event:
+            name = str(event["id"])  # stable step ids (converter/pipeline.py), never the titles
+            steps[name] = steps.get(name, 0.0) + float(event.get("seconds", 0.0))
     return steps
 
 
@@ -315,9 +303,9 @@ class Fixture:
 
 
 def load_fixture(name: str) -> Fixture:
-    from converter.disk.build import uncompressed_estimate
+    from converter.disk.plan import uncompressed_estimate
     from converter.oci.reference import parse_reference
-    from converter.oci.source import open_image
+    from converter.oci.transport import open_image
     from fixtures import cache_key, cache_root, cached
     from fixtures.dockerd import dockerd_unavailable
 
@@ -560,52 +548,32 @@ class Bench:
                               f"{fx.largest_uncompressed / MiB:.1f} MiB uncompressed")
 
 
-def _append_of(conf: str) -> tuple[str, str, str]:
-    found: dict[str, str] = {}
-    for line in conf.splitlines():
-        words = line.strip().split(None, 1)
-        if len(words) == 2 and words[0] in ("LINUX", "INITRD", "APPEND"):
-            found[words[0]] = words[1]
-    if set(found) != {"LINUX", "INITRD", "APPEND"}:
-        raise BenchError(f"cannot read the disk's extlinux.conf: {conf!r}")
-    return found["LINUX"], found["INITRD"], found["APPEND"]
-
-
 def direct_kernel_parts(fx: Fixture, disk: Path, sidecar: dict[str, Any], work: Path,
                         env: dict[str, str]) -> tuple[Path, Path, str]:
     """The kernel, initramfs and command line the disk boots with, as files on the host.
 
-    A host kernel is taken from /boot and its initramfs rebuilt (build_initramfs is byte-reproducible),
-    with the command line imgconv writes into extlinux.conf; any other kernel is copied out of the disk.
+    The sidecar's boot entry names them. A host kernel is taken from /boot and its initramfs rebuilt
+    (build_initramfs is byte-reproducible); any other kernel and initramfs are copied out of the disk.
     """
     from converter.boot.initbin import init_binary
     from converter.boot.initramfs import build_initramfs
-    from converter.disk.build import BOOT_DIR, extlinux_conf, volume_uuid
-    from converter.oci.reference import parse_reference
-    from converter.oci.source import open_image
 
     kernel = sidecar.get("kernel") or {}
+    boot = sidecar.get("boot") or {}
+    if not all(isinstance(boot.get(key), str) for key in ("kernel", "initrd", "cmdline")):
+        raise BenchError(f"{disk}'s sidecar has no boot entry (kernel, initrd, cmdline)")
     release = str(kernel.get("release"))
     host = Path("/boot") / f"vmlinuz-{release}"
     if kernel.get("origin") == "host" and host.is_file() and (Path("/lib/modules") / release).is_dir():
         initrd = work / f"initramfs-{release}.img"
         initrd.write_bytes(build_initramfs(release, Path("/lib/modules") / release, init_binary()))
-        with open_image(parse_reference(fx.ref)) as image:
-            conf = extlinux_conf(f"{BOOT_DIR}/vmlinuz-{release}", f"{BOOT_DIR}/initramfs-{release}.img",
-                                 volume_uuid(image))
-        return host, initrd, _append_of(conf)[2]
+        return host, initrd, boot["cmdline"]
     out = work / "disk-boot"
     out.mkdir(exist_ok=True)
-    subprocess.run(["guestfish", "--ro", "--format=qcow2", "-a", str(disk), "-m", "/dev/sda1",
-                    "copy-out", f"/{BOOT_DIR}", str(out)], env=env, check=True, capture_output=True)
-    linux, initrd_path, append = _append_of((out / "boot" / "extlinux.conf").read_text())
-    if not linux.startswith(f"/{BOOT_DIR}/"):
+    for path in (boot["kernel"], boot["initrd"]):
         subprocess.run(["guestfish", "--ro", "--format=qcow2", "-a", str(disk), "-m", "/dev/sda1",
-                        "copy-out", linux, str(out)], env=env, check=True, capture_output=True)
-        kernel_file = out / Path(linux).name
-    else:
-        kernel_file = out / "boot" / Path(linux).name
-    return kernel_file, out / "boot" / Path(initrd_path).name, append
+                        "copy-out", path, str(out)], env=env, check=True, capture_output=True)
+    return out / Path(boot["kernel"]).name, out / Path(boot["initrd"]).name, boot["cmdline"]
 
 
 # -- output -----------------------------------------------------------------------------------------------
