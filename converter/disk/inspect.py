@@ -1,13 +1,8 @@
-"""The vm-to-oci side of the disk: open it safely, find its operating system, mount it, tar it out.
+"""The vm-to-oci side of the disk, inside the appliance: find its operating system, mount it, tar it out.
 
-Safety rules, because a disk file is untrusted input:
-
-* the format is determined once, from the file's own magic, and always passed explicitly
-  afterwards (never let qemu probe: a raw disk could pretend to be a qcow2 with a backing file);
-* a backing file, an external data file, or extents in other files are refused, naming them;
-* qemu-img check must find no corruption (a truncated qcow2 fails here, before any work);
-* the disk is attached read-only to a libguestfs appliance that has no network, and no guest
-  binary is ever run; strings read from the guest are escaped wherever they are shown.
+The disk was opened by :func:`converter.disk.safety.open_disk` (format from the magic, nothing outside its own
+file) and is attached read-only to a libguestfs appliance that has no network; no guest binary is ever run, and
+strings read from the guest are escaped wherever they are shown.
 """
 
 from __future__ import annotations
@@ -16,7 +11,6 @@ import contextlib
 import json
 import logging
 import re
-import stat
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,94 +20,12 @@ from typing import Any
 from converter.disk.appliance import Appliance
 from converter.errors import DiskError, ToolError
 from converter.oci.model import ImageConfig, load_json
-from converter.run import run
 
 log = logging.getLogger("imgconv.inspect")
-
-FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi")
-CHECKABLE = frozenset({"qcow2", "vmdk", "vhdx", "vdi"})
-
-
-def probe_format(path: Path) -> str:
-    """The disk format from its magic bytes: qcow2, vmdk, vhdx, vpc, vdi, or raw."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise DiskError(f"{path} does not exist") from None
-    except OSError as exc:
-        raise DiskError(f"{path} cannot be read: {exc.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise DiskError(f"{path} is a directory, not a disk image")
-    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # a FIFO would block the open below forever
-        raise DiskError(f"{path} is not a disk image file or a block device")
-    try:
-        with path.open("rb") as f:
-            head = f.read(1024)
-            f.seek(0, 2)
-            size = f.tell()
-            tail = b""
-            if size >= 512:
-                f.seek(size - 512)
-                tail = f.read(512)
-    except FileNotFoundError:
-        raise DiskError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise DiskError(f"{path} is a directory, not a disk image") from None
-    except OSError as exc:
-        raise DiskError(f"{path} cannot be read: {exc.strerror}") from None
-    if size == 0:
-        raise DiskError(f"{path} is empty")
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"KDMV") or head.startswith(b"# Disk DescriptorFile") or b"# Disk DescriptorFile" in head[:512]:
-        return "vmdk"
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    if head[0x40:0x44] == b"\x7f\x10\xda\xbe":
-        return "vdi"
-    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
-        return "vpc"
-    return "raw"
 
 
 def _shown(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
-
-
-def check_disk(path: Path, fmt: str) -> dict[str, Any]:
-    """`qemu-img info` with the format given; refuse anything that reaches outside the file."""
-    proc = run(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], purpose=f"read {path}", check=False)
-    if proc.returncode != 0:
-        said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise DiskError(f"{path} is not a readable {fmt} disk: {said[-1] if said else 'qemu-img failed'}")
-    info: dict[str, Any] = json.loads(proc.stdout)
-    if info.get("encrypted"):
-        raise DiskError(f"{path} is encrypted; imgconv reads plain disks only (decrypt a copy first with "
-                        "qemu-img convert --object secret,... --image-opts ...)")
-    backing = info.get("backing-filename") or info.get("full-backing-filename")
-    if backing:
-        raise DiskError(f"{path} has a backing file ({_shown(str(backing))}); convert the whole chain first "
-                        "(qemu-img convert -O qcow2 DISK FLAT.qcow2)")
-    data = (info.get("format-specific") or {}).get("data") or {}
-    if data.get("data-file"):
-        raise DiskError(f"{path} keeps its data in an external file ({_shown(str(data['data-file']))}); refused")
-    me = path.resolve()
-    for extent in data.get("extents") or []:
-        name = extent.get("filename")
-        if name and Path(name).resolve() != me:
-            raise DiskError(f"{path} has an extent in another file ({_shown(str(name))}); refused")
-    if fmt in CHECKABLE:
-        check = run(["qemu-img", "check", "-f", fmt, "--output=json", str(path)], purpose=f"check {path}",
-                    check=False)
-        try:
-            report = json.loads(check.stdout or b"{}")
-        except ValueError:
-            report = {}
-        problems = int(report.get("corruptions", 0) or 0) + int(report.get("check-errors", 0) or 0)
-        if problems or (check.returncode not in (0, 3) and not report):
-            raise DiskError(f"{path} is truncated or corrupt: qemu-img check found {problems or 'unreadable'} "
-                            "errors")
-    return info
 
 
 # -- inside the appliance ---------------------------------------------------------------------------------
