@@ -11,16 +11,20 @@ Writing produces an archive that is both: an OCI layout with a `manifest.json` b
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from converter.errors import BlobError, ImageError, ReferenceError_, UsageError
-from converter.oci.blobs import sniff_compression
+from converter.oci.blobs import open_layer_stream, sniff_compression
 from converter.oci.image import Image, from_manifest
 from converter.oci.model import (
     Descriptor,
@@ -29,7 +33,11 @@ from converter.oci.model import (
     Platform,
     load_json,
 )
-from converter.oci.reference import DockerName, parse_docker_name
+from converter.oci.reference import DockerName, Reference, parse_docker_name
+from converter.scratch import scratch_dir
+
+if TYPE_CHECKING:
+    from converter.oci.transport import Built
 
 _HEX_NAME = re.compile(r"(?:^|/)(?:blobs/sha256/)?([a-f0-9]{64})(?:\.json)?$")
 
@@ -80,6 +88,9 @@ class ArchiveStore:
     def member_size(self, name: str) -> int:
         return self.resolve(name).size
 
+    def close(self) -> None:
+        self.tar.close()
+
 
 def _member_target(name: str, info: tarfile.TarInfo) -> str:
     if info.islnk():
@@ -101,19 +112,63 @@ def _normal(name: str) -> str:
     return name.removeprefix("./")
 
 
-def open_archive(
+class ArchiveTransport:
+    """`docker-archive:PATH[:NAME:TAG|:@N]`."""
+
+    def open(self, ref: Reference, *, platform: Platform | None,
+             tls_verify: bool) -> AbstractContextManager[Image]:
+        return read_archive(_path(ref), ref.name, ref.index, platform, str(ref))
+
+    def check_destination(self, ref: Reference, force: bool) -> None:
+        path = _path(ref)
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; a docker archive is a file")
+        if not path.parent.is_dir():
+            raise UsageError(f"the directory of {path} does not exist")
+        if path.exists() and not force:
+            raise UsageError(f"{path} already exists")
+
+    def write(self, built: Built, ref: Reference, *, tls_verify: bool, scratch: Path) -> str | None:
+        write_archive(built, [ref.name.familiar()] if ref.name else [], _path(ref))
+        return None  # an archive keeps no manifest digest (`manifest.json` names blobs, not a manifest)
+
+
+TRANSPORT = ArchiveTransport()
+
+
+def _path(ref: Reference) -> Path:
+    assert ref.path is not None  # parse_reference sets it for every docker-archive: reference
+    return Path(ref.path)
+
+
+@contextmanager
+def read_archive(
     path: Path, name: DockerName | None, position: int | None, platform: Platform | None, source: str,
-    scratch: Path,
-) -> Image:
-    """Open a docker-archive. *scratch* is where a compressed archive is decompressed to, if need be."""
+) -> Iterator[Image]:
+    """The image *name* (or the *position*-th, or the only one) in the archive at *path*; the archive stays
+    open, and a decompressed copy exists, only as long as the block."""
+    with scratch_dir() as scratch:
+        store = _open_store(path, scratch)
+        try:
+            yield _image(store, name, position, platform, source)
+        finally:
+            store.close()
+
+
+def _open_store(path: Path, scratch: Path) -> ArchiveStore:
     path = _plain_archive(path, scratch)
     try:
         tar = tarfile.open(path, "r:")
         members = {_normal(m.name): m for m in tar.getmembers()}
     except (tarfile.TarError, OSError) as exc:
         raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
-    store = ArchiveStore(path, tar, members)
-    if "manifest.json" not in members:
+    return ArchiveStore(path, tar, members)
+
+
+def _image(store: ArchiveStore, name: DockerName | None, position: int | None, platform: Platform | None,
+           source: str) -> Image:
+    path = store.path
+    if "manifest.json" not in store.members:
         raise ImageError(f"{path} is not a docker archive (no manifest.json)")
     raw = _read_member(store, "manifest.json", limit=16 << 20)
     try:
@@ -142,8 +197,6 @@ def _plain_archive(path: Path, scratch: Path) -> Path:
         return path
     # `docker save | gzip` is common and `docker load` accepts it; tar needs random access, so
     # decompress once into scratch space (disk, not memory).
-    from converter.oci.blobs import open_layer_stream
-
     plain = scratch / "archive.tar"
     with open_layer_stream(lambda: path.open("rb"), digest=None, size=None, compression=compression,
                            diff_id=None, what=str(path)) as stream, plain.open("wb") as out:
@@ -197,8 +250,6 @@ def _synthesise(store: ArchiveStore, entry: dict[str, Any], path: Path) -> Manif
     config_raw = _read_member(store, config_name, limit=64 << 20)
     named = _HEX_NAME.search(config_name)
     config_digest = f"sha256:{named.group(1)}" if named else None
-    import hashlib
-
     actual = "sha256:" + hashlib.sha256(config_raw).hexdigest()
     if config_digest is not None and actual != config_digest:
         raise BlobError(f"{path}: config {config_name} has digest {actual}, expected {config_digest}")
@@ -231,8 +282,6 @@ def _synthesise(store: ArchiveStore, entry: dict[str, Any], path: Path) -> Manif
 
 
 def _hash_member(store: ArchiveStore, member: str) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with store.member_stream(member) as stream:
         while chunk := stream.read(1 << 20):
@@ -240,13 +289,13 @@ def _hash_member(store: ArchiveStore, member: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_archive(layout: Path, manifest: Descriptor, config: Descriptor, layers: list[Descriptor],
-                  repo_tags: list[str], dest: Path) -> None:
-    """Pack an OCI layout plus `manifest.json` into *dest*, atomically (temp file, then rename)."""
+def write_archive(built: Built, repo_tags: list[str], dest: Path) -> None:
+    """Pack *built*'s layout plus `manifest.json` into *dest*, atomically (temp file, then rename)."""
+    blob_dir = built.layout / "blobs" / "sha256"
     entry = [{
-        "Config": f"blobs/sha256/{config.digest.removeprefix('sha256:')}",
+        "Config": f"blobs/sha256/{built.config.digest.removeprefix('sha256:')}",
         "RepoTags": repo_tags,
-        "Layers": [f"blobs/sha256/{d.digest.removeprefix('sha256:')}" for d in layers],
+        "Layers": [f"blobs/sha256/{d.digest.removeprefix('sha256:')}" for d in built.layers],
     }]
     fd, temp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     temp = Path(temp_name)
@@ -255,14 +304,12 @@ def write_archive(layout: Path, manifest: Descriptor, config: Descriptor, layers
             def add_bytes(name: str, data: bytes) -> None:
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
-                import io
-
                 tar.addfile(info, io.BytesIO(data))
 
             for name in ("oci-layout", "index.json"):
-                add_bytes(name, (layout / name).read_bytes())
-            for desc in [manifest, config, *layers]:
-                blob = layout / "blobs" / "sha256" / desc.digest.removeprefix("sha256:")
+                add_bytes(name, (built.layout / name).read_bytes())
+            for desc in [built.manifest, built.config, *built.layers]:
+                blob = blob_dir / desc.digest.removeprefix("sha256:")
                 info = tarfile.TarInfo(f"blobs/sha256/{blob.name}")
                 info.size, info.mode, info.mtime = blob.stat().st_size, 0o644, 0
                 with blob.open("rb") as f:

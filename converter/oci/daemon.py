@@ -1,21 +1,54 @@
 """`docker-daemon:NAME[:TAG]`: images in the Docker engine, through the docker SDK.
 
 A thin adapter over the archive transport, as in go-containerregistry: reading is `save` into a
-spool file then :func:`open_archive`; writing is `load` of an archive stream. DOCKER_HOST (and
+spool file then :func:`read_archive`; writing is :func:`write_archive` then `load`. DOCKER_HOST (and
 DOCKER_TLS_VERIFY / DOCKER_CERT_PATH) are honoured through ``docker.from_env()``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from converter.errors import ImageError, ToolError
-from converter.oci.archive import open_archive
+from converter.errors import ImageError, ToolError, UsageError
+from converter.oci.archive import read_archive, write_archive
 from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference
+from converter.scratch import scratch_dir
+
+if TYPE_CHECKING:
+    from converter.oci.transport import Built
+
+
+class DaemonTransport:
+    """`docker-daemon:NAME[:TAG|@DIGEST]` or `docker-daemon:sha256:ID`."""
+
+    @contextmanager
+    def open(self, ref: Reference, *, platform: Platform | None, tls_verify: bool) -> Iterator[Image]:
+        with scratch_dir() as scratch:
+            spool = scratch / "daemon-save.tar"
+            save_image(ref, spool)
+            with read_archive(spool, None, None, platform, str(ref)) as image:
+                yield image
+
+    def check_destination(self, ref: Reference, force: bool) -> None:
+        # The engine replaces a tag as `docker load` does; what it needs is a tag to give the image.
+        if ref.name is None or not ref.name.tag:
+            raise UsageError("docker-daemon: destinations need NAME:TAG")
+
+    def write(self, built: Built, ref: Reference, *, tls_verify: bool, scratch: Path) -> str | None:
+        assert ref.name is not None  # check_destination ran before the work
+        archive = scratch / "load.tar"
+        write_archive(built, [ref.name.familiar()], archive)
+        load_archive(archive)
+        return None
+
+
+TRANSPORT = DaemonTransport()
 
 
 def engine_address() -> str:
@@ -40,7 +73,8 @@ def _reason(exc: BaseException) -> str:
     return str(text).splitlines()[0] if str(text) else type(exc).__name__
 
 
-def open_daemon_image(ref: Reference, platform: Platform | None, source: str, scratch: Path) -> Image:
+def save_image(ref: Reference, spool: Path) -> None:
+    """`docker save` the image *ref* names into *spool*."""
     import docker.errors
 
     name = ref.image_id or (ref.name.familiar() if ref.name else "")
@@ -51,14 +85,12 @@ def open_daemon_image(ref: Reference, platform: Platform | None, source: str, sc
         raise ImageError(f"no image {name} in the Docker engine at {engine_address()}") from None
     except docker.errors.APIError as exc:
         raise ToolError(f"the Docker engine refused to describe {name}: {_reason(exc)}") from None
-    spool = scratch / "daemon-save.tar"
     try:
         with spool.open("wb") as out:
             for chunk in image.save(named=False, chunk_size=1 << 20):
                 out.write(chunk)
     except docker.errors.APIError as exc:
         raise ToolError(f"the Docker engine failed to export {name}: {_reason(exc)}") from None
-    return open_archive(spool, None, None, platform, source, scratch)
 
 
 def load_archive(archive: Path) -> list[str]:

@@ -1,21 +1,31 @@
-"""The OCI image layout (`oci:DIR[:TAG]`): read and write.
+"""The OCI image layout (`oci:DIR[:TAG]`): the transport in both directions.
 
 Reading resolves `index.json` by the `org.opencontainers.image.ref.name` annotation. Writing is
 append-only for blobs and atomic for `index.json`, so a reader never sees a half-written image
-and an interrupted write leaves the previous state.
+and an interrupted write leaves the previous state. A delivered image is complete or absent: a
+new layout is staged beside its final name and renamed into place; an existing one gets its blobs
+first and its `index.json` replaced last, under a lock so that concurrent writers lose no tag.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from converter.errors import BlobError, ImageError, UsageError
 from converter.oci.image import Image, resolve
 from converter.oci.model import Descriptor, Index, MediaType, Platform, canonical_json, sha256_digest
+from converter.oci.reference import Reference
+
+if TYPE_CHECKING:
+    from converter.oci.transport import Built
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
@@ -133,3 +143,89 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+class LayoutTransport:
+    """`oci:DIR[:TAG]`."""
+
+    @contextmanager
+    def open(self, ref: Reference, *, platform: Platform | None, tls_verify: bool) -> Iterator[Image]:
+        yield open_layout(_root(ref), ref.tag, platform, str(ref))
+
+    def check_destination(self, ref: Reference, force: bool) -> None:
+        # An existing layout gains an image (a tag moves), so --force has nothing to allow.
+        root = _root(ref)
+        if root.exists():
+            check_layout(root)
+        elif not root.parent.is_dir():
+            raise UsageError(f"the directory of {root} does not exist")
+
+    def write(self, built: Built, ref: Reference, *, tls_verify: bool, scratch: Path) -> str | None:
+        _into_layout(built, _root(ref), ref.tag)
+        return built.manifest.digest
+
+
+TRANSPORT = LayoutTransport()
+
+
+def _root(ref: Reference) -> Path:
+    assert ref.path is not None  # parse_reference sets it for every oci: reference
+    return Path(ref.path)
+
+
+def _into_layout(built: Built, root: Path, tag: str | None) -> None:
+    if not root.exists():
+        # A fresh layout: staged beside its final name under a private name, tagged there, and renamed into
+        # place at once. Another writer may have made it meanwhile: then the image is added to theirs.
+        staged = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".imgconv-staging", dir=root.parent))
+        try:
+            shutil.copytree(built.layout, staged, dirs_exist_ok=True)
+            writer = LayoutWriter(staged)
+            manifest_raw = writer.store.blob_path(built.manifest.digest).read_bytes()
+            _retag(writer, manifest_raw, built.manifest.media_type, tag)
+            try:
+                os.rename(staged, root)
+                return
+            except OSError:
+                if not root.is_dir():
+                    raise
+            check_layout(root)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    _add_to_layout(built, root, tag)
+
+
+def _add_to_layout(built: Built, root: Path, tag: str | None) -> None:
+    """Blobs first (each under a private temporary name), then index.json, under a lock so that concurrent
+    imgconv runs adding to one layout do not lose each other's tags."""
+    target = LayoutWriter(root)
+    for desc in (built.config, *built.layers, built.manifest):
+        dest = target.store.blob_path(desc.digest)
+        if dest.exists():
+            continue
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name[:16]}.", suffix=".imgconv-tmp", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(built.layout / "blobs" / "sha256" / desc.digest.removeprefix("sha256:"), name)
+            os.replace(name, dest)
+        finally:
+            Path(name).unlink(missing_ok=True)
+    manifest_raw = target.store.blob_path(built.manifest.digest).read_bytes()
+    with _locked(root):
+        target.add_manifest(manifest_raw, built.manifest.media_type, tag)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _retag(writer: LayoutWriter, manifest_raw: bytes, media_type: str, tag: str | None) -> None:
+    index = writer.root / "index.json"
+    index.unlink(missing_ok=True)
+    writer.add_manifest(manifest_raw, media_type, tag)

@@ -3,20 +3,66 @@
 Authentication, mirrors, proxies and TLS are skopeo's job (containers-auth.json(5),
 containers-registries.conf(5)); imgconv only passes `--tls-verify`. Reading copies the chosen
 manifest into a `dir:` directory, which keeps the manifest bytes (and so its digest) exactly as
-the registry served them; the blobs are then verified like any other.
+the registry served them; the blobs are then verified like any other. Writing pushes the private
+layout with `skopeo copy --preserve-digests`, so the registry stores the manifest imgconv made.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from converter.errors import BlobError, ImageError
+from converter.errors import BlobError, ImageError, ImgconvError, ToolError
 from converter.oci.image import Image, resolve
 from converter.oci.model import INDEX_TYPES, Descriptor, Index, MediaType, Platform, load_json, sha256_digest
-from converter.oci.reference import DockerName
+from converter.oci.reference import DockerName, Reference
 from converter.run import run
+from converter.scratch import scratch_dir
+
+if TYPE_CHECKING:
+    from converter.oci.transport import Built
+
+
+class RegistryTransport:
+    """`docker://[REGISTRY/]NAME[:TAG|@DIGEST]`."""
+
+    @contextmanager
+    def open(self, ref: Reference, *, platform: Platform | None, tls_verify: bool) -> Iterator[Image]:
+        source = str(ref)
+        with scratch_dir() as scratch:
+            try:
+                image = pull(_name(ref), platform, tls_verify, scratch, source)
+            except ToolError as exc:
+                raise registry_error(source, exc) from None
+            yield image
+
+    def check_destination(self, ref: Reference, force: bool) -> None:
+        """Nothing to check before the work: whether a push is allowed only the registry can say, at push time."""
+
+    def write(self, built: Built, ref: Reference, *, tls_verify: bool, scratch: Path) -> str | None:
+        return push(built.layout, built.tag, _name(ref), tls_verify, scratch)
+
+
+TRANSPORT = RegistryTransport()
+
+
+def _name(ref: Reference) -> DockerName:
+    assert ref.name is not None  # parse_reference sets it for every docker:// reference
+    return ref.name
+
+
+def registry_error(source: str, exc: ToolError) -> ImgconvError:
+    """Say what a skopeo failure means for the user, in the words they need to fix it."""
+    text = str(exc)
+    if any(s in text for s in ("manifest unknown", "name unknown", "not found")):
+        return ImageError(f"{source}: no such image in the registry (manifest unknown)")
+    if "HTTP response to HTTPS client" in text:
+        return ToolError(f"{source}: the registry speaks plain HTTP; pass --no-tls-verify to allow that")
+    if "unauthorized" in text or "authentication required" in text:
+        return ToolError(f"{source}: the registry refused access; log in with `skopeo login` first ({text})")
+    return exc
 
 
 class DirStore:
@@ -86,9 +132,3 @@ def push(layout: Path, tag: str, name: DockerName, tls_verify: bool, scratch: Pa
     )
     return digest_file.read_text().strip()
 
-
-def registry_manifest(name: DockerName, tls_verify: bool) -> dict[str, object]:
-    raw = run(["skopeo", "inspect", "--raw", *_tls(tls_verify), f"docker://{name}"],
-              purpose=f"read {name} from its registry").stdout
-    doc: dict[str, object] = json.loads(raw)
-    return doc

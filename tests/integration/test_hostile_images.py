@@ -43,7 +43,7 @@ from converter.boot.kernel import host_kernel
 from converter.disk.build import BuildOptions, MiB, plan_disk
 from converter.errors import UsageError
 from converter.oci.reference import parse_reference
-from converter.oci.source import open_image
+from converter.oci.transport import open_image
 from tests.integration.judge import Jobs, Ran, imgconv, layer_tar, listing, manifest_of, one_line_error, selected
 from tests.unit.layerkit import OCI_CONFIG, OCI_LAYER_ZSTD, OCI_MANIFEST, Layout, Spec, config_json, d, f, layer, sym
 

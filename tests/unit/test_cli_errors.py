@@ -20,7 +20,7 @@ from converter.errors import ImgconvError, LayerError
 from converter.oci.flatten import LayerInput, flatten, open_output
 from converter.oci.image import verify_layers
 from converter.oci.reference import parse_reference
-from converter.oci.source import open_image
+from converter.oci.transport import open_image
 from tests.cli import Ran, assert_one_line_error
 from tests.unit.layerkit import (
     OCI_CONFIG,

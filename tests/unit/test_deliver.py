@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from converter.oci.deliver import WORK_TAG, Built, deliver
 from converter.oci.layout import LayoutWriter
 from converter.oci.reference import parse_reference
+from converter.oci.transport import WORK_TAG, Built, deliver
 from converter.oci.writer import LayerWriter, write_image
 
 
