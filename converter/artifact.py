@@ -9,6 +9,7 @@ OUTPUT removes it once that process is gone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -17,10 +18,10 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from converter.epoch import source_date_epoch, timestamp
 from converter.errors import UsageError
 
 READ_ONLY = 0o444
@@ -41,6 +42,13 @@ def check_output(output: Path, force: bool) -> None:
         raise UsageError(f"{output} is a directory; give a file name for the disk")
     if (output.exists() or output.is_symlink()) and not force:
         raise UsageError(f"{output} already exists; pass --force to replace it")
+    side = sidecar_path(output)
+    if (side.exists() or side.is_symlink()) and not force:
+        # The sidecar is part of the output: OUTPUT=package must not replace someone's package.json.
+        raise UsageError(f"{side} already exists (the sidecar imgconv writes beside {output.name}); "
+                         "pass --force to replace it")
+    if side.is_dir():
+        raise UsageError(f"{side} is a directory; imgconv writes its sidecar there")
 
 
 def _temp_prefix(output: Path, pid: int | None = None) -> str:
@@ -73,17 +81,58 @@ def sweep_abandoned(output: Path) -> list[Path]:
     return removed
 
 
+def _new_temp(output: Path, suffix: str = "") -> Path:
+    """A new empty file beside *output* (same filesystem, so renaming it over *output* is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(output), suffix=suffix, dir=output.parent or ".")
+    os.close(fd)
+    return Path(name)
+
+
 @contextmanager
 def temp_beside(output: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary file name beside *output*, removed unless it has been renamed away."""
     sweep_abandoned(output)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(output), suffix=suffix, dir=output.parent or ".")
-    os.close(fd)
-    path = Path(name)
+    path = _new_temp(output, suffix)
     try:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    """*data* into *path* with *mode*, on the disk (fsync) before anyone renames it into place."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fchmod(f.fileno(), mode)
+        os.fsync(f.fileno())
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the renames in *directory* durable. Filesystems that cannot sync a directory are let be."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write *data* to *path* so that readers, and a crash, see the old file or the whole new one.
+
+    The temporary file is named like :func:`temp_beside`'s, so a killed run's leftover is recognised
+    and swept by the next run to the same name.
+    """
+    temp = _new_temp(path)
+    try:
+        _write_durably(temp, data, mode)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    sync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -95,16 +144,16 @@ def sha256_file(path: Path) -> str:
 
 
 def now_utc() -> str:
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = datetime.fromtimestamp(int(epoch), UTC) if epoch and epoch.isdigit() else datetime.now(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """SOURCE_DATE_EPOCH if set (a malformed one is a UsageError), else the current time."""
+    return timestamp(source_date_epoch())
 
 
 def publish(finished: Path, output: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
     """Make *finished* read-only, hash it, and move it and its sidecar into place.
 
-    The sidecar is written first under a temporary name; the two renames then follow each
-    other immediately, artifact first, so OUTPUT never exists without being complete.
+    The sidecar is written (and synced) first under a temporary name, so a failure to write it
+    publishes nothing; the two renames then follow each other immediately, artifact first, so
+    OUTPUT never exists without being complete. (This is :func:`atomic_write` for two files.)
     """
     os.chmod(finished, READ_ONLY)
     record = dict(sidecar)
@@ -112,8 +161,8 @@ def publish(finished: Path, output: Path, sidecar: dict[str, Any]) -> dict[str, 
     record["size"] = finished.stat().st_size
     side = sidecar_path(output)
     with temp_beside(side) as side_temp:
-        side_temp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.chmod(side_temp, READ_ONLY)
+        _write_durably(side_temp, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), READ_ONLY)
         os.replace(finished, output)
         os.replace(side_temp, side)
+    sync_dir(side.parent)
     return record

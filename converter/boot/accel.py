@@ -15,7 +15,8 @@ import platform
 from pathlib import Path
 from typing import Literal, Protocol
 
-from converter.boot.cachedir import cache_dir, write_atomic
+from converter.artifact import atomic_write
+from converter.boot.cachedir import cache_dir
 from converter.errors import ToolError, UsageError
 from converter.run import run
 
@@ -66,7 +67,7 @@ def kvm_usable() -> bool:
         return bool(cached[key])
     usable = _probe()
     cached[key] = usable
-    write_atomic(cache_file, json.dumps(cached, indent=1, sort_keys=True).encode())
+    atomic_write(cache_file, json.dumps(cached, indent=1, sort_keys=True).encode())
     return usable
 
 

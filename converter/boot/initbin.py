@@ -8,7 +8,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from converter.boot.cachedir import cache_dir, write_atomic
+from converter.artifact import atomic_write
+from converter.boot.cachedir import cache_dir
 from converter.errors import MissingToolError
 from converter.run import run
 
@@ -57,5 +58,5 @@ def init_binary() -> Path:
         src.write_bytes(source)
         out = Path(tmp) / "init"
         run([compiler, *CFLAGS, "-o", out, src], purpose=_PURPOSE)
-        write_atomic(target, out.read_bytes(), mode=0o755)
+        atomic_write(target, out.read_bytes(), mode=0o755)
     return target

@@ -66,7 +66,6 @@ def launch(
     drives: list[tuple[Path, str, bool]],
     *,
     memory_mib: int = 768,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Appliance]:
     """Launch one appliance with *drives* (path, format, readonly) attached, formats always explicit.
 
@@ -86,12 +85,6 @@ def launch(
                 f"attach {path}", handle.add_drive_opts, str(path), format=fmt, readonly=readonly,
                 cachemode="unsafe" if not readonly else "writeback",
             )
-        if on_progress is not None:
-            def _progress(_event: int, _handle: int, _buf: str, array: list[int]) -> None:
-                if len(array) >= 4:
-                    on_progress(array[2], array[3])
-
-            handle.set_event_callback(_progress, guestfs.EVENT_PROGRESS)
         appliance.call("launch the appliance (qemu)", handle.launch)
     except BaseException:
         handle.close()

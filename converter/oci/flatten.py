@@ -7,8 +7,8 @@ marker sits in its tar), or replaced the path or an ancestor with something that
 directory. Whiteouts and opaque markers apply to lower layers only (OCI image-spec). Memory holds
 one record per path (never file contents); nothing is extracted anywhere.
 
-Names are normalised (``./a//b/`` is ``a/b``) and confined: absolute names and ``..`` components
-are refused with a :class:`LayerError` naming the layer and the path, and so are layers that
+Names are normalised and confined by :mod:`converter.oci.tarutil` (absolute names and ``..`` are
+refused with a :class:`LayerError` naming the layer and the path); so are layers that
 contradict themselves (one path as a directory and as a non-directory, an entry beneath the
 layer's own symlink or file) and layers that write beneath an older layer's symlink or file
 (Docker would follow the symlink, or fail).
@@ -24,20 +24,15 @@ map names through *its* /etc/passwd.
 
 from __future__ import annotations
 
-import base64
 import io
-import re
 import tarfile
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, BinaryIO, Protocol, cast
-
-if TYPE_CHECKING:
-    from _typeshed import SupportsRead
+from typing import IO, BinaryIO, Protocol, cast
 
 from converter.errors import LayerError
+from converter.oci.image import LayerInput
+from converter.oci.tarutil import check_header, clean_header, normalize_name, parents, read_members
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -45,35 +40,11 @@ OPAQUE_MARKER = ".wh..wh..opq"
 DIR = "dir"
 NONDIR = "nondir"
 
-# tarfile's block size for streams: large reads keep the per-call overhead small.
-_BUFSIZE = 1 << 20
-
-
-def forget_members(tar: tarfile.TarFile) -> None:
-    """Drop the headers ``TarFile`` keeps for listing, so memory does not grow with the file count."""
-    tar.members.clear()  # type: ignore[attr-defined]  # (undeclared in typeshed, public in CPython)
-
-
-class StreamingTarFile(tarfile.TarFile):
-    """A tar writer that forgets headers once written."""
-
-    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
-        super().addfile(tarinfo, fileobj)
-        forget_members(self)
-
 
 class TarSink(Protocol):
     """Where flattened entries go: a ``tarfile.TarFile`` opened for writing, or anything with addfile."""
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class LayerInput:
-    """One layer to flatten: how to name it in errors and how to open its uncompressed tar."""
-
-    what: str
-    open: Callable[[], AbstractContextManager[BinaryIO]]
 
 
 @dataclass
@@ -85,36 +56,6 @@ class FlatTree:
     dirs: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # surviving explicit directory headers
     entries: int = 0
     content_bytes: int = 0
-
-
-def normalize_name(name: str, what: str, *, link: bool = False) -> str:
-    """`./usr//bin/` -> `usr/bin`; "" for the root itself. Absolute names and `..` are refused.
-
-    A hard link's target may be written with a leading `/` by some tools (GNU tar -P); it
-    still names a member of the same archive, so for link targets the slash is dropped.
-    """
-    if "\x00" in name:
-        raise LayerError(f"{what}: entry name {name!r} contains a NUL byte")
-    if name.startswith("/"):
-        if not link:
-            raise LayerError(f"{what}: absolute path {name!r} in layer; layer paths must be relative to the root")
-        name = name.lstrip("/")
-    parts = []
-    for part in name.split("/"):
-        if part in ("", "."):
-            continue
-        if part == "..":
-            kind = "hard link target" if link else "path"
-            raise LayerError(f"{what}: {kind} {name!r} contains '..' and could escape the root")
-        parts.append(part)
-    return "/".join(parts)
-
-
-def parents(path: str) -> Iterator[str]:
-    """Proper ancestors of *path*, nearest first: a/b/c -> a/b, a."""
-    while "/" in path:
-        path = path.rsplit("/", 1)[0]
-        yield path
 
 
 def whiteout_of(path: str) -> tuple[str, str] | None:
@@ -135,79 +76,6 @@ def whiteout_of(path: str) -> tuple[str, str] | None:
     return ("whiteout", f"{head}/{target}" if head else target)
 
 
-def _xattr_headers(pax: Mapping[str, str]) -> dict[str, str]:
-    """Keep extended attributes, in the SCHILY form GNU tar reads (libarchive's form is converted)."""
-    kept: dict[str, str] = {}
-    for key, value in pax.items():
-        if key.startswith("SCHILY.xattr."):
-            kept[key] = value
-        elif key.startswith("LIBARCHIVE.xattr."):
-            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
-            if "=" in name:
-                continue  # a PAX keyword ends at the first "=": only libarchive's encoded form can hold it
-            try:
-                raw = base64.b64decode(value + "=" * (-len(value) % 4))
-            except ValueError:
-                continue
-            kept.setdefault(f"SCHILY.xattr.{name}", raw.decode("utf-8", "surrogateescape"))
-    return kept
-
-
-# GNU tar (the appliance's tar, for tar-in and tar-out) escapes "%" and "=" in the xattr names of its
-# SCHILY.xattr records as %25 and %3D, and decodes them when it reads; other writers (Go, Python) write
-# names as they are. So names are encoded on the way into the appliance and decoded on the way out.
-_GNU_ESCAPES = re.compile("%(25|3D)")
-_XATTR = "SCHILY.xattr."
-
-
-def gnu_xattrs_encoded(pax: Mapping[str, str]) -> dict[str, str]:
-    """PAX records with xattr names escaped as GNU tar reads them."""
-    return {(_XATTR + key[len(_XATTR):].replace("%", "%25") if key.startswith(_XATTR) else key): value
-            for key, value in pax.items()}
-
-
-def gnu_xattrs_decoded(pax: Mapping[str, str]) -> dict[str, str]:
-    """PAX records from GNU tar with xattr names unescaped; a name holding "=" cannot be a PAX keyword in
-    any other tar, so it is left out (as the flattener leaves out libarchive's)."""
-    out: dict[str, str] = {}
-    for key, value in pax.items():
-        if key.startswith(_XATTR):
-            name = _GNU_ESCAPES.sub(lambda m: "%" if m.group(1) == "25" else "=", key[len(_XATTR):])
-            if "=" in name:
-                continue
-            key = _XATTR + name
-        out[key] = value
-    return out
-
-
-def clean_header(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
-    """A fresh header for *member* under *name*: numeric owners, no stale PAX path/size records."""
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.REGTYPE if member.type in (tarfile.AREGTYPE, tarfile.CONTTYPE) else member.type
-    if member.isreg():
-        info.type = tarfile.REGTYPE
-    info.mode = member.mode & 0o7777
-    info.uid, info.gid = member.uid, member.gid
-    info.uname = info.gname = ""
-    info.mtime = member.mtime
-    info.size = member.size if info.type == tarfile.REGTYPE else 0
-    info.linkname = member.linkname
-    if member.ischr() or member.isblk():
-        info.devmajor, info.devminor = member.devmajor, member.devminor
-    info.pax_headers = _xattr_headers(member.pax_headers)
-    exact_mtime = member.pax_headers.get("mtime")
-    if exact_mtime is not None and _float_or_none(exact_mtime) == member.mtime:
-        info.pax_headers["mtime"] = exact_mtime  # tarfile's float would round nanoseconds away
-    return info
-
-
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def _kind(member: tarfile.TarInfo) -> str:
     return DIR if member.isdir() else NONDIR
 
@@ -216,7 +84,6 @@ def _kind(member: tarfile.TarInfo) -> str:
 # device, fifo) whose inode it shares, _DIR_INODE for a directory, or a path of the older layers.
 _Inode = int | str
 _DIR_INODE = -1
-_MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
 
 
 @dataclass
@@ -294,25 +161,7 @@ class Flattener:
 
     def _members(self, stream: BinaryIO, what: str, *, count: bool = True
                  ) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-        counted = _Counting(stream, self.on_bytes if count else None)
-        try:
-            tar = tarfile.open(fileobj=counted, mode="r|", bufsize=_BUFSIZE)
-        except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
-            if "empty file" in str(exc):
-                return  # a zero-length layer is an empty layer
-            raise LayerError(f"{what}: not a tar archive: {exc}") from None
-        try:
-            while True:
-                try:
-                    member = tar.next()
-                except (tarfile.TarError, EOFError, ValueError) as exc:
-                    raise LayerError(f"{what}: malformed tar: {exc}") from None
-                if member is None:
-                    break
-                yield member, tar
-                forget_members(tar)
-        finally:
-            tar.close()
+        return read_members(cast(BinaryIO, _Counting(stream, self.on_bytes if count else None)), what)
 
     def _layer(self, layer: LayerInput) -> None:
         state = _Layer(layer.what)
@@ -410,7 +259,7 @@ class Flattener:
             superseded.cancelled = True  # an earlier link of this layer at path: this entry replaces it
 
     def _write(self, state: _Layer, member: tarfile.TarInfo, path: str, tar: tarfile.TarFile) -> None:
-        _check_header(member, path, state.what)
+        check_header(member, path, state.what)
         info = clean_header(member, path)
         self._keep(state, path, _kind(member))
         if member.issym():
@@ -443,7 +292,7 @@ class Flattener:
             if isinstance(inode, str):  # not written, but a link to nothing is still a broken layer
                 state.older.setdefault(inode, []).append(_Pending(tarfile.TarInfo(path), state.what, cancelled=True))
             return
-        _check_header(member, path, state.what)
+        check_header(member, path, state.what)
         info = clean_header(member, path)
         info.type = tarfile.LNKTYPE
         self._keep(state, path, NONDIR)
@@ -501,7 +350,7 @@ class Flattener:
         if not live:
             return
         first = live[0].info
-        _check_header(target, first.name, live[0].layer)
+        check_header(target, first.name, live[0].layer)
         self._add(clean_header(target, first.name), data)
         if target.issym():
             self.tree.symlinks[first.name] = target.linkname
@@ -545,15 +394,6 @@ class Flattener:
                 self.beneath[path] = state.what
         self.whiteouts |= state.whiteouts
         self.opaque |= state.opaque
-
-
-def _check_header(member: tarfile.TarInfo, path: str, what: str) -> None:
-    """Values a tar header can hold but an extractor would refuse (or tarfile could not write)."""
-    if member.uid < 0 or member.gid < 0:
-        raise LayerError(f"{what}: {path!r} has a negative owner ({member.uid}:{member.gid})")
-    if (member.ischr() or member.isblk()) and not (
-            0 <= member.devmajor <= _MAX_DEVICE and 0 <= member.devminor <= _MAX_DEVICE):
-        raise LayerError(f"{what}: device {path!r} has out-of-range numbers {member.devmajor},{member.devminor}")
 
 
 def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str, path: str) -> IO[bytes] | None:
@@ -619,17 +459,3 @@ def flatten(layers: Sequence[LayerInput], out: TarSink,
     *out* stays open so the caller can add its own entries before closing it.
     """
     return Flattener(out, on_bytes).run(layers)
-
-
-def open_output(stream: BinaryIO) -> tarfile.TarFile:
-    """The tar writer flatten expects: PAX (long names, big ids, xattrs), streamed."""
-    return StreamingTarFile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_BUFSIZE)
-
-
-def abandon_output(tar: tarfile.TarFile) -> None:
-    """Drop a stream writer after a failure without flushing it: its file may be closed already, and the
-    finaliser of an unclosed stream would write to it and print a second, confusing error."""
-    stream = tar.fileobj
-    if stream is not None and hasattr(stream, "closed"):
-        stream.closed = True
-    tar.closed = True  # type: ignore[attr-defined]  # TarFile's own flag, set by close()

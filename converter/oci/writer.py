@@ -18,9 +18,9 @@ from decimal import Decimal
 from types import TracebackType
 from typing import IO, Any, BinaryIO, cast
 
-from converter.oci.flatten import StreamingTarFile, abandon_output
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, MediaType, canonical_json
+from converter.oci.tarutil import StreamingTarFile, abandon_output
 
 LAYER_MEDIA_TYPES = {"gzip": MediaType.OCI_LAYER_GZIP, "zstd": MediaType.OCI_LAYER_ZSTD, "none": MediaType.OCI_LAYER}
 

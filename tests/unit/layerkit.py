@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from converter.oci.flatten import FlatTree, LayerInput, flatten, open_output
+from converter.oci.flatten import FlatTree, LayerInput, flatten
+from converter.oci.tarutil import open_output
 
 # -- layer entries --------------------------------------------------------------------------------------------
 

@@ -135,7 +135,7 @@ def test_disk_files_named_like_whiteouts_are_refused(tmp_path: Path) -> None:
 
 
 def test_gnu_tar_xattr_names_are_decoded() -> None:
-    from converter.oci.flatten import gnu_xattrs_decoded, gnu_xattrs_encoded
+    from converter.oci.tarutil import gnu_xattrs_decoded, gnu_xattrs_encoded
 
     names = ["user.plain", "user.per%cent", "user.literal%25", "user.%3D"]
     pax = {f"SCHILY.xattr.{n}": "v" for n in names} | {"path": "a%25b"}

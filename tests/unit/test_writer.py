@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.oci.flatten import clean_header
 from converter.oci.layout import LayoutWriter
+from converter.oci.tarutil import clean_header
 from converter.oci.writer import LayerWriter, clamp_mtime
 
 EPOCH = 1700000000

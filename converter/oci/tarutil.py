@@ -1,0 +1,207 @@
+"""Tar streams as imgconv reads and writes them, whatever they hold: names, headers, xattrs, writers.
+
+Nothing here knows about layers or whiteouts (that is :mod:`converter.oci.flatten`); these are the
+pieces every tar-handling step shares: the image's layers, the appliance's tar-in and tar-out, the
+layers `vm-to-oci` writes.
+
+- Names are normalised (``./a//b/`` is ``a/b``) and confined: absolute names and ``..`` components
+  are refused with a :class:`LayerError` that says which archive and which path.
+- Headers written out are rebuilt (:func:`clean_header`) with numeric owners only, because whoever
+  extracts them must not map names through *its* /etc/passwd.
+- Extended attributes travel as ``SCHILY.xattr.`` PAX records, escaped as GNU tar (the appliance's
+  tar) expects them.
+- Streams are written and read without keeping every header: memory does not grow with file count.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import tarfile
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
+
+from converter.errors import LayerError
+
+# tarfile's block size for streams: large reads keep the per-call overhead small.
+BUFSIZE = 1 << 20
+
+MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
+
+
+def forget_members(tar: tarfile.TarFile) -> None:
+    """Drop the headers ``TarFile`` keeps for listing, so memory does not grow with the file count."""
+    tar.members.clear()  # type: ignore[attr-defined]  # (undeclared in typeshed, public in CPython)
+
+
+class StreamingTarFile(tarfile.TarFile):
+    """A tar writer that forgets headers once written."""
+
+    def addfile(self, tarinfo: tarfile.TarInfo, fileobj: SupportsRead[bytes] | None = None) -> None:
+        super().addfile(tarinfo, fileobj)
+        forget_members(self)
+
+
+def open_output(stream: BinaryIO) -> tarfile.TarFile:
+    """The tar writer imgconv writes trees with: PAX (long names, big ids, xattrs), streamed."""
+    return StreamingTarFile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, bufsize=BUFSIZE)
+
+
+def abandon_output(tar: tarfile.TarFile) -> None:
+    """Drop a stream writer after a failure without flushing it: its file may be closed already, and the
+    finaliser of an unclosed stream would write to it and print a second, confusing error."""
+    stream = tar.fileobj
+    if stream is not None and hasattr(stream, "closed"):
+        stream.closed = True
+    tar.closed = True  # type: ignore[attr-defined]  # TarFile's own flag, set by close()
+
+
+def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """Each member of the tar *stream* with the reader its data comes from, in bounded memory.
+
+    A zero-length stream is an empty archive; anything tarfile cannot parse is a :class:`LayerError`
+    naming *what*.
+    """
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=BUFSIZE)
+    except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
+        if "empty file" in str(exc):
+            return  # a zero-length layer is an empty layer
+        raise LayerError(f"{what}: not a tar archive: {exc}") from None
+    try:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, EOFError, ValueError) as exc:
+                raise LayerError(f"{what}: malformed tar: {exc}") from None
+            if member is None:
+                break
+            yield member, tar
+            forget_members(tar)
+    finally:
+        tar.close()
+
+
+# -- names ---------------------------------------------------------------------------------------------
+
+
+def normalize_name(name: str, what: str, *, link: bool = False) -> str:
+    """`./usr//bin/` -> `usr/bin`; "" for the root itself. Absolute names and `..` are refused.
+
+    A hard link's target may be written with a leading `/` by some tools (GNU tar -P); it
+    still names a member of the same archive, so for link targets the slash is dropped.
+    """
+    if "\x00" in name:
+        raise LayerError(f"{what}: entry name {name!r} contains a NUL byte")
+    if name.startswith("/"):
+        if not link:
+            raise LayerError(f"{what}: absolute path {name!r} in layer; layer paths must be relative to the root")
+        name = name.lstrip("/")
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            kind = "hard link target" if link else "path"
+            raise LayerError(f"{what}: {kind} {name!r} contains '..' and could escape the root")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def parents(path: str) -> Iterator[str]:
+    """Proper ancestors of *path*, nearest first: a/b/c -> a/b, a."""
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        yield path
+
+
+# -- extended attributes -------------------------------------------------------------------------------
+
+
+def _xattr_headers(pax: Mapping[str, str]) -> dict[str, str]:
+    """Keep extended attributes, in the SCHILY form GNU tar reads (libarchive's form is converted)."""
+    kept: dict[str, str] = {}
+    for key, value in pax.items():
+        if key.startswith("SCHILY.xattr."):
+            kept[key] = value
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
+            if "=" in name:
+                continue  # a PAX keyword ends at the first "=": only libarchive's encoded form can hold it
+            try:
+                raw = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                continue
+            kept.setdefault(f"SCHILY.xattr.{name}", raw.decode("utf-8", "surrogateescape"))
+    return kept
+
+
+# GNU tar (the appliance's tar, for tar-in and tar-out) escapes "%" and "=" in the xattr names of its
+# SCHILY.xattr records as %25 and %3D, and decodes them when it reads; other writers (Go, Python) write
+# names as they are. So names are encoded on the way into the appliance and decoded on the way out.
+_GNU_ESCAPES = re.compile("%(25|3D)")
+_XATTR = "SCHILY.xattr."
+
+
+def gnu_xattrs_encoded(pax: Mapping[str, str]) -> dict[str, str]:
+    """PAX records with xattr names escaped as GNU tar reads them."""
+    return {(_XATTR + key[len(_XATTR):].replace("%", "%25") if key.startswith(_XATTR) else key): value
+            for key, value in pax.items()}
+
+
+def gnu_xattrs_decoded(pax: Mapping[str, str]) -> dict[str, str]:
+    """PAX records from GNU tar with xattr names unescaped; a name holding "=" cannot be a PAX keyword in
+    any other tar, so it is left out (as the flattener leaves out libarchive's)."""
+    out: dict[str, str] = {}
+    for key, value in pax.items():
+        if key.startswith(_XATTR):
+            name = _GNU_ESCAPES.sub(lambda m: "%" if m.group(1) == "25" else "=", key[len(_XATTR):])
+            if "=" in name:
+                continue
+            key = _XATTR + name
+        out[key] = value
+    return out
+
+
+# -- headers -------------------------------------------------------------------------------------------
+
+
+def clean_header(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
+    """A fresh header for *member* under *name*: numeric owners, no stale PAX path/size records."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.REGTYPE if member.type in (tarfile.AREGTYPE, tarfile.CONTTYPE) else member.type
+    if member.isreg():
+        info.type = tarfile.REGTYPE
+    info.mode = member.mode & 0o7777
+    info.uid, info.gid = member.uid, member.gid
+    info.uname = info.gname = ""
+    info.mtime = member.mtime
+    info.size = member.size if info.type == tarfile.REGTYPE else 0
+    info.linkname = member.linkname
+    if member.ischr() or member.isblk():
+        info.devmajor, info.devminor = member.devmajor, member.devminor
+    info.pax_headers = _xattr_headers(member.pax_headers)
+    exact_mtime = member.pax_headers.get("mtime")
+    if exact_mtime is not None and _float_or_none(exact_mtime) == member.mtime:
+        info.pax_headers["mtime"] = exact_mtime  # tarfile's float would round nanoseconds away
+    return info
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def check_header(member: tarfile.TarInfo, path: str, what: str) -> None:
+    """Values a tar header can hold but an extractor would refuse (or tarfile could not write)."""
+    if member.uid < 0 or member.gid < 0:
+        raise LayerError(f"{what}: {path!r} has a negative owner ({member.uid}:{member.gid})")
+    if (member.ischr() or member.isblk()) and not (
+            0 <= member.devmajor <= MAX_DEVICE and 0 <= member.devminor <= MAX_DEVICE):
+        raise LayerError(f"{what}: device {path!r} has out-of-range numbers {member.devmajor},{member.devminor}")
