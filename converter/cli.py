@@ -10,13 +10,14 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from converter import __version__
-from converter.errors import EXIT_INTERRUPTED, ImgconvError, Interrupted, UsageError
+from converter.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ImgconvError, Interrupted, UsageError, one_line
 from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
 
 app = typer.Typer(
@@ -383,16 +384,42 @@ def printable(text: str) -> str:
 
 
 def main() -> None:
-    """Console entry point: run the app and turn every failure into one line and an exit code."""
+    """Console entry point: run the app and turn every failure into one line and an exit code.
+
+    Usage errors (an unknown option, a missing argument) follow the same one-line contract as imgconv's own
+    errors. Anything unexpected is a bug: one line too, and its traceback with --debug.
+    """
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    command = typer.main.get_command(app)
     try:
-        app()
+        status = command.main(prog_name="imgconv", standalone_mode=False)
     except ImgconvError as exc:
-        print(f"imgconv: error: {printable(str(exc))}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except BrokenPipeError:
+        _fail(str(exc), exc.exit_code, exc)
+    except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+        _usage_error(exc)
+    except (BrokenPipeError, typer.Abort):
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in imgconv; --debug shows where)", EXIT_FAILED, exc)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _fail(message: str, code: int, exc: BaseException) -> None:
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"imgconv: error: {printable(one_line(message))}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _usage_error(exc: Exception) -> None:
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `imgconv` alone: the help, as a usage error
+        print(getattr(exc, "format_message", lambda: "")(), file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    message = getattr(exc, "format_message", lambda: str(exc))()
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "imgconv"
+    _fail(f"{message} (see {where} --help)", int(getattr(exc, "exit_code", EXIT_USAGE)), exc)
 
 
 if __name__ == "__main__":
