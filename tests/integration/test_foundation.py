@@ -102,8 +102,8 @@ def test_inspect_for_people_names_the_image(fixture_image: ImageFactory, docker_
 def _flatten_to(image_ref: str, out: Path) -> None:
     from converter.oci.flatten import LayerInput, flatten
     from converter.oci.reference import parse_reference
-    from converter.oci.source import open_image
     from converter.oci.tarutil import open_output
+    from converter.oci.transport import open_image
 
     with open_image(parse_reference(image_ref)) as image, out.open("wb") as sink:
         tar = open_output(sink)

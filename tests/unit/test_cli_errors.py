@@ -20,8 +20,8 @@ from converter.errors import ImgconvError, LayerError
 from converter.oci.blobs import drain
 from converter.oci.flatten import LayerInput, flatten
 from converter.oci.reference import parse_reference
-from converter.oci.source import open_image
 from converter.oci.tarutil import open_output
+from converter.oci.transport import open_image
 from tests.cli import Ran, assert_one_line_error
 from tests.unit.layerkit import (
     OCI_CONFIG,
