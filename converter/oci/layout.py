@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from converter import artifact
 from converter.errors import BlobError, ImageError, UsageError
 from converter.oci.image import Image, resolve
 from converter.oci.model import Descriptor, Index, MediaType, Platform, canonical_json, sha256_digest
@@ -135,14 +136,8 @@ class LayoutWriter:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    fd, name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    """imgconv's one atomic write (synced), with the mode the layout's other blobs get from mkstemp."""
+    artifact.atomic_write(path, data, mode=0o600)
 
 
 class LayoutTransport:
