@@ -276,8 +276,9 @@ def vm_to_oci(
     if json_output:
         print(dumps(record))
     elif not quiet:
-        print(f"{record.destination}: {len(record.layers)} layer(s), image {record.image_id}"
-              + (f", manifest {record.manifest_digest}" if record.manifest_digest else ""))
+        image = record.identity
+        print(f"{image.source}: {len(image.layers)} layer(s), image {image.image_id}"
+              + (f", manifest {image.manifest_digest}" if image.manifest_digest else ""))
 
 
 def parse_argv(value: str | None, flag: str) -> tuple[str, ...] | None:

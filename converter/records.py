@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from converter.oci.image import Image
@@ -138,30 +138,24 @@ class NewLayer:
 
 @dataclass(frozen=True)
 class ExportRecord:
-    """`vm-to-oci`'s result: the image written (its identity names the destination as its source)."""
+    """`vm-to-oci`'s result: the image written (its identity's source is the destination) and the disk."""
 
-    destination: str
-    manifest_digest: str
-    image_id: str
-    layers: tuple[dict[str, Any], ...]
+    identity: ImageIdentity = field(metadata={"rename": {"source": "destination"}})
     new_layer: NewLayer
     source: DiskSource
 
 
 def to_json(record: Any) -> dict[str, Any]:
-    """A record as the JSON object imgconv writes: an ``identity`` field is merged into the top level."""
+    """A record as the JSON object imgconv writes: an ``identity`` field is merged into the top level (some
+    of its keys renamed where the record says so)."""
     doc: dict[str, Any] = {}
     for f in dataclasses.fields(record):
         value = getattr(record, f.name)
         if f.name == "identity":
-            identity = dataclasses.asdict(value)
-            identity["layers"] = [dict(layer) for layer in identity["layers"]]
-            doc.update(identity)
+            renames = f.metadata.get("rename", {})
+            doc.update({renames.get(key, key): item for key, item in dataclasses.asdict(value).items()})
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             doc[f.name] = dataclasses.asdict(value)
-        elif isinstance(value, tuple):
-            doc[f.name] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
-                           for v in value]
         else:
             doc[f.name] = value
     return doc

@@ -45,7 +45,7 @@ from converter.oci.tree import Signature, hash_stream, index_image
 from converter.oci.writer import LayerWriter, WrittenLayer, copy_blob, write_image
 from converter.pipeline import APPLIANCE, ApplianceSession, Context, Drive, Pipeline, Slot, Step
 from converter.progress import Monitor
-from converter.records import DiskSource, ExportRecord, NewLayer, OsRecord
+from converter.records import DiskSource, ExportRecord, ImageIdentity, LayerRecord, NewLayer, OsRecord
 from converter.scratch import scratch_dir
 
 LABEL_PREFIX = "io.imgconv.source"
@@ -100,6 +100,12 @@ class Base:
 
 
 @dataclass(frozen=True)
+class Assembled:
+    built: Built
+    diff_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Found:
     opened: Opened
     scope: Filter
@@ -114,7 +120,7 @@ CHECKED: Slot[CheckedDisk] = Slot("checked disk")
 BASE: Slot[Base | None] = Slot("base image")
 FOUND: Slot[Found] = Slot("guest")
 LAYER: Slot[WrittenLayer] = Slot("layer")
-BUILT: Slot[Built] = Slot("built image")
+BUILT: Slot[Assembled] = Slot("built image")
 RECORD: Slot[ExportRecord] = Slot("record")
 
 
@@ -220,7 +226,7 @@ def image_config(ctx: Context, diff_ids: list[str]) -> ConfigFile:
     return config.with_overrides(options.overrides).with_layers(diff_ids, entry, replaces_history=base is None)
 
 
-def write_oci_image(ctx: Context) -> Built:
+def write_oci_image(ctx: Context) -> Assembled:
     base, written = ctx[BASE], ctx[LAYER]
     layout = LayoutWriter(ctx[INPUTS].scratch / "layout")
     layers: list[Descriptor] = []
@@ -234,20 +240,22 @@ def write_oci_image(ctx: Context) -> Built:
     layers.append(written.descriptor)
     diff_ids.append(written.diff_id)
     manifest, config = write_image(layout, image_config(ctx, diff_ids).doc, layers, WORK_TAG)
-    return Built(layout.root, manifest, config, tuple(layers))
+    return Assembled(Built(layout.root, manifest, config, tuple(layers)), tuple(diff_ids))
 
 
 def deliver_image(ctx: Context) -> ExportRecord:
-    inputs, built, written, checked, opened = ctx[INPUTS], ctx[BUILT], ctx[LAYER], ctx[CHECKED], ctx[FOUND].opened
+    inputs, assembled, written, checked = ctx[INPUTS], ctx[BUILT], ctx[LAYER], ctx[CHECKED]
+    built, opened = assembled.built, ctx[FOUND].opened
     pushed = deliver(built, inputs.dest, tls_verify=ctx[OPTIONS].tls_verify, scratch=inputs.scratch)
     os_record = None if opened.os is None else OsRecord(opened.os.distro, opened.os.version, opened.os.product,
                                                         opened.os.root)
+    identity = ImageIdentity(str(inputs.dest), built.config.digest, pushed or built.manifest.digest, None,
+                             tuple(LayerRecord(d.digest, d.media_type, d.size, diff_id)
+                                   for d, diff_id in zip(built.layers, assembled.diff_ids, strict=True)))
     return ExportRecord(
-        destination=str(inputs.dest), manifest_digest=pushed or built.manifest.digest, image_id=built.config.digest,
-        layers=tuple(d.to_json() for d in built.layers),
-        new_layer=NewLayer(written.descriptor.digest, written.diff_id, written.entries),
-        source=DiskSource(str(inputs.disk), checked.disk.format, checked.sha256.result(), checked.disk.virtual_size,
-                          opened.origin is not None, os_record),
+        identity, NewLayer(written.descriptor.digest, written.diff_id, written.entries),
+        DiskSource(str(inputs.disk), checked.disk.format, checked.sha256.result(), checked.disk.virtual_size,
+                   opened.origin is not None, os_record),
     )
 
 
