@@ -12,13 +12,16 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from converter import __version__
 from converter.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ImgconvError, Interrupted, UsageError, one_line
 from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
+
+if TYPE_CHECKING:
+    from converter.oci.config import ConfigOverrides
 
 app = typer.Typer(
     name="imgconv",
@@ -188,7 +191,6 @@ def oci_to_qcow2(
     """
     from converter.disk.build import BuildOptions, DiskFormat, convert
     from converter.oci.model import Platform
-    from converter.records import dumps
 
     try:
         fmt = DiskFormat(disk_format)
@@ -207,11 +209,9 @@ def oci_to_qcow2(
         kernel_modules=kernel_modules,
     )
     record = convert(source, options, monitor_for(json_output, quiet))
-    if json_output:
-        print(dumps(record))
-    elif not quiet:
-        print(f"{output}: {record.format}, {human_size(record.size)} on disk, "
-              f"kernel {record.kernel.release}, sha256 {record.sha256}")
+    if json_output or not quiet:
+        _result(record, json_output, f"{output}: {record.format}, {human_size(record.size)} on disk, "
+                                     f"kernel {record.kernel.release}, sha256 {record.sha256}")
 
 
 @app.command("vm-to-oci")
@@ -258,27 +258,36 @@ def vm_to_oci(
     Example: imgconv vm-to-oci legacy.qcow2 docker-daemon:legacy:latest
     """
     from converter.disk.export import ExportOptions, export
-    from converter.oci.config import ConfigOverrides
     from converter.oci.model import Platform
-    from converter.records import dumps
 
     options = ExportOptions(
         compression=compression, reproducible=reproducible, keep_boot=keep_boot, root=root, base=base,
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
-        overrides=ConfigOverrides(
-            entrypoint=parse_argv(entrypoint, "--entrypoint"), cmd=parse_argv(cmd, "--cmd"),
-            env=tuple(key_value(e, "--env") and e for e in env or ()), workdir=workdir, user=user,
-            labels=tuple(key_value(item, "--label") for item in label or ()),
-            expose=tuple(port_spec(p) for p in expose or ()),
-        ),
+        overrides=config_overrides(entrypoint, cmd, env or [], workdir, user, label or [], expose or []),
     )
     record = export(disk, dest, options, monitor_for(json_output, quiet))
-    if json_output:
-        print(dumps(record))
-    elif not quiet:
+    if json_output or not quiet:
         image = record.identity
-        print(f"{image.source}: {len(image.layers)} layer(s), image {image.image_id}"
-              + (f", manifest {image.manifest_digest}" if image.manifest_digest else ""))
+        _result(record, json_output, f"{image.source}: {len(image.layers)} layer(s), image {image.image_id}"
+                + (f", manifest {image.manifest_digest}" if image.manifest_digest else ""))
+
+
+def _result(record: object, json_output: bool, line: str) -> None:
+    """A verb's typed result on stdout: as JSON with --json, else as one line for people."""
+    from converter.records import dumps
+
+    print(dumps(record) if json_output else line)
+
+
+def config_overrides(entrypoint: str | None, cmd: str | None, env: list[str], workdir: str | None,
+                     user: str | None, labels: list[str], expose: list[str]) -> ConfigOverrides:
+    from converter.oci.config import ConfigOverrides
+
+    return ConfigOverrides(
+        entrypoint=parse_argv(entrypoint, "--entrypoint"), cmd=parse_argv(cmd, "--cmd"),
+        env=tuple(key_value(e, "--env") and e for e in env), workdir=workdir, user=user,
+        labels=tuple(key_value(item, "--label") for item in labels), expose=tuple(port_spec(p) for p in expose),
+    )
 
 
 def parse_argv(value: str | None, flag: str) -> tuple[str, ...] | None:
