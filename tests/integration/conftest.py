@@ -8,16 +8,13 @@ exercised by the conversions themselves.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.cli import imgconv
 from tests.world import DockerWorld, FixtureImage
-
-IMGCONV = Path(sys.executable).with_name("imgconv")
 
 # Which transport each fixture image is read through when it is converted.
 SOURCE_TRANSPORT = {"busybox": "oci", "distroless": "archive", "tricky": "daemon", "debian": "daemon"}
@@ -28,28 +25,19 @@ def source_ref(image: FixtureImage) -> str:
     return {"oci": image.oci_ref, "archive": image.archive_ref, "daemon": image.daemon_ref}[kind]
 
 
-def imgconv(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
-            check: bool = False) -> subprocess.CompletedProcess[bytes]:
-    """Run the real console script, output captured as bytes."""
-    proc = subprocess.run([str(IMGCONV), *args], capture_output=True, env=env, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"imgconv {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def converted_disk(fixture_image: Callable[[str], FixtureImage], docker_world: DockerWorld,
                    tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: the qcow2 disk `imgconv oci-to-qcow2` makes of a fixture image (made once)."""
     disks: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("disks")
-    env = dict(docker_world.env)  # DOCKER_HOST for docker-daemon: sources
+    env = dict(docker_world.env)  # the whole environment: DOCKER_HOST for docker-daemon: sources
 
     def get(name: str) -> Path:
         if name not in disks:
             image = fixture_image(name)
             disk = root / f"{name}.qcow2"
-            imgconv("oci-to-qcow2", "--quiet", source_ref(image), str(disk), env=env, check=True)
+            imgconv("oci-to-qcow2", "--quiet", source_ref(image), str(disk), env=env, inherit_env=False).ok()
             disks[name] = disk
         return disks[name]
 

@@ -1,5 +1,5 @@
 """The judges of vm-to-oci's output, none of them imgconv: umoci unpacks, skopeo reads and copies, the
-host's own stat/xattr calls read what umoci wrote. Plus one way to run the imgconv CLI as a user would.
+host's own stat/xattr calls read what umoci wrote. (imgconv itself is run by tests/cli.py.)
 """
 
 from __future__ import annotations
@@ -13,51 +13,13 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.treecmp import Entry
-
-IMGCONV = Path(sys.executable).with_name("imgconv")
-
-
-@dataclass(frozen=True)
-class Ran:
-    argv: tuple[str, ...]
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def ok(self) -> Ran:
-        assert self.code == 0, f"{' '.join(self.argv)} exited {self.code}:\n{self.stderr[-3000:]}"
-        return self
-
-    def describe(self) -> str:
-        return f"{' '.join(self.argv)} -> {self.code}\nstdout: {self.stdout[-2000:]}\nstderr: {self.stderr[-3000:]}"
-
-
-def imgconv(*args: str, env: Mapping[str, str] | None = None, epoch: int | None = None,
-            timeout: float = 900, cwd: Path | None = None) -> Ran:
-    """`imgconv ARGS` with a clean SOURCE_DATE_EPOCH (set only when `epoch` is given)."""
-    full = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
-    full.update(env or {})
-    if epoch is not None:
-        full["SOURCE_DATE_EPOCH"] = str(epoch)
-    argv = (str(IMGCONV), *args)
-    started = time.monotonic()
-    proc = subprocess.run(argv, env=full, capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL, timeout=timeout, check=False, cwd=cwd)
-    return Ran(argv, proc.returncode, proc.stdout, proc.stderr, round(time.monotonic() - started, 1))
 
 
 def tool(*argv: str, timeout: float = 600) -> str:
@@ -169,16 +131,6 @@ def layer_tar(layout: Path, descriptor: Mapping[str, Any]) -> bytes:
 def tar_names(data: bytes) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         return tar.getnames()
-
-
-def one_line_error(ran: Ran) -> str:
-    """The contract of a failed run: exit >= 2, one line on stderr starting `imgconv: error:`, no traceback."""
-    lines = ran.stderr.strip().splitlines()
-    assert ran.code >= 2, ran.describe()
-    assert "Traceback" not in ran.stderr, ran.describe()
-    assert len(lines) == 1 and lines[0].startswith("imgconv: error: "), ran.describe()
-    assert ran.stdout == "", ran.describe()
-    return lines[0]
 
 
 def listing(directory: Path) -> list[str]:

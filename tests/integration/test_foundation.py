@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from fixtures import NAMES
-from tests.integration.conftest import imgconv
+from tests.cli import imgconv
 from tests.treecmp import diff_trees, docker_runtime_paths, hardlink_groups, tree_from_tar
 from tests.world import DockerWorld, FixtureImage, Registry
 
@@ -32,8 +32,8 @@ BY_NAME = [pytest.param(name, marks=[pytest.mark.slow] if name == "debian" else 
 
 
 def _inspect(ref: str, env: dict[str, str], *extra: str) -> dict[str, Any]:
-    proc = imgconv("inspect", "--json", *extra, ref, env=env)
-    assert proc.returncode == 0, proc.stderr.decode()
+    proc = imgconv("inspect", "--json", *extra, ref, env=env, inherit_env=False)
+    assert proc.code == 0, proc.stderr
     report: dict[str, Any] = json.loads(proc.stdout)
     return report
 
@@ -86,9 +86,9 @@ def test_inspect_reads_the_same_image_through_every_transport(
 
 def test_inspect_for_people_names_the_image(fixture_image: ImageFactory, docker_world: DockerWorld) -> None:
     image = fixture_image("tricky")
-    proc = imgconv("inspect", image.daemon_ref, env=dict(docker_world.env))
-    assert proc.returncode == 0, proc.stderr.decode()
-    text = proc.stdout.decode()
+    proc = imgconv("inspect", image.daemon_ref, env=docker_world.env, inherit_env=False)
+    assert proc.code == 0, proc.stderr
+    text = proc.stdout
     assert f"Source:      {image.daemon_ref}" in text or image.daemon_ref.split(":", 1)[1] in text
     assert image.built.image_id.removeprefix("sha256:") in text
     # untrusted strings are shown quoted, so spaces and metacharacters stay visible and literal

@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -41,7 +40,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.judge import IMGCONV, Jobs, Ran, listing, manifest_of, one_line_error, umoci_tree
+from tests.cli import Ran, assert_one_line_error, imgconv
+from tests.integration.judge import Jobs, listing, manifest_of, umoci_tree
 from tests.treecmp import Entry
 
 pytestmark = [pytest.mark.appliance]
@@ -341,40 +341,6 @@ def cached_disks() -> dict[str, Path]:
 # -- running and reading ------------------------------------------------------------------------------------------
 
 
-def run(*args: str, cwd: Path | None = None, timeout: float = 900) -> tuple[Ran, int]:
-    """`imgconv ARGS` as judge.imgconv runs it, plus the peak RSS (KiB) of imgconv's own process."""
-    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
-    argv = (str(IMGCONV), *args)
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    peak = [0]
-
-    def watch() -> None:
-        status = Path(f"/proc/{proc.pid}/status")
-        while proc.poll() is None:
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak[0] = max(peak[0], int(line.split()[1]))
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    watcher.join()
-    ran = Ran(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
-              round(time.monotonic() - started, 1))
-    return ran, peak[0]
-
-
 @dataclass(frozen=True)
 class Member:
     info: tarfile.TarInfo
@@ -419,12 +385,13 @@ class Hostile:
         return self.root / "out" / key
 
     def ran(self, key: str) -> Ran:
-        ran, _peak = self.jobs[key]
+        ran = self.jobs[key]
         assert isinstance(ran, Ran)
         return ran
 
     def peak(self, key: str) -> int:
-        return int(self.jobs[key][1])
+        """The peak RSS (KiB) of imgconv's own process during the export."""
+        return int(self.ran(key).peak_rss_kib or 0)
 
     def ok(self, key: str) -> Path:
         self.ran(key).ok()
@@ -459,7 +426,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     state = Hostile(root, disks, jobs, {})
     for key, (disk, extra) in EXPORTS.items():
         base = ("--base", f"oci:{root / 'base'}:1") if key == "basediff" else ()
-        jobs.define(key, run, "vm-to-oci", *extra, *base, str(disks[disk]), f"oci:{state.dest(key)}:t")
+        jobs.define(key, imgconv, "vm-to-oci", *extra, *base, str(disks[disk]), f"oci:{state.dest(key)}:t",
+                    watch_memory=True)
     jobs.start(*EXPORTS)
     yield state
     jobs.close()
@@ -479,7 +447,7 @@ def started(request: pytest.FixtureRequest) -> None:
 
 
 def _refused(ran: Ran, needle: str, out: Path) -> None:
-    line = one_line_error(ran)
+    line = assert_one_line_error(ran, code=None)
     assert needle in line, line
     assert listing(out) == []
 
@@ -529,7 +497,7 @@ def test_unusual_disk_files_are_refused(started: None, kind: str, needle: str, t
                         'createType="monolithicFlat"\n\n# Extent description\nRW 1 FLAT "/etc/hostname" 0\n')
     elif kind == "symlink-loop":
         disk.symlink_to(disk)
-    ran, _ = run("vm-to-oci", str(disk), f"oci:{out / 'image'}:t", timeout=120)
+    ran = imgconv("vm-to-oci", str(disk), f"oci:{out / 'image'}:t", timeout=120)
     _refused(ran, needle, out)
 
 
@@ -539,8 +507,8 @@ def test_disk_names_qemu_img_would_misread(started: None, name: str, tmp_path: P
     hold no operating system), not refused as unreadable."""
     where, out = _disk_dir(tmp_path)
     _qemu_img("create", "-q", "-f", "qcow2", str(where / name), "64M")
-    ran, _ = run("vm-to-oci", "--", name, f"oci:{out / 'image'}:t", cwd=where, timeout=300)
-    line = one_line_error(ran)
+    ran = imgconv("vm-to-oci", "--", name, f"oci:{out / 'image'}:t", cwd=where, timeout=300)
+    line = assert_one_line_error(ran, code=None)
     assert "no operating system found on" in line and name in line, line
     assert listing(out) == []
 
@@ -550,15 +518,15 @@ def test_backing_file_check_cannot_be_pointed_elsewhere(started: None, tmp_path:
     (where / "backing.raw").write_bytes(bytes(64 << 20))
     _qemu_img("create", "-q", "-f", "qcow2", str(where / "x.qcow2"), "64M")  # harmless, and what qemu-img checks
     _qemu_img("create", "-q", "-f", "qcow2", "-b", str(where / "backing.raw"), "-F", "raw", str(where / "file:x.qcow2"))
-    ran, _ = run("vm-to-oci", "file:x.qcow2", f"oci:{out / 'image'}:t", cwd=where, timeout=300)
+    ran = imgconv("vm-to-oci", "file:x.qcow2", f"oci:{out / 'image'}:t", cwd=where, timeout=300)
     _refused(ran, "has a backing file", out)
 
 
 def test_a_fifo_is_not_a_disk(started: None, tmp_path: Path) -> None:
     where, out = _disk_dir(tmp_path)
     os.mkfifo(where / "disk.fifo")
-    ran, _ = run("vm-to-oci", str(where / "disk.fifo"), f"oci:{out / 'image'}:t", timeout=15)
-    one_line_error(ran)
+    ran = imgconv("vm-to-oci", str(where / "disk.fifo"), f"oci:{out / 'image'}:t", timeout=15)
+    assert_one_line_error(ran, code=None)
     assert listing(out) == []
 
 
@@ -567,8 +535,9 @@ def test_an_encrypted_disk_is_called_encrypted(started: None, tmp_path: Path) ->
     disk = where / "luks.qcow2"
     _qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=abc", "-o",
               "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(disk), "64M")
-    ran, _ = run("vm-to-oci", str(disk), f"oci:{out / 'image'}:t", timeout=120)
-    line = one_line_error(ran).replace(str(disk), "DISK")  # the test's own directory name says "encrypted"
+    ran = imgconv("vm-to-oci", str(disk), f"oci:{out / 'image'}:t", timeout=120)
+    # the test's own directory name says "encrypted"
+    line = assert_one_line_error(ran, code=None).replace(str(disk), "DISK")
     assert "encrypted" in line and "corrupt" not in line, line
     assert listing(out) == []
 
@@ -590,13 +559,12 @@ def test_an_unreadable_disk_is_one_line(started: None) -> None:
         _qemu_img("create", "-q", "-f", "qcow2", str(disk), "64M")
         disk.chmod(0o600)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root / "home"), "LANG": "C.UTF-8"}
-        argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", str(IMGCONV)]
-        probe = subprocess.run([*argv, "--version"], env=env, capture_output=True, timeout=60, check=False)
-        if probe.returncode != 0:
-            pytest.skip(f"uid {NOBODY} cannot run this checkout's imgconv: {probe.stderr.decode()[-300:]}")
-        proc = subprocess.run([*argv, "vm-to-oci", str(disk), f"oci:{root / 'out' / 'image'}:t"], env=env,
-                              capture_output=True, text=True, timeout=120, check=False)
-        ran = Ran(tuple(proc.args), proc.returncode, proc.stdout, proc.stderr, 0.0)
+        setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+        probe = imgconv("--version", prefix=setpriv, env=env, inherit_env=False, timeout=60)
+        if probe.code != 0:
+            pytest.skip(f"uid {NOBODY} cannot run this checkout's imgconv: {probe.stderr[-300:]}")
+        ran = imgconv("vm-to-oci", str(disk), f"oci:{root / 'out' / 'image'}:t", prefix=setpriv, env=env,
+                      inherit_env=False, timeout=120)
         _refused(ran, "Permission denied", root / "out")
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -725,7 +693,7 @@ def test_guest_strings_are_escaped(hostile: Hostile) -> None:
 
 
 def test_files_named_like_whiteouts_are_refused(hostile: Hostile) -> None:
-    line = one_line_error(hostile.ran("whiteout"))
+    line = assert_one_line_error(hostile.ran("whiteout"), code=None)
     assert ".wh." in line, line
     assert not hostile.dest("whiteout").exists()
 
@@ -733,7 +701,7 @@ def test_files_named_like_whiteouts_are_refused(hostile: Hostile) -> None:
 def test_fstab_mountpoints_stay_inside_the_guest(hostile: Hostile) -> None:
     ran = hostile.ran("escape")
     if ran.code != 0:
-        line = one_line_error(ran)
+        line = assert_one_line_error(ran, code=None)
         assert any(word in line for word in ("mountpoint", "/srv/escape", "/../usr/bin")), line
         assert not hostile.dest("escape").exists()
         return
@@ -765,7 +733,7 @@ def test_base_diff_has_no_whiteout_beneath_a_replaced_directory(hostile: Hostile
 
 def test_an_fstab_inspection_cannot_parse_names_the_way_out(hostile: Hostile) -> None:
     """libguestfs inspection gives up on a two-field fstab line: the error says so and offers --root."""
-    line = one_line_error(hostile.ran("badfstab"))
+    line = assert_one_line_error(hostile.ran("badfstab"), code=None)
     assert "does not parse" in line and "--root DEVICE" in line and "/dev/sda1 (ext4)" in line, line
     assert not hostile.dest("badfstab").exists()
 
@@ -777,3 +745,151 @@ def test_root_exports_that_filesystem_when_inspection_cannot(hostile: Hostile) -
     assert tree["srv/kept"].sha256 == hashlib.sha256(b"exported all the same\n").hexdigest()
     _digest, _manifest, config = manifest_of(hostile.dest("badfstab-root"), "t")
     assert config["architecture"] == "amd64"  # from /bin/sh, since inspection could not say
+
+
+# -- boot checks disks as vm-to-oci does, and nothing a disk names is ever opened ------------------------------------
+
+
+def _both_refuse(disk: Path, out: Path, *needles: str) -> str:
+    """`vm-to-oci` and `boot` of *disk*: both exit 2 with the same one line, in bounded time (a FIFO or a socket
+    opened by a tool would hang it past the subprocess timeout), and leave nothing at the output."""
+    lines = {}
+    for verb, *args in (("vm-to-oci", str(disk), f"oci:{out / 'image'}:t"), ("boot", str(disk), "--timeout", "60")):
+        lines[verb] = assert_one_line_error(imgconv(verb, *args, timeout=120), *needles, code=2)
+    assert lines["vm-to-oci"] == lines["boot"], lines
+    assert listing(out) == []
+    return lines["boot"]
+
+
+def _idle_listener(path: Path) -> Any:
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.setblocking(False)
+    return listener
+
+
+@pytest.mark.parametrize("kind", ["fifo", "host-file", "nbd-socket"])
+def test_boot_refuses_a_backing_file_as_vm_to_oci_does(started: None, kind: str, tmp_path: Path) -> None:
+    """A qcow2 whose backing file is a FIFO, a host file or a json:{nbd} socket is refused by both verbs with the
+    same line (exit 2), and neither opens, reads or connects to what it names."""
+    where, out = _disk_dir(tmp_path)
+    disk, target = where / "disk.qcow2", where / kind
+    listener = None
+    if kind == "fifo":
+        os.mkfifo(target)
+        backing = str(target)
+    elif kind == "host-file":
+        for path in (target, where / "control"):  # atime before mtime: the next read updates it (relatime)
+            path.write_bytes(b"HOST SECRET\n" * 4096)
+            os.utime(path, (1_000_000_000, time.time()))
+        backing = str(target)
+    else:
+        listener = _idle_listener(target)
+        backing = "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd", "server": {
+            "type": "unix", "path": str(target)}}})
+    _qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", str(disk), "64M")
+    try:
+        _both_refuse(disk, out, "has a backing file", str(disk))
+        if listener is not None:
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # nobody connected
+    finally:
+        if listener is not None:
+            listener.close()
+    if kind == "host-file":
+        (where / "control").read_bytes()
+        if os.stat(where / "control").st_atime != 1_000_000_000:  # this filesystem records reads
+            assert os.stat(target).st_atime == 1_000_000_000, "the backing file was read"
+
+
+def _kdmv_with_descriptor(path: Path, descriptor: bytes) -> None:
+    """A sparse vmdk (as qemu-img makes it) whose header says capacity 0: qemu then reads its embedded descriptor
+    as a descriptor file, extents included."""
+    import struct
+
+    _qemu_img("create", "-q", "-f", "vmdk", str(path), "1M")
+    data = bytearray(path.read_bytes())
+    desc_sector, desc_sectors = struct.unpack_from("<QQ", data, 28)
+    struct.pack_into("<Q", data, 12, 0)
+    data[desc_sector * 512:(desc_sector + desc_sectors) * 512] = descriptor.ljust(desc_sectors * 512, b"\0")
+    path.write_bytes(bytes(data))
+
+
+VMDK_FIFO_EXTENT = (b'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"'
+                    b'\n\n# Extent description\nRW 2048 FLAT "extent.fifo" 0\n')
+
+
+@pytest.mark.parametrize("kind", ["descriptor", "sparse-capacity-0"])
+def test_a_vmdk_extent_naming_a_fifo_is_refused_before_qemu_img_runs(started: None, kind: str,
+                                                                      tmp_path: Path) -> None:
+    """`qemu-img info` and `check` block forever opening such an extent: the descriptor is read first."""
+    where, out = _disk_dir(tmp_path)
+    os.mkfifo(where / "extent.fifo")
+    disk = where / "disk.vmdk"
+    if kind == "descriptor":
+        disk.write_bytes(VMDK_FIFO_EXTENT)
+    else:
+        _kdmv_with_descriptor(disk, VMDK_FIFO_EXTENT)
+    _both_refuse(disk, out, 'has an extent in another file ("extent.fifo")')
+
+
+def test_an_external_data_file_is_never_opened(started: None, tmp_path: Path) -> None:
+    """qemu opens a qcow2's external data file even where it follows no backing file (`qemu-img info`): the header
+    is read first."""
+    where, out = _disk_dir(tmp_path)
+    disk, data = where / "disk.qcow2", where / "data.raw"
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(disk), "1M")
+    data.unlink()
+    os.mkfifo(data)
+    _both_refuse(disk, out, "keeps its data in an external file", str(data))
+
+
+def _with_host_backing(where: Path) -> Path:
+    """A qcow2 with nothing allocated, over a host file holding a secret: what a disk rewritten between the check
+    and the attach could be. Read through its backing file, its first sector is the secret."""
+    secret = where / "secret.raw"
+    secret.write_bytes(b"HOST SECRET\n".ljust(1 << 20, b"\0"))
+    disk = where / "late.qcow2"
+    _qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(disk), "1M")
+    return disk
+
+
+def test_the_appliance_attaches_a_read_only_disk_without_its_backing_file(tmp_path: Path) -> None:
+    """converter.disk.appliance.launch attaches a read-only drive with its backing disabled: the check and the
+    attach are separate opens, and what the appliance reads must not depend on the disk's header at attach time."""
+    from converter.disk.appliance import launch
+
+    disk = _with_host_backing(tmp_path)
+    with launch([(disk, "qcow2", True)]) as app:
+        first = app.g.pread_device("/dev/sda", 512, 0)
+    assert first == bytes(512), first[:32]
+
+
+def test_boot_attaches_the_disk_without_what_it_names(tmp_path: Path) -> None:
+    """The qemu arguments `imgconv boot` runs with: a disk that has a backing file by the time qemu opens it
+    (a FIFO: opening it would hang) is read without it, and the guest's disk is the overlay over that disk."""
+    from converter.boot.accel import QEMU
+    from converter.boot.qemu import drive_args
+    from converter.disk.safety import SafeDisk, pinned
+
+    disk = tmp_path / "late.qcow2"
+    os.mkfifo(tmp_path / "backing.fifo")
+    _qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(tmp_path / "backing.fifo"), "-F", "raw", str(disk),
+              "1M")
+    _qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "overlay.qcow2"), "1M")
+    st = os.stat(disk)
+    checked = SafeDisk(disk, "qcow2", 1 << 20, block_device=False, identity=(st.st_dev, st.st_ino))
+    with pinned(checked) as name:
+        argv = [QEMU, "-machine", "pc,accel=tcg", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+                *drive_args(checked, name, tmp_path / "overlay.qcow2")]
+        proc = subprocess.run(argv, input=b'{"execute": "qmp_capabilities"}\n{"execute": "query-block"}\n'
+                              b'{"execute": "quit"}\n', capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    replies = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    [block] = next(r["return"] for r in replies if isinstance(r.get("return"), list))
+    image = block["inserted"]["image"]
+    assert image["backing-image"]["format"] == "qcow2" and "backing-image" not in image["backing-image"], image
+    assert block["inserted"]["ro"] is False  # the guest writes, to the throwaway overlay

@@ -40,11 +40,12 @@ from typing import Any
 import pytest
 
 from converter.boot.kernel import host_kernel
-from converter.disk.build import BuildOptions, MiB, plan_disk
+from converter.disk.plan import MiB, content_bytes, plan_disk
 from converter.errors import UsageError
 from converter.oci.reference import parse_reference
 from converter.oci.transport import open_image
-from tests.integration.judge import Jobs, Ran, imgconv, layer_tar, listing, manifest_of, one_line_error, selected
+from tests.cli import Ran, assert_one_line_error, imgconv
+from tests.integration.judge import Jobs, layer_tar, listing, manifest_of, selected
 from tests.unit.layerkit import OCI_CONFIG, OCI_LAYER_ZSTD, OCI_MANIFEST, Layout, Spec, config_json, d, f, layer, sym
 
 pytestmark = [pytest.mark.appliance]
@@ -95,7 +96,7 @@ def convert(root: Path, layers: Sequence[bytes], container: dict[str, Any], *fla
 
 def refused(done: Converted) -> str:
     """The one error line of a refused conversion, which left nothing at (or beside) OUTPUT."""
-    line = one_line_error(done.ran)
+    line = assert_one_line_error(done.ran, code=None)
     assert listing(done.output.parent) == [], done.ran.describe()
     return line
 
@@ -345,7 +346,7 @@ def test_disk_planned_for_many_small_files_has_an_inode_for_each(tmp_path: Path)
              *(f(f"many/{i % 100:03d}/{i:06d}") for i in range(MANY_FILES))]
     ref = oci_layout(tmp_path / "layout", [layer(*specs)], {"Entrypoint": ["/bin/sh", "-c", "echo hi"]})
     with open_image(parse_reference(ref)) as image:
-        plan = plan_disk(image, BuildOptions(output=tmp_path / "disk.qcow2"), 64 * MiB, 64)  # extra: as convert()
+        plan = plan_disk(content_bytes(image), None, 64 * MiB, 64)  # no --size; extra: as convert()
     partition = tmp_path / "partition.img"  # part_disk starts the partition at 1 MiB
     with partition.open("wb") as out:
         out.truncate(plan.size - MiB)
@@ -405,5 +406,5 @@ def test_disk_planned_for_a_zstd_layer_holds_its_content(tmp_path: Path) -> None
                 "layers": [layout.blob(compressed.getvalue(), OCI_LAYER_ZSTD)]}
     layout.index(layout.blob(json.dumps(manifest).encode(), OCI_MANIFEST))
     with open_image(parse_reference(f"oci:{tmp_path / 'layout'}")) as image:
-        planned = plan_disk(image, BuildOptions(output=tmp_path / "disk.qcow2"), 0, 0).size
+        planned = plan_disk(content_bytes(image), None, 0, 0).size
     assert planned >= counted.size, f"{planned >> 20} MiB planned for {counted.size >> 20} MiB of files"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import IMGCONV, imgconv, source_ref
+from tests.cli import Ran, imgconv, start
+from tests.integration.conftest import source_ref
 from tests.world import DockerWorld, FixtureImage
 
 pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
 IMAGES = ["busybox", "distroless", "tricky", "runtime", "debian"]
 
 
-def boot(disk: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+def boot(disk: Path, *extra: str, timeout: float = 300) -> Ran:
     return imgconv("boot", str(disk), "--timeout", "240", *extra, timeout=timeout)
 
 
@@ -46,11 +47,11 @@ def test_boot_prints_and_exits_like_docker_run(name: str, converted_disk: Callab
     docker = docker_world.run(image.repo_tag)
     assert docker.stderr == b"", "the fixture images write only to stdout"
     booted = boot(disk)
-    assert booted.stdout == docker.stdout, (
-        f"imgconv boot printed:\n{booted.stdout.decode(errors='replace')}\n"
-        f"docker run printed:\n{docker.stdout.decode(errors='replace')}\nstderr: {booted.stderr.decode()}"
+    assert booted.stdout_bytes == docker.stdout, (
+        f"imgconv boot printed:\n{booted.stdout}\n"
+        f"docker run printed:\n{docker.stdout.decode(errors='replace')}\nstderr: {booted.stderr}"
     )
-    assert booted.returncode == docker.exit_code, booted.stderr.decode()
+    assert booted.code == docker.exit_code, booted.stderr
 
 
 def test_tricky_image_really_is_tricky(fixture_image: Callable[[str], FixtureImage]) -> None:
@@ -127,9 +128,9 @@ def test_existing_output_is_refused_unless_forced(converted_disk: Callable[[str]
     output = tmp_path / "exists.qcow2"
     output.write_bytes(b"precious")
     refused = imgconv("oci-to-qcow2", "--quiet", fixture_image("busybox").oci_ref, str(output))
-    assert refused.returncode == 2
+    assert refused.code == 2
     assert output.read_bytes() == b"precious"
-    lines = refused.stderr.decode().strip().splitlines()
+    lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgconv: error:") and "--force" in lines[0]
 
 
@@ -137,7 +138,7 @@ def test_existing_output_is_refused_unless_forced(converted_disk: Callable[[str]
 def test_other_formats(fmt: str, fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
     output = tmp_path / f"busybox.{fmt}"
     imgconv("oci-to-qcow2", "--quiet", "--no-kernel-modules", "--format", fmt,
-            fixture_image("busybox").oci_ref, str(output), check=True)
+            fixture_image("busybox").oci_ref, str(output)).ok()
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", fmt, str(output)],
                                      capture_output=True, check=True).stdout)
     assert info["format"] == fmt
@@ -147,13 +148,13 @@ def test_other_formats(fmt: str, fixture_image: Callable[[str], FixtureImage], t
         from fixtures import busybox
 
         booted = boot(output)
-        assert booted.stdout == busybox.EXPECTED_STDOUT.encode() and booted.returncode == 0
+        assert booted.stdout_bytes == busybox.EXPECTED_STDOUT.encode() and booted.code == 0
 
 
 def test_compressed_qcow2_and_size(fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
     output = tmp_path / "small.qcow2"
     imgconv("oci-to-qcow2", "--quiet", "--compress", "--size", "1G", fixture_image("distroless").oci_ref,
-            str(output), check=True)
+            str(output)).ok()
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(output)],
                                      capture_output=True, check=True).stdout)
     assert info["virtual-size"] == 1 << 30
@@ -169,9 +170,7 @@ def test_interrupted_conversion_leaves_no_output(how: signal.Signals, fixture_im
                                                  tmp_path: Path) -> None:
     """Killed while the disk is being written: nothing at OUTPUT (and, for SIGTERM, no leftovers)."""
     output = tmp_path / "killed.qcow2"
-    proc = subprocess.Popen([str(IMGCONV), "oci-to-qcow2",
-                             fixture_image("busybox").oci_ref, str(output)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start("oci-to-qcow2", fixture_image("busybox").oci_ref, str(output))
     deadline = time.monotonic() + 120
     while not _partial_files(tmp_path, output.name) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -200,8 +199,8 @@ def test_bad_input_is_one_line(args: list[str], needle: str, fixture_image: Call
     src = fixture_image("busybox").oci_ref
     argv = [src if a == "SRC" else str(tmp_path / "out.qcow2") if a == "OUT" else a for a in args]
     proc = imgconv("oci-to-qcow2", *argv)
-    err = proc.stderr.decode()
-    assert proc.returncode >= 2
+    err = proc.stderr
+    assert proc.code >= 2
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imgconv: error:") and needle in lines[0], err
@@ -212,7 +211,7 @@ def test_boot_timeout_has_its_own_code(converted_disk: Callable[[str], Path]) ->
     """--timeout expiring before the workload reports is exit code 124, promptly."""
     started = time.monotonic()
     proc = imgconv("boot", str(converted_disk("busybox")), "--timeout", "0.5")
-    assert proc.returncode == 124, proc.stderr.decode()
+    assert proc.code == 124, proc.stderr
     assert time.monotonic() - started < 60
 
 
@@ -220,8 +219,8 @@ def test_too_small_a_disk_says_so(fixture_image: Callable[[str], FixtureImage], 
     """The host modules tree alone (~90 MB) cannot fit in 64M: the cause is named, not its echo."""
     output = tmp_path / "tiny.qcow2"
     proc = imgconv("oci-to-qcow2", "--size", "64M", fixture_image("busybox").oci_ref, str(output))
-    err = proc.stderr.decode()
-    assert proc.returncode == 3, err
+    err = proc.stderr
+    assert proc.code == 3, err
     assert "Traceback" not in err and "Broken pipe" not in err
     assert err.strip().splitlines()[-1] == (
         "imgconv: error: the disk is too small for the image's files; pass a larger --size")

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from fixtures import cache_root
+from tests.cli import Ran, assert_one_line_error, imgconv, start
 from tests.integration.foreign import (
     CAP_NET_RAW,
     KERNEL,
@@ -41,14 +42,10 @@ from tests.integration.foreign import (
     foreign_disks,
 )
 from tests.integration.judge import (
-    IMGCONV,
     Jobs,
-    Ran,
-    imgconv,
     layer_tar,
     listing,
     manifest_of,
-    one_line_error,
     selected,
     sha256_file,
     skopeo_inspect,
@@ -528,7 +525,7 @@ def test_unsafe_disks_are_refused_before_any_work(kind: str, needle: str, transp
     out.mkdir()
     dest = f"oci:{out / 'image'}" if transport == "oci" else f"docker-archive:{out / 'image.tar'}"
     before = sorted(p.name for p in source.iterdir())
-    line = one_line_error(imgconv("vm-to-oci", str(disk), dest))
+    line = assert_one_line_error(imgconv("vm-to-oci", str(disk), dest), code=None)
     assert needle in line, line
     if kind == "backing-file":
         assert str(disks["plain"].path) in line
@@ -546,10 +543,8 @@ def test_interrupted_export_leaves_nothing(disks: dict[str, ForeignDisk], tmp_pa
     scratch, out = tmp_path / "tmp", tmp_path / "out"
     scratch.mkdir()
     out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
-    env.update(TMPDIR=str(scratch), LIBGUESTFS_CACHEDIR=os.environ.get("LIBGUESTFS_CACHEDIR", "/var/tmp"))
-    proc = subprocess.Popen([str(IMGCONV), "vm-to-oci", "--json", str(disk), f"oci:{out / 'image'}:v1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    env = {"TMPDIR": str(scratch), "LIBGUESTFS_CACHEDIR": os.environ.get("LIBGUESTFS_CACHEDIR", "/var/tmp")}
+    proc = start("vm-to-oci", "--json", str(disk), f"oci:{out / 'image'}:v1", env=env)
     assert proc.stderr is not None
     seen = []
     for raw in proc.stderr:
@@ -572,7 +567,7 @@ def test_interrupted_export_leaves_nothing(disks: dict[str, ForeignDisk], tmp_pa
 
 
 def test_disk_without_an_operating_system(exports: Exports, bad_dir: Path, disks: dict[str, ForeignDisk]) -> None:
-    line = one_line_error(exports.ran("noos"))
+    line = assert_one_line_error(exports.ran("noos"), code=None)
     assert line == f"imgconv: error: no operating system found on {disks['noos'].path}"
     assert listing(bad_dir / "noos") == []
 
@@ -580,13 +575,13 @@ def test_disk_without_an_operating_system(exports: Exports, bad_dir: Path, disks
 def test_broken_imgconv_origin_record(exports: Exports, bad_dir: Path) -> None:
     """A disk that looks like oci-to-qcow2's (root labelled imgconv-root, /.imgconv) but whose origin record is
     not JSON: its strings are untrusted like any other disk's."""
-    line = one_line_error(exports.ran("fakeimgconv"))
+    line = assert_one_line_error(exports.ran("fakeimgconv"), code=None)
     assert "/.imgconv/origin.json" in line and "not valid JSON" in line, line
     assert listing(bad_dir / "fakeimgconv") == []
 
 
 def test_two_operating_systems_are_listed(exports: Exports, bad_dir: Path) -> None:
-    line = one_line_error(exports.ran("twoos"))
+    line = assert_one_line_error(exports.ran("twoos"), code=None)
     assert "2 operating systems" in line and "--root" in line, line
     assert '/dev/sda1 ("Alpine Linux v3.19 (imgconv test disk)")' in line, line
     assert '/dev/sda2 ("Debian GNU/Linux 12 (bookworm) (imgconv test disk)")' in line, line

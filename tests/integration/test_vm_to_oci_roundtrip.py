@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 
 from fixtures import NAMES
+from tests.cli import Ran, imgconv
 from tests.integration.conftest import source_ref
 from tests.integration.judge import (
     Jobs,
-    Ran,
-    imgconv,
     layer_tar,
     manifest_of,
     selected,
