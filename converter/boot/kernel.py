@@ -100,24 +100,25 @@ def host_kernel() -> Kernel:
     return Kernel(release, "host", host_path=path, host_modules=HOST_MODULES / release)
 
 
-KERNEL_NAME = re.compile(r"boot/vmlinuz-.+|(?:usr/)?lib/modules/[^/]+/vmlinuz")
+# One path component after boot/ (a file `boot/vmlinuz-x/f0` is not a kernel): each match costs a header read.
+KERNEL_NAME = re.compile(r"boot/vmlinuz-[^/]+|(?:usr/)?lib/modules/[^/]+/vmlinuz")
+MAX_KERNEL_CANDIDATES = 64  # files named like kernels that are looked at; an image ships one or two
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
 
 
 def image_kernel(kinds: Mapping[str, str], symlinks: Mapping[str, str],
-                 headers: Mapping[str, bytes]) -> Kernel | None:
+                 releases: Mapping[str, str]) -> Kernel | None:
     """The newest kernel the flattened image ships, with its modules tree, if it has one.
 
-    *headers* holds the first bytes of each file whose name looks like a kernel. Only a real bzImage
-    counts, and its release comes from its own header (what `uname -r` will say, so where modprobe
-    looks), never from the file name: an image's files are untrusted, and a name is only a name.
+    *releases* maps each file named like a kernel that is a real bzImage to the release its own header
+    names (:func:`bzimage_release`): what `uname -r` will say, so where modprobe looks. A file name is never
+    trusted for it: an image's files are untrusted, and a name is only a name.
     """
     found: dict[str, str] = {}
-    for path in kinds:
-        if not KERNEL_NAME.fullmatch(path) or path in symlinks or kinds[path] == "dir":
+    for path, release in releases.items():
+        if not KERNEL_NAME.fullmatch(path) or path in symlinks or kinds.get(path, "dir") == "dir":
             continue
-        release = bzimage_release(headers.get(path, b""))
-        if release is not None and _RELEASE.fullmatch(release):
+        if _RELEASE.fullmatch(release):
             found.setdefault(release, path)
     best = None
     for release in sorted(found, key=version_key, reverse=True):

@@ -212,7 +212,7 @@ def write_rootfs(ctx: Context) -> ImageTree:
 def choose_kernel(ctx: Context) -> Kernel:
     written = ctx[IMAGE_TREE]
     kernel = (ctx[INPUTS].kernel
-              or image_kernel(written.tree.kinds, written.tree.symlinks, written.kernel_headers)
+              or image_kernel(written.tree.kinds, written.tree.symlinks, written.kernel_releases)
               or host_kernel())
     ctx.monitor.note(f"using {kernel.describe()}")
     return kernel

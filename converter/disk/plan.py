@@ -44,25 +44,22 @@ def volume_uuid(image: Image) -> str:
     return f"{h[0:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}"
 
 
+# deflate cannot do better than about 1032:1; a gzip trailer that claims more is a lie (or a multi-member
+# file whose last member is not the whole story, such as an empty member appended: valid, Docker reads it).
+MAX_DEFLATE_RATIO = 1032
+
+
 def uncompressed_estimate(image: Image, layer: Layer) -> int:
-    """Bytes of tar a layer will inflate to: exact where the format says, counted where it does not."""
+    """Bytes of tar a layer will inflate to: from the gzip trailer where it is consistent with the compressed
+    size, counted by inflating where it is not (and for zstd, whose ratio has no bound)."""
     size = layer.descriptor.size
     if layer.compression == "none":
         return size
     if layer.compression == "gzip":
-        try:
-            with image.store.open_blob(layer.descriptor.digest) as blob:
-                blob.seek(-4, os.SEEK_END)
-                isize = int.from_bytes(blob.read(4), "little")
-        except (OSError, ValueError, io.UnsupportedOperation):
-            return size * 6
-        # ISIZE is the size modulo 2^32: add the wraps a layer of this compressed size must have had.
-        while isize < size:
-            isize += 1 << 32
-        return max(isize, size * 2)
-    # zstd records no total (streamed frames omit even their own), and its ratio has no useful bound (a
-    # preallocated file of zeros shrinks 30 000 times): count it. zstd inflates at a GB/s, so this extra
-    # pass over the (rare) zstd layers costs little; a corrupt layer is left for the real pass to report.
+        claimed = _gzip_isize(image, layer)
+        if claimed is not None:
+            return claimed
+    # Counting costs one more inflate pass of the layer: only for zstd (rare) and for inconsistent trailers.
     try:
         with image.open_layer(layer) as stream:
             total = 0
@@ -70,7 +67,24 @@ def uncompressed_estimate(image: Image, layer: Layer) -> int:
                 total += len(chunk)
         return total
     except ImgconvError:
-        return size * 6
+        return size * 6  # a corrupt layer is left for the real pass to report
+
+
+def _gzip_isize(image: Image, layer: Layer) -> int | None:
+    """The gzip trailer's ISIZE (the size modulo 2^32) made whole, or None when it cannot be the truth."""
+    size = layer.descriptor.size
+    try:
+        with image.store.open_blob(layer.descriptor.digest) as blob:
+            blob.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(blob.read(4), "little")
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    # Incompressible data grows by a few bytes per 64 KiB: the content is at least about the compressed size,
+    # so add the 2^32 wraps that a layer of this compressed size must have had.
+    least = size - size // 1000 - 64
+    while isize < least:
+        isize += 1 << 32
+    return isize if isize <= size * MAX_DEFLATE_RATIO + (1 << 16) else None
 
 
 def content_bytes(image: Image) -> int:

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from converter.boot.kernel import HEADER_BYTES, KERNEL_NAME, Kernel, resolve_in_tree
+from converter.boot.kernel import (
+    HEADER_BYTES,
+    KERNEL_NAME,
+    MAX_KERNEL_CANDIDATES,
+    Kernel,
+    bzimage_release,
+    resolve_in_tree,
+)
 from converter.disk.appliance import Appliance
 from converter.disk.fifo import through_fifo
 from converter.errors import ImageError, ToolError
@@ -35,10 +42,10 @@ from converter.oci.tarutil import abandon_output, gnu_xattrs_encoded, open_outpu
 
 @dataclass(frozen=True)
 class ImageTree:
-    """The image's files as written into the disk, and the first bytes of each file named like a kernel."""
+    """The image's files as written into the disk, and the release of each bzImage named like a kernel."""
 
     tree: FlatTree
-    kernel_headers: dict[str, bytes]
+    kernel_releases: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -63,31 +70,36 @@ class Additions:
 
 class ApplianceSink:
     """The tar sink in front of the stream to the appliance's GNU tar. It escapes xattr names as GNU tar
-    reads them, and keeps the first bytes of every file named like a kernel, so that the image's kernel can
-    be checked (is it a bzImage? which release?) without reading it twice."""
+    reads them, and reads the header of each file named like a kernel as it passes, keeping only the release
+    a real bzImage names (the image's kernel is chosen from those without reading any file twice). At most
+    MAX_KERNEL_CANDIDATES files are looked at, so an image of many such names costs no memory."""
 
     def __init__(self, inner: tarfile.TarFile) -> None:
         self.inner = inner
-        self.headers: dict[str, bytes] = {}
+        self._releases: dict[str, str] = {}
         self._links: dict[str, str] = {}
+        self._looked = 0
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
         tarinfo = for_gnu_tar(tarinfo)
         name = tarinfo.name.strip("/")
-        if KERNEL_NAME.fullmatch(name):
+        if KERNEL_NAME.fullmatch(name) and self._looked < MAX_KERNEL_CANDIDATES:
+            self._looked += 1
             if tarinfo.islnk():
                 self._links[name] = tarinfo.linkname.strip("/")
             elif tarinfo.isreg() and fileobj is not None:
                 head = _read_full(fileobj, min(tarinfo.size, HEADER_BYTES))
-                self.headers[name] = head
+                release = bzimage_release(head)
+                if release is not None:
+                    self._releases[name] = release
                 fileobj = cast(IO[bytes], _Prefixed(head, fileobj))
         self.inner.addfile(tarinfo, fileobj)
 
-    def kernel_headers(self) -> dict[str, bytes]:
-        found = dict(self.headers)
+    def kernel_releases(self) -> dict[str, str]:
+        found = dict(self._releases)
         for name, target in self._links.items():
-            if target in self.headers:
-                found[name] = self.headers[target]
+            if target in self._releases:
+                found[name] = self._releases[target]
         return found
 
 
@@ -161,7 +173,7 @@ def write_image_tree(image: Image, out: BinaryIO, on_bytes: Callable[[int], None
         sink = ApplianceSink(tar)
         tree = flatten(image.layer_inputs(), sink, on_bytes)
         check_tree(tree)
-    return ImageTree(tree, sink.kernel_headers())
+    return ImageTree(tree, sink.kernel_releases())
 
 
 # -- imgconv's files ------------------------------------------------------------------------------------------

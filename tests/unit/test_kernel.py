@@ -32,23 +32,33 @@ def test_the_header_names_the_release() -> None:
     assert bzimage_release(b"not a kernel") is None
 
 
+def releases(headers: dict[str, bytes]) -> dict[str, str]:
+    """What oci-to-qcow2 keeps of the files named like kernels: the release of each real bzImage."""
+    return {path: release for path, head in headers.items() if (release := bzimage_release(head)) is not None}
+
+
 def test_only_a_bzimage_is_a_kernel() -> None:
     headers = {"boot/vmlinuz-9.9.9-bogus": b"not a kernel", "boot/vmlinuz-6.1.0-9-amd64": bzimage("6.1.0-9-amd64")}
-    kernel = image_kernel(KINDS, {}, headers)
+    kernel = image_kernel(KINDS, {}, releases(headers))
     assert kernel is not None and (kernel.release, kernel.guest_path) == ("6.1.0-9-amd64", "boot/vmlinuz-6.1.0-9-amd64")
-    assert image_kernel(KINDS, {}, {"boot/vmlinuz-9.9.9-bogus": b"not a kernel"}) is None
+    assert image_kernel(KINDS, {}, releases({"boot/vmlinuz-9.9.9-bogus": b"not a kernel"})) is None
 
 
 def test_the_release_comes_from_the_header() -> None:
-    kernel = image_kernel(KINDS, {}, {"boot/vmlinuz-renamed": bzimage("6.1.0-9-amd64")})
+    kernel = image_kernel(KINDS, {}, releases({"boot/vmlinuz-renamed": bzimage("6.1.0-9-amd64")}))
     assert kernel is not None
     assert (kernel.release, kernel.guest_modules) == ("6.1.0-9-amd64", "lib/modules/6.1.0-9-amd64")
+
+
+def test_only_one_path_component_after_boot_is_a_kernel_name() -> None:
+    kinds = KINDS | {"boot/vmlinuz-x": "dir", "boot/vmlinuz-x/f0": "nondir"}
+    assert image_kernel(kinds, {}, releases({"boot/vmlinuz-x/f0": bzimage("6.1.0-9-amd64")})) is None
 
 
 @pytest.mark.parametrize("release", ["..", "../../etc", "a/b", "", " x"])
 def test_releases_that_are_not_names_are_refused(release: str) -> None:
     assert image_kernel(KINDS | {f"lib/modules/{release}": "dir"}, {},
-                        {"boot/vmlinuz-renamed": bzimage(release)}) is None
+                        releases({"boot/vmlinuz-renamed": bzimage(release)})) is None
 
 
 def test_a_long_modules_dep_chain_is_no_recursion_error(tmp_path: Path) -> None:
