@@ -186,11 +186,11 @@ def write_disk_layer(ctx: Context) -> WrittenLayer:
 @contextmanager
 def _read_again(ctx: Context, scratch: Path, path: str, sig: Signature) -> Iterator[IO[bytes]]:
     """A file the tar stream already passed, read again from the (read-only) disk and checked against it."""
-    app = ctx[APPLIANCE]
     if path == "dev" or path.startswith("dev/"):
         # libguestfs' download does not look up /dev/* in the guest: it would read the appliance's own.
         raise DiskError(f"the disk's /{path} gained a hard link, but nothing under /dev can be read again from "
                         "a disk; export without --base")
+    app = ctx[APPLIANCE]
     local = scratch / "read-again"
     try:
         app.call(f"read /{path} from the disk", app.g.download, f"/{path}", str(local))
