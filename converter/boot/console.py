@@ -28,8 +28,11 @@ read the same way; that added newline then stays in the output.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import re
 from dataclasses import dataclass
+from typing import BinaryIO, TextIO
 
 START_MARKER = b"<<imgconv:start>>\n"
 _STATUS = rb"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -38,6 +41,8 @@ _EXIT_RE = re.compile(rb"<<imgconv:exit status=" + _STATUS + rb"(?: nl=[01])?>>"
 _KERNEL_LINES_RE = re.compile(rb"(?:(?:\[[ 0-9.]*\] |reboot: )[^\n]*\n)*")
 _KERNEL_PARTIAL_RE = re.compile(rb"\[[ 0-9.]*(?:\](?: [^\n]*)?)?|reboot: [^\n]*|r(?:e(?:b(?:o(?:o(?:t:?)?)?)?)?)?")
 _MAX_TRAILER = 4096
+TAIL_LINES = 12
+INIT_ERROR = "imgconv-init: error: "
 
 
 def _kernel_trailer(text: bytes, *, complete: bool) -> bool:
@@ -200,3 +205,48 @@ class ConsoleDecoder:
             if text.endswith(START_MARKER[:size]):
                 return len(text) - size
         return len(text)
+
+
+class ConsoleSink:
+    """Where the decoded console goes: the workload's output to *stdout* as it comes, the firmware text to *stderr*
+    when *verbose*; kept for the end: the exit status, the last console lines and the init's error lines."""
+
+    def __init__(self, stdout: BinaryIO, stderr: TextIO, verbose: bool) -> None:
+        self.stdout, self.stderr, self.verbose = stdout, stderr, verbose
+        self.decoder = ConsoleDecoder()
+        self.status: int | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.init_errors: list[str] = []
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def feed(self, chunk: bytes) -> None:
+        self._handle(self.decoder.feed(chunk))
+
+    def close(self) -> None:
+        self._handle(self.decoder.close())
+        if self._partial:
+            self._line(self._partial)
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Output):
+                self.stdout.write(event.data)
+                self.stdout.flush()
+            elif isinstance(event, Firmware):
+                text = self._text.decode(event.data)
+                if self.verbose:
+                    self.stderr.write(text)
+                    self.stderr.flush()
+                *complete, self._partial = (self._partial + text).split("\n")
+                for line in complete:
+                    self._line(line)
+            else:
+                self.status = event.status
+
+    def _line(self, line: str) -> None:
+        line = line.rstrip("\r")
+        if line.strip():
+            self.lines.append(line)
+        if line.startswith(INIT_ERROR):
+            self.init_errors.append(line.removeprefix(INIT_ERROR))

@@ -37,6 +37,7 @@ from converter.run import run
 
 FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vpc", "vdi")
 CHECKABLE = frozenset({"qcow2", "vmdk", "vhdx", "vdi"})
+WITH_BACKING = frozenset({"qcow2", "vmdk"})  # of FORMATS, those qemu can give a backing file
 
 INFO_TIMEOUT = 120.0  # qemu-img info reads headers only
 CHECK_TIMEOUT = 900.0  # qemu-img check reads every table of a disk that may be hundreds of GiB
@@ -358,9 +359,13 @@ def pinned(disk: SafeDisk) -> Iterator[Path]:
 
 
 def _file_node(fmt: str, block_device: bool, filename: Path) -> dict[str, Any]:
-    """qemu options for *filename* read as *fmt* and nothing else: explicit drivers, ``"backing": null``."""
+    """qemu options for *filename* read as *fmt* and nothing else: explicit drivers, ``"backing": null`` for the
+    formats that can have a backing file (qemu's schema has no such option for the others)."""
     protocol = "host_device" if block_device else "file"  # a block device opened as a file is deprecated
-    return {"driver": fmt, "backing": None, "file": {"driver": protocol, "filename": str(filename)}}
+    node: dict[str, Any] = {"driver": fmt}
+    if fmt in WITH_BACKING:
+        node["backing"] = None
+    return {**node, "file": {"driver": protocol, "filename": str(filename)}}
 
 
 def blockdev_node(disk: SafeDisk, filename: Path, node: str) -> dict[str, Any]:

@@ -145,3 +145,5 @@ def test_blockdev_node_follows_nothing_the_disk_names() -> None:
                     "file": {"driver": "file", "filename": "/proc/1/fd/3"}}
     device = SafeDisk(Path("/dev/sdb"), "raw", 1 << 20, block_device=True, identity=(1, 2))
     assert blockdev_node(device, device.path, "disk")["file"]["driver"] == "host_device"
+    raw = SafeDisk(Path("/d/x.img"), "raw", 1 << 20, block_device=False, identity=(1, 2))
+    assert "backing" not in blockdev_node(raw, raw.path, "disk")  # qemu's schema has none for raw (nor vpc, ...)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from converter.boot.initbin import init_source
-from converter.boot.qemu import RESOLV_CONF_FW_CFG, docker_resolv_conf, qemu_argv
+from converter.boot.qemu import qemu_argv
+from converter.boot.resolv import RESOLV_CONF_FW_CFG, docker_resolv_conf
 
 # (host's /etc/resolv.conf, what `docker run --network none` of dockerd 20.10.24 put in the container), recorded
 # with a private dockerd in a mount namespace whose /etc/resolv.conf held the first.
@@ -56,9 +57,9 @@ def test_no_host_file_is_the_guests_own_default() -> None:
 
 def test_resolv_conf_goes_to_the_guest_as_a_firmware_file(tmp_path: Path) -> None:
     path = tmp_path / "a,b" / "resolv.conf"
-    argv = qemu_argv(accel="tcg", drive="file=x", memory_mib=256, cpus=1, direct_kernel=None, qmp_socket=None,
+    argv = qemu_argv(accel="tcg", drive=["-device", "x"], memory_mib=256, cpus=1, direct_kernel=None, qmp_socket=None,
                      resolv_conf=path)
     at = argv.index("-fw_cfg")
     assert argv[at + 1] == f"name=opt/imgconv/resolv.conf,file={tmp_path}/a,,b/resolv.conf"
-    assert "-fw_cfg" not in qemu_argv(accel="tcg", drive="file=x", memory_mib=256, cpus=1, direct_kernel=None,
+    assert "-fw_cfg" not in qemu_argv(accel="tcg", drive=["-device", "x"], memory_mib=256, cpus=1, direct_kernel=None,
                                       qmp_socket=None)

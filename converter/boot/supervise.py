@@ -1,0 +1,220 @@
+"""Watch a running VM until qemu is gone: its console streamed as it comes, and a stop when one is due.
+
+How a boot is stopped is a small state machine (:class:`Supervisor`), driven by the clock and by what the
+console says; a loop (:func:`supervise`) feeds it qemu's two pipes and the user's ctrl-C:
+
+- ``RUNNING``: the guest boots or the workload runs; nothing was asked of it.
+- ``STOP_REQUESTED``: the timeout expired, a stop was requested or ctrl-C was pressed: ctrl-alt-delete was sent
+  over QMP (the guest init turns it into SIGTERM for the workload). If the workload has not started yet there is
+  nobody to ask (and ctrl-alt-delete would reboot), so the VM is quit at once instead.
+- ``EXIT_MARKER_SEEN``: the guest reported the workload's exit status and should power off by itself.
+- ``QUITTING``: QMP ``quit`` was sent: the grace period after a stop request passed, or the guest stayed silent
+  for :data:`QUIT_AFTER_EXIT_MARKER` seconds after its exit marker without powering off.
+- ``KILLED``: qemu was still there :data:`KILL_AFTER_QUIT` seconds after ``quit``, or ctrl-C came twice.
+
+Whatever the phase, the loop runs until qemu has closed both pipes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+import os
+import selectors
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol, TextIO
+
+from converter.boot.console import ConsoleSink
+from converter.boot.qmp import CTRL_ALT_DELETE
+
+log = logging.getLogger("imgconv.boot.supervise")
+
+QUIT_AFTER_EXIT_MARKER = 3.0  # the guest powers off right after its exit marker; if it hangs, quit
+KILL_AFTER_QUIT = 5.0
+POLL = 0.25
+STDERR_KEPT = 8192
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"
+    STOP_REQUESTED = "stop requested"
+    EXIT_MARKER_SEEN = "exit marker seen"
+    QUITTING = "quitting"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When to stop: *timeout* seconds after the start (``math.inf``: never), or when *stop* is set; then quit
+    the VM *stop_grace* seconds later if the workload has not ended."""
+
+    timeout: float
+    stop: threading.Event | None = None
+    stop_grace: float = 10.0
+
+
+@dataclass
+class Outcome:
+    """How the run went, for the result: why it was stopped, and what qemu said."""
+
+    timed_out: bool = False
+    stopped: bool = False
+    interrupted: bool = False
+    before_start: bool = False  # the stop came before the workload started: the VM was just quit
+    qemu_stderr: bytes = b""
+    returncode: int | None = None
+
+
+class Control(Protocol):
+    """What the supervisor needs of the VM's QMP connection."""
+
+    def send(self, command: str, arguments: dict[str, Any] | None = None) -> None: ...
+
+
+class Supervisor:
+    """The state machine (module docstring). Time comes in as *now*: nothing here reads a clock or a pipe."""
+
+    def __init__(self, console: ConsoleSink, control: Control, kill: Callable[[], None], limits: Limits,
+                 started: float) -> None:
+        self.console, self.control, self.kill, self.limits = console, control, kill, limits
+        self.phase = Phase.RUNNING
+        self.outcome = Outcome()
+        self.deadline = started + limits.timeout if math.isfinite(limits.timeout) else math.inf
+        self.last_output = started
+        self.stop_asked_at: float | None = None
+        self.quit_at: float | None = None
+
+    # -- events -------------------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """The clock moved: start a stop that is due, and escalate one that is taking too long."""
+        if self.stop_asked_at is None:
+            if now >= self.deadline:
+                self.outcome.timed_out = True
+                self._request_stop(now)
+            elif self.limits.stop is not None and self.limits.stop.is_set():
+                self.outcome.stopped = True
+                self._request_stop(now)
+        if self.stop_asked_at is not None and now >= self.stop_asked_at + self.limits.stop_grace:
+            self._quit(now)
+        if self.phase is Phase.EXIT_MARKER_SEEN and now >= self.last_output + QUIT_AFTER_EXIT_MARKER:
+            self._quit(now)  # the guest said it is done but did not power off
+        if self.phase is Phase.QUITTING and self.quit_at is not None and now >= self.quit_at + KILL_AFTER_QUIT:
+            self._kill()
+
+    def console_data(self, data: bytes, now: float) -> None:
+        self.last_output = now
+        self.console.feed(data)
+        marker = self.console.decoder.pending_exit is not None
+        if marker and self.phase in (Phase.RUNNING, Phase.STOP_REQUESTED):
+            self.phase = Phase.EXIT_MARKER_SEEN
+        elif not marker and self.phase is Phase.EXIT_MARKER_SEEN:  # more came: the marker was output after all
+            self.phase = Phase.RUNNING if self.stop_asked_at is None else Phase.STOP_REQUESTED
+
+    def interrupt(self, now: float) -> None:
+        """Ctrl-C: stop the guest as a stop request would; a second one kills qemu."""
+        if self.outcome.interrupted:
+            self._kill()
+        self.outcome.interrupted = True
+        self._request_stop(now)
+
+    def wait_time(self, now: float) -> float:
+        """How long the loop may wait for output before the next :meth:`tick` is due."""
+        if self.stop_asked_at is None and math.isfinite(self.deadline):
+            return min(POLL, max(self.deadline - now, 0.0))
+        return POLL
+
+    # -- transitions --------------------------------------------------------------------------------------------
+
+    def _request_stop(self, now: float) -> None:
+        if self.stop_asked_at is not None:
+            return
+        self.stop_asked_at = now
+        if not self.console.decoder.started:
+            # Nobody to ask yet (and before the init disables it, ctrl-alt-delete reboots).
+            self.outcome.before_start = True
+            self._quit(now)
+            return
+        log.debug("asking the guest to stop (ctrl-alt-delete)")
+        self.control.send("send-key", CTRL_ALT_DELETE)
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.STOP_REQUESTED
+
+    def _quit(self, now: float) -> None:
+        if self.quit_at is not None:
+            return
+        self.quit_at = now
+        self.phase = Phase.QUITTING
+        log.debug("quitting qemu")
+        self.control.send("quit")
+
+    def _kill(self) -> None:
+        log.debug("killing qemu")
+        self.phase = Phase.KILLED
+        self.kill()
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
+
+
+class _Pipes:
+    """qemu's stdout (the serial console) and stderr, read without blocking as they come, until both close."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._streams: dict[int, IO[bytes]] = {}
+        for name, stream in (("console", proc.stdout), ("qemu", proc.stderr)):
+            assert stream is not None  # Popen(stdout=PIPE, stderr=PIPE)
+            os.set_blocking(stream.fileno(), False)
+            self._selector.register(stream, selectors.EVENT_READ, name)
+            self._streams[stream.fileno()] = stream
+
+    @property
+    def open(self) -> bool:
+        return bool(self._streams)
+
+    def read(self, wait: float) -> Iterator[tuple[str, bytes]]:
+        for key, _ in self._selector.select(wait):
+            data = os.read(key.fd, 65536)
+            if not data:
+                self._selector.unregister(self._streams.pop(key.fd))
+            else:
+                yield key.data, data
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+def supervise(proc: subprocess.Popen[bytes], control: Control, console: ConsoleSink, limits: Limits,
+              verbose_to: TextIO | None) -> Outcome:
+    """Run *proc* (qemu) to its end, its console into *console*, its stderr kept (and copied to *verbose_to*)."""
+    supervisor = Supervisor(console, control, proc.kill, limits, time.monotonic())
+    outcome = supervisor.outcome
+    pipes = _Pipes(proc)
+    try:
+        while pipes.open:
+            try:
+                now = time.monotonic()
+                supervisor.tick(now)
+                for name, data in pipes.read(supervisor.wait_time(now)):
+                    if name == "console":
+                        supervisor.console_data(data, time.monotonic())
+                        continue
+                    outcome.qemu_stderr = (outcome.qemu_stderr + data)[-STDERR_KEPT:]
+                    if verbose_to is not None:
+                        verbose_to.write(data.decode(errors="replace"))
+                        verbose_to.flush()
+            except KeyboardInterrupt:
+                supervisor.interrupt(time.monotonic())
+        console.close()
+    finally:
+        pipes.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        outcome.returncode = proc.wait(timeout=KILL_AFTER_QUIT)
+    return outcome
