@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from converter.disk.safety import backing_free_overlay
 from converter.errors import MissingToolError, ToolError, one_line
 
 log = logging.getLogger("imgconv.appliance")
@@ -44,6 +46,15 @@ class Appliance:
         except RuntimeError as exc:
             raise ToolError(f"libguestfs failed to {doing}: {one_line(str(exc), 300)}") from None
 
+    def attach(self, path: Path, fmt: str, readonly: bool, pins: ExitStack) -> None:
+        """Add a drive before launch; a read-only one through a backing-free overlay held open by *pins*."""
+        attached, attached_fmt = path, fmt
+        if readonly:
+            scratch = Path(pins.enter_context(tempfile.TemporaryDirectory(prefix="imgconv-attach-")))
+            attached, attached_fmt = pins.enter_context(backing_free_overlay(path, fmt, scratch)), "qcow2"
+        self.call(f"attach {path}", self.g.add_drive_opts, str(attached), format=attached_fmt, readonly=readonly,
+                  cachemode="unsafe" if not readonly else "writeback")
+
     def shutdown(self) -> None:
         """Flush and stop the appliance; its failure means the disk may be incomplete."""
         try:
@@ -69,30 +80,32 @@ def launch(
 ) -> Iterator[Appliance]:
     """Launch one appliance with *drives* (path, format, readonly) attached, formats always explicit.
 
+    A read-only drive is an untrusted disk: it is attached through
+    :func:`~converter.disk.safety.backing_free_overlay`, so that the appliance's qemu opens that file in that
+    format and nothing it names, even if it was rewritten since it was checked.
+
     On leaving the block normally the appliance is shut down and its errors are raised; on an
     error it is killed without waiting (the output is thrown away anyway).
     """
     guestfs = _guestfs_module()
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-    handle = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
-    appliance = Appliance(handle)
-    try:
-        _configure_accel(handle)
-        appliance.call("set the appliance memory", handle.set_memsize, memory_mib)
-        appliance.call("disable the appliance network", handle.set_network, False)
-        for path, fmt, readonly in drives:
-            appliance.call(
-                f"attach {path}", handle.add_drive_opts, str(path), format=fmt, readonly=readonly,
-                cachemode="unsafe" if not readonly else "writeback",
-            )
-        appliance.call("launch the appliance (qemu)", handle.launch)
-    except BaseException:
-        handle.close()
-        raise
-    try:
-        yield appliance
-    except BaseException:
-        with suppress(RuntimeError):
+    with ExitStack() as pins:  # released after the appliance is gone
+        handle = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+        appliance = Appliance(handle)
+        try:
+            _configure_accel(handle)
+            appliance.call("set the appliance memory", handle.set_memsize, memory_mib)
+            appliance.call("disable the appliance network", handle.set_network, False)
+            for path, fmt, readonly in drives:
+                appliance.attach(path, fmt, readonly, pins)
+            appliance.call("launch the appliance (qemu)", handle.launch)
+        except BaseException:
             handle.close()
-        raise
-    appliance.shutdown()
+            raise
+        try:
+            yield appliance
+        except BaseException:
+            with suppress(RuntimeError):
+                handle.close()
+            raise
+        appliance.shutdown()
