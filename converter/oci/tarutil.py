@@ -11,6 +11,9 @@ layers `vm-to-oci` writes.
 - Extended attributes travel as ``SCHILY.xattr.`` PAX records, escaped as GNU tar (the appliance's
   tar) expects them.
 - Streams are written and read without keeping every header: memory does not grow with file count.
+- Reading is bounded whatever the headers declare: one entry's special headers (PAX records, GNU long
+  names, sparse maps) at 1 MiB each and 2 MiB together (Go's archive/tar caps each at 1 MiB), names and
+  link targets at PATH_MAX.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import re
 import tarfile
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
 
 if TYPE_CHECKING:
     from _typeshed import SupportsRead
@@ -31,6 +34,11 @@ from converter.errors import LayerError
 BUFSIZE = 1 << 20
 
 MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
+
+# What one entry's special headers (PAX records, GNU long names, sparse maps) may hold: Go's archive/tar
+# refuses special headers over 1 MiB too. Without a bound tarfile reads them whole, whatever they declare.
+MAX_SPECIAL_HEADER = 1 << 20
+PATH_MAX = 4096  # Linux's: no name or link target in a layer can be longer and still be extracted
 
 
 def forget_members(tar: tarfile.TarFile) -> None:
@@ -60,14 +68,110 @@ def abandon_output(tar: tarfile.TarFile) -> None:
     tar.closed = True  # type: ignore[attr-defined]  # TarFile's own flag, set by close()
 
 
+class HeaderLimitError(tarfile.TarError):
+    """A tar header imgconv will not read: its size, or the number of headers before one entry, is out of bounds."""
+
+
+_SPECIAL = {tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link name",
+            tarfile.XHDTYPE: "PAX", tarfile.XGLTYPE: "global PAX", tarfile.SOLARIS_XHDTYPE: "PAX"}
+# All the header bytes one entry may cost (a PAX record and a long name at their largest, and their blocks),
+# and how many headers may precede it (tarfile follows a chain of them by recursion).
+_ENTRY_BUDGET = 2 * MAX_SPECIAL_HEADER + 64 * tarfile.BLOCKSIZE
+_MAX_CHAIN = 32
+
+
+class _Guard:
+    """The stream under a tar reader. While a header is parsed, reads are counted against a budget and a read
+    beyond it is refused before it happens (tarfile would allocate the whole declared size first)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.budget: int | None = None
+        self.headers = 0
+        self.globals_read = False
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, close: the stream's own
+        return getattr(self.inner, name)
+
+    def read(self, size: int) -> bytes:
+        if self.budget is not None:
+            if size < 0 or size > self.budget:
+                raise HeaderLimitError(f"the headers of one entry take more than {_ENTRY_BUDGET >> 20} MiB")
+            self.budget -= size
+        data: bytes = self.inner.read(size)
+        return data
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """Refuses a special header by its declared size, before tarfile reads its contents whole."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
+        guard = cast(_Guard, archive.fileobj)
+        guard.headers += 1
+        if guard.headers > _MAX_CHAIN:
+            raise HeaderLimitError(f"more than {_MAX_CHAIN} headers for one entry")
+        return super().fromtarfile(archive)
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        kind = _SPECIAL.get(self.type)
+        if kind is not None and not 0 <= self.size <= MAX_SPECIAL_HEADER:
+            raise HeaderLimitError(f"a {kind} header of {self.size} bytes; "
+                                   f"imgconv reads special headers of at most {MAX_SPECIAL_HEADER >> 20} MiB")
+        if self.type == tarfile.XGLTYPE:
+            cast(_Guard, archive.fileobj).globals_read = True
+        member: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]  # (not in typeshed)
+        return member
+
+
+class _BoundedReader(tarfile.TarFile):
+    """A tar reader whose memory does not follow what headers declare (see :class:`_Guard`)."""
+
+    tarinfo = _BoundedInfo
+
+    def next(self) -> tarfile.TarInfo | None:
+        guard = self.fileobj
+        if not isinstance(guard, _Guard):
+            guard = self.fileobj = _Guard(guard)
+        guard.budget, guard.headers, guard.globals_read = _ENTRY_BUDGET, 0, False
+        try:
+            member = super().next()
+        finally:
+            guard.budget = None
+        if guard.globals_read and sum(len(k) + len(v) for k, v in self.pax_headers.items()) > MAX_SPECIAL_HEADER:
+            raise HeaderLimitError(f"global PAX headers of more than {MAX_SPECIAL_HEADER >> 20} MiB")
+        return member
+
+
+def _byte_length(text: str) -> int:
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))  # tarfile's own decoding, undone
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_names(member: tarfile.TarInfo, what: str) -> None:
+    for kind, name in (("name", member.name), ("link target", member.linkname)):
+        if _byte_length(name) > PATH_MAX:
+            raise LayerError(f"{what}: the {kind} {name[:48]!r}... is longer than {PATH_MAX} bytes (PATH_MAX)")
+
+
+def open_reader(stream: BinaryIO) -> tarfile.TarFile:
+    """A streaming tar reader bounded as :class:`_BoundedReader` is; errors are :class:`tarfile.TarError`
+    (:class:`HeaderLimitError` for what exceeds a bound), for callers that map them to their own."""
+    return _BoundedReader.open(fileobj=stream, mode="r|", bufsize=BUFSIZE)
+
+
 def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
     """Each member of the tar *stream* with the reader its data comes from, in bounded memory.
 
-    A zero-length stream is an empty archive; anything tarfile cannot parse is a :class:`LayerError`
-    naming *what*.
+    A zero-length stream is an empty archive; anything tarfile cannot parse, special headers beyond
+    :data:`MAX_SPECIAL_HEADER` and names beyond :data:`PATH_MAX` are a :class:`LayerError` naming *what*.
     """
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=BUFSIZE)
+        tar = open_reader(stream)
+    except HeaderLimitError as exc:
+        raise LayerError(f"{what}: {exc}") from None
     except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
         if "empty file" in str(exc):
             return  # a zero-length layer is an empty layer
@@ -76,10 +180,13 @@ def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo,
         while True:
             try:
                 member = tar.next()
+            except HeaderLimitError as exc:
+                raise LayerError(f"{what}: {exc}") from None
             except (tarfile.TarError, EOFError, ValueError) as exc:
                 raise LayerError(f"{what}: malformed tar: {exc}") from None
             if member is None:
                 break
+            _check_names(member, what)
             yield member, tar
             forget_members(tar)
     finally:
