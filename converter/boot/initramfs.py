@@ -17,6 +17,7 @@ import gzip
 import io
 import lzma
 import stat
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,20 +206,58 @@ def needed_modules(modules_root: Path, names: Sequence[str] = DISK_MODULES) -> l
     return order
 
 
-def _module_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    name = path.name
+MiB = 1 << 20
+# A real module is a few MiB and the initramfs's drivers with their dependencies a few more; an image's
+# modules are image data, inflated only this far (a 61 KB .ko.xz inflated to 400 MiB otherwise).
+MAX_MODULE = 64 * MiB
+MAX_MODULES_TOTAL = 128 * MiB
+
+
+def _inflate(name: str, data: bytes, most: int) -> bytes:
+    """At most *most* bytes of the module file *name* holding *data*, decompressed as its suffix says."""
     if name.endswith(".ko.xz"):
-        return lzma.decompress(data)
+        xz = lzma.LZMADecompressor()
+        out = xz.decompress(data, max_length=most)
+        if not xz.eof and len(out) < most:
+            raise ValueError("the xz data ends before its end-of-stream marker")
+        return out
     if name.endswith(".ko.gz"):
-        return gzip.decompress(data)
+        gz = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+        out = gz.decompress(data, most)
+        if not gz.eof and len(out) < most:
+            raise ValueError("the gzip data ends before its trailer")
+        return out
     if name.endswith(".ko.zst"):
         import zstandard
 
+        chunks: list[bytes] = []
         with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
-            out: bytes = reader.read()
-        return out
-    return data
+            while most > 0 and (chunk := reader.read(min(most, MiB))):
+                chunks.append(chunk)
+                most -= len(chunk)
+        return b"".join(chunks)
+    return data[:most]
+
+
+def _module_bytes(modules_dir: Path, rel: str, limit: int = MAX_MODULE) -> bytes:
+    """The module *rel* uncompressed; more than *limit* bytes of it, or a corrupt file, is an ImageError."""
+    path = modules_dir / rel
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)  # the image's were found no larger than the cap; a plain .ko is its bytes
+        out = _inflate(path.name, data, limit + 1)
+    except (lzma.LZMAError, zlib.error, EOFError, ValueError) as exc:
+        raise ImageError(f"the kernel module {rel} cannot be decompressed: {exc}") from exc
+    except OSError as exc:
+        raise ToolError(f"cannot read the kernel module {rel}: {exc}") from exc
+    except Exception as exc:  # zstandard.ZstdError has no useful base class
+        if type(exc).__name__ != "ZstdError":
+            raise
+        raise ImageError(f"the kernel module {rel} cannot be decompressed: {exc}") from exc
+    if len(out) > limit:
+        raise ImageError(f"the kernel module {rel} inflates to more than {limit // MiB} MiB; "
+                         "a real module is a few MiB")
+    return out
 
 
 # -------------------------------------------------------------------------------------- cpio --
@@ -317,9 +356,15 @@ def build_initramfs(kernel_release: str, modules_root: Path, init: Path) -> byte
         CpioEntry(INITRAMFS_MARKER, stat.S_IFREG | 0o644),
     ]
     load_list: list[str] = []
+    total = 0
     for rel in needed_modules(modules_dir):
         name = f"modules/{_module_name(rel)}.ko"
-        entries.append(CpioEntry(name, stat.S_IFREG | 0o644, _module_bytes(modules_dir / rel)))
+        data = _module_bytes(modules_dir, rel)
+        total += len(data)
+        if total > MAX_MODULES_TOTAL:
+            raise ImageError(f"the kernel modules the initramfs needs (up to {rel}) inflate to more than "
+                             f"{MAX_MODULES_TOTAL // MiB} MiB together; real ones take a few MiB")
+        entries.append(CpioEntry(name, stat.S_IFREG | 0o644, data))
         load_list.append("/" + name)
     entries.append(CpioEntry("load.list", stat.S_IFREG | 0o644, "".join(f"{m}\n" for m in load_list).encode()))
     return gzip.compress(write_cpio(entries), compresslevel=9, mtime=0)

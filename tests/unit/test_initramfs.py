@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import lzma
 import platform
+import re
 import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -267,3 +269,92 @@ def test_real_initramfs_is_small(tmp_path: Path) -> None:
     init = tmp_path / "init"
     init.write_bytes(b"\0" * 100_000)
     assert len(build_initramfs(HOST_MODULES.name, HOST_MODULES, init)) < 1_000_000
+
+
+# -------------------------------------------------------------------- bounded inflation (issue 9 item 6) --
+
+MiB = 1 << 20
+
+
+def _one_module_tree(root: Path, name: str, data: bytes) -> Path:
+    (root / "kernel/a").mkdir(parents=True)
+    (root / "modules.dep").write_text(f"kernel/a/{name}:\n")
+    (root / "kernel/a" / name).write_bytes(data)
+    return root
+
+
+def _xz_zeros(size: int) -> bytes:
+    packer = lzma.LZMACompressor(preset=0)
+    return b"".join([*(packer.compress(b"\0" * MiB) for _ in range(size // MiB)), packer.flush()])
+
+
+def _build(root: Path, tmp_path: Path) -> bytes:
+    init = tmp_path / "init"
+    init.write_bytes(b"init")
+    return build_initramfs(root.name, root, init)
+
+
+def test_a_module_that_inflates_without_bound_is_refused_in_bounds(tmp_path: Path) -> None:
+    """The reproduction: a 61 KB virtio_blk.ko.xz that inflates to 400 MiB. Refused, having held at most twice the
+    cap (the decompressor's last resize)."""
+    import tracemalloc
+
+    packed = _xz_zeros(400 * MiB)
+    assert len(packed) < 100_000
+    root = _one_module_tree(tmp_path / "6.1.0-bomb", "virtio_blk.ko.xz", packed)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError) as caught:
+            _build(root, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(caught.value)
+    assert "kernel/a/virtio_blk.ko.xz" in message and "64 MiB" in message and "\n" not in message
+    assert peak < 140 * MiB, f"{peak / MiB:.0f} MiB held"
+
+
+@pytest.mark.parametrize("name, pack", [
+    ("virtio_blk.ko.gz", lambda data: gzip.compress(data, compresslevel=1)),
+    ("virtio_blk.ko.zst", lambda data: zstandard.ZstdCompressor(level=1).compress(data)),
+    ("virtio_blk.ko", lambda data: data),
+], ids=["gzip", "zstd", "plain"])
+def test_every_module_format_is_bounded(tmp_path: Path, name: str, pack: Any) -> None:
+    root = _one_module_tree(tmp_path / "6.1.0-big", name, pack(b"\0" * (64 * MiB + 1)))
+    with pytest.raises(ImageError, match=f"kernel/a/{re.escape(name)} inflates to more than 64 MiB"):
+        _build(root, tmp_path)
+
+
+def test_a_module_of_exactly_the_cap_is_kept(tmp_path: Path) -> None:
+    root = _one_module_tree(tmp_path / "6.1.0-cap", "virtio_blk.ko.zst",
+                            zstandard.ZstdCompressor(level=1).compress(b"\0" * (64 * MiB)))
+    members = {e.name: e for e in read_cpio(gzip.decompress(_build(root, tmp_path)))}
+    assert len(members["modules/virtio_blk.ko"].data) == 64 * MiB
+
+
+def test_modules_are_bounded_together(tmp_path: Path) -> None:
+    """Each under the cap, but a modules.dep chain of many of them: the initramfs holds them all in memory."""
+    root = tmp_path / "6.1.0-many"
+    (root / "kernel/a").mkdir(parents=True)
+    packed = _xz_zeros(40 * MiB)
+    chain = [f"kernel/a/m{i}.ko.xz" for i in range(5)]
+    lines = [f"kernel/a/virtio_blk.ko.xz: {' '.join(chain)}"] + [f"{m}:" for m in chain]
+    (root / "modules.dep").write_text("\n".join(lines) + "\n")
+    for module in [*chain, "kernel/a/virtio_blk.ko.xz"]:
+        (root / module).write_bytes(packed)
+    with pytest.raises(ImageError, match="more than 128 MiB together"):
+        _build(root, tmp_path)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("virtio_blk.ko.xz", lzma.compress(b"module")[:-8]),
+    ("virtio_blk.ko.xz", b"not xz at all"),
+    ("virtio_blk.ko.gz", gzip.compress(b"module")[:-4]),
+    ("virtio_blk.ko.gz", b"\x1f\x8bnot gzip"),
+    ("virtio_blk.ko.zst", b"(\xb5/\xfdnot zstd"),
+], ids=["xz-truncated", "xz-garbage", "gzip-truncated", "gzip-garbage", "zstd-garbage"])
+def test_a_corrupt_module_is_a_one_line_image_error(tmp_path: Path, name: str, data: bytes) -> None:
+    root = _one_module_tree(tmp_path / "6.1.0-bad", name, data)
+    with pytest.raises(ImageError, match=f"kernel module kernel/a/{re.escape(name)} cannot be decompressed") as caught:
+        _build(root, tmp_path)
+    assert "\n" not in str(caught.value)
