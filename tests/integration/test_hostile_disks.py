@@ -23,9 +23,9 @@ devices, xattrs), skopeo, and the layer tars read here.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -40,6 +40,8 @@ from typing import Any
 
 import pytest
 
+import tests.builders.layers
+from tests.builders import REF_NAME, Layout, Spec, entry, layer
 from tests.cli import Ran, assert_one_line_error, imgconv
 from tests.integration.judge import Jobs, listing, manifest_of, umoci_tree
 from tests.treecmp import Entry
@@ -79,24 +81,8 @@ XATTR_PERCENT = "user.percent%name"
 # -- building the disks -------------------------------------------------------------------------------------------
 
 
-def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]], fmt: int = tarfile.GNU_FORMAT) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
-
-
-def _ti(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0,
-        mtime: int = 1700000000, **fields: Any) -> tuple[tarfile.TarInfo, bytes | None]:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, mtime
-    info.uname = info.gname = ""
-    if kind == tarfile.REGTYPE:
-        info.size = len(data)
-    for key, value in fields.items():
-        setattr(info, key, value)
-    return info, (data if kind == tarfile.REGTYPE else None)
+# Entries of the tars put onto the disks (tests/builders): no owner names, one mtime unless given.
+_ti = functools.partial(entry, mtime=1700000000, uname="", gname="")
 
 
 def _busybox_os(g: Any, product: str, fstab: str) -> None:
@@ -112,7 +98,7 @@ def _busybox_os(g: Any, product: str, fstab: str) -> None:
     g.write("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
 
 
-def _main_entries() -> list[tuple[tarfile.TarInfo, bytes | None]]:
+def _main_entries() -> list[Spec]:
     e = [_ti("srv/names", tarfile.DIRTYPE, mode=0o755)]
     e += [_ti(f"srv/names/{name}", data=f"weird name {i}\n".encode()) for i, name in enumerate(WEIRD_NAMES)]
     e.append(_ti(DEEP, data=b"deep\n"))
@@ -132,7 +118,7 @@ def _main_entries() -> list[tuple[tarfile.TarInfo, bytes | None]]:
     return e
 
 
-def _xattr_entries() -> list[tuple[tarfile.TarInfo, bytes | None]]:
+def _xattr_entries() -> list[Spec]:
     info, data = _ti("srv/xattrs/file", data=b"xattrs\n")
     info.pax_headers = {"SCHILY.xattr.user.bin": XATTR_BIN.decode("utf-8", "surrogateescape"),
                         "SCHILY.xattr.user.big": "v" * 3000}
@@ -160,7 +146,7 @@ def _build_main(g: Any, scratch: Path) -> None:
     for name, entries, fmt in (("weird.tar", _main_entries(), tarfile.GNU_FORMAT),
                                ("xattrs.tar", _xattr_entries(), tarfile.PAX_FORMAT)):
         path = scratch / name
-        path.write_bytes(_tar(entries, fmt))
+        path.write_bytes(layer(*entries, format=fmt))
         g.tar_in(str(path), "/", xattrs=True)
         path.unlink()
     g.chmod(0o000, "/srv/modes/zerodir")
@@ -207,7 +193,8 @@ def _build_escape(g: Any, scratch: Path) -> None:
         g.chmod(0o755, "/sh")
         g.write("/payload.sh", b"exec cat /usr/bin/payload.tar\n")
         payload = scratch / "payload.tar"
-        payload.write_bytes(_tar([_ti(f"./PWNED-by-{variant}-mountpoint", data=b"guest code ran\n")]))
+        payload.write_bytes(layer(_ti(f"./PWNED-by-{variant}-mountpoint", data=b"guest code ran\n"),
+                                  format=tarfile.GNU_FORMAT))
         g.upload(str(payload), "/payload.tar")
         payload.unlink()
         g.umount_all()
@@ -247,26 +234,11 @@ def _build_basediff(g: Any) -> None:
 
 
 def _write_base_layout(root: Path) -> None:
-    """A one-layer OCI image written by hand (tarfile, gzip, json), tagged 1."""
-    layer = _tar([_ti(p, tarfile.DIRTYPE if d is None else tarfile.REGTYPE, data=d or b"",
-                      mode=0o755 if d is None else 0o644) for p, d in BASE_ENTRIES], tarfile.PAX_FORMAT)
-    (root / "blobs" / "sha256").mkdir(parents=True)
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-
-    def put(data: bytes, media: str) -> dict[str, Any]:
-        digest = hashlib.sha256(data).hexdigest()
-        (root / "blobs" / "sha256" / digest).write_bytes(data)
-        return {"mediaType": media, "digest": f"sha256:{digest}", "size": len(data)}
-
-    layer_desc = put(gzip.compress(layer, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip")
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}
-    config_desc = put(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config_desc, "layers": [layer_desc]}
-    manifest_desc = put(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": "1"}
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_desc]}))
+    """A one-layer OCI image (tests/builders), tagged 1."""
+    base = layer(*(_ti(p, tarfile.DIRTYPE if data is None else tarfile.REGTYPE, data=data or b"",
+                       mode=0o755 if data is None else 0o644) for p, data in BASE_ENTRIES))
+    layout = Layout(root)
+    layout.index({**layout.manifest([base]), "annotations": {REF_NAME: "1"}})
 
 
 DISKS = {"main": "512M", "whiteout": "64M", "escape": "128M", "basediff": "64M", "badfstab": "64M"}
@@ -301,8 +273,9 @@ def build_disks(directory: Path) -> dict[str, Path]:
 
 
 def _cache_key() -> str:
-    """Changes when what the disks are made of changes: this file, busybox, libguestfs."""
+    """Changes when what the disks are made of changes: this file, the tar builder, busybox, libguestfs."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(Path(tests.builders.layers.__file__).read_bytes())
     digest.update(BUSYBOX.read_bytes())
     versions = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "libguestfs0"],
                               capture_output=True, text=True, check=False).stdout

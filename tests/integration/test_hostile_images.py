@@ -1,6 +1,6 @@
 """`imgconv oci-to-qcow2` (and `imgconv boot`) against hostile and unusual images, through the real CLI.
 
-Every image is an OCI layout written here with handcrafted layers (tests/unit/layerkit.py) around a static
+Every image is an OCI layout written here with handcrafted layers (tests/builders/) around a static
 busybox. What a user must get is either a disk whose boot behaves like `docker run` (the expected outputs
 below were taken from the test world's dockerd), or one `imgconv: error: ...` line on stderr, an exit code
 >= 2, no traceback and nothing at OUTPUT; and never a file written on the host outside the disk.
@@ -44,9 +44,9 @@ from converter.disk.plan import MiB, content_bytes, plan_disk
 from converter.errors import UsageError
 from converter.oci.reference import parse_reference
 from converter.oci.transport import open_image
+from tests.builders import OCI_CONFIG, OCI_LAYER_ZSTD, OCI_MANIFEST, Layout, Spec, config_json, d, f, layer, sym
 from tests.cli import Ran, assert_one_line_error, imgconv
 from tests.integration.judge import Jobs, layer_tar, listing, manifest_of, selected
-from tests.unit.layerkit import OCI_CONFIG, OCI_LAYER_ZSTD, OCI_MANIFEST, Layout, Spec, config_json, d, f, layer, sym
 
 pytestmark = [pytest.mark.appliance]
 

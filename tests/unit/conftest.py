@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.builders import Layout
 from tests.cli import IMGCONV, Ran
 from tests.cli import imgconv as run_imgconv
-from tests.unit.layerkit import Layout
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import zstandard
 
 from converter.errors import BlobError
 from converter.oci.blobs import VerifiedReader, drain, open_layer_stream, read_verified, sniff_compression
-from tests.unit.layerkit import f, layer, sha256
+from tests.builders import f, layer, sha256
 
 TAR = layer(f("etc/hostname", "box\n"), f("bin/app", b"\x7fELF" + bytes(range(256)) * 64, 0o755))
 

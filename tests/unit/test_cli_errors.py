@@ -7,7 +7,6 @@ import functools
 import io
 import json
 import re
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,21 @@ from converter.oci.flatten import LayerInput, flatten
 from converter.oci.reference import parse_reference
 from converter.oci.tarutil import open_output
 from converter.oci.transport import open_image
-from tests.cli import Ran, assert_one_line_error
-from tests.unit.layerkit import (
+from tests.builders import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
     Layout,
     config_json,
     d,
+    docker_archive,
     f,
     layer,
     sha256,
     sym,
+    tar_file,
 )
+from tests.cli import Ran, assert_one_line_error
 
 Run = Callable[..., Ran]
 
@@ -191,15 +192,6 @@ def test_bad_entrypoint_type_in_config(imgconv: Run, oci: Layout) -> None:
 # -- docker archives -----------------------------------------------------------------------------------------------
 
 
-def archive(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_missing_archive(imgconv: Run, tmp_path: Path) -> None:
     one_line_error(inspect(imgconv, f"docker-archive:{tmp_path / 'none.tar'}"), "none.tar", "does not exist")
 
@@ -212,7 +204,7 @@ def test_archive_that_is_not_a_tar(imgconv: Run, tmp_path: Path) -> None:
 @pytest.mark.parametrize("manifest", [b"{", b"[]", b"[" * 50_000, b'[{"Config": 1}]'],
                          ids=["cut", "empty", "deep", "config"])
 def test_archive_with_malformed_manifest_json(imgconv: Run, tmp_path: Path, manifest: bytes) -> None:
-    path = archive(tmp_path / "img.tar", {"manifest.json": manifest})
+    path = tar_file(tmp_path / "img.tar", {"manifest.json": manifest})
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "img.tar")
 
 
@@ -254,21 +246,6 @@ def test_inspect_does_not_read_layer_contents(imgconv: Run, oci: Layout) -> None
     assert inspect(imgconv, f"oci:{oci.root}").code == 0
 
 
-def symlinked_archive(path: Path, links: dict[str, str], manifest: list[dict[str, Any]],
-                      files: dict[str, bytes] | None = None) -> Path:
-    """A docker archive whose members may be symlinks (Docker dedups identical layers that way)."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in {"manifest.json": json.dumps(manifest).encode(), **(files or {})}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in links.items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return path
-
-
 ARCHIVE_CONFIG = config_json([sha256(GOOD_LAYER)])
 ARCHIVE_CONFIG_NAME = sha256(ARCHIVE_CONFIG).removeprefix("sha256:") + ".json"
 
@@ -279,29 +256,30 @@ ARCHIVE_CONFIG_NAME = sha256(ARCHIVE_CONFIG).removeprefix("sha256:") + ".json"
     {"l1/layer.tar": "layer.tar"},
 ], ids=["dangling", "cycle", "self"])
 def test_archive_with_broken_layer_symlinks(imgconv: Run, tmp_path: Path, links: dict[str, str]) -> None:
-    path = symlinked_archive(tmp_path / "img.tar", links,
-                             [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l1/layer.tar"]}],
-                             {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG})
+    path = docker_archive(tmp_path / "img.tar",
+                          [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l1/layer.tar"]}],
+                          {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG}, symlinks=links)
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "layer.tar")
 
 
 def test_archive_with_a_good_layer_symlink(imgconv: Run, tmp_path: Path) -> None:
-    path = symlinked_archive(tmp_path / "img.tar", {"l2/layer.tar": "../l1/layer.tar"},
-                             [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l2/layer.tar"]}],
-                             {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG, "l1/layer.tar": GOOD_LAYER})
+    path = docker_archive(tmp_path / "img.tar",
+                          [{"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["x:1"], "Layers": ["l2/layer.tar"]}],
+                          {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG, "l1/layer.tar": GOOD_LAYER},
+                          symlinks={"l2/layer.tar": "../l1/layer.tar"})
     result = inspect(imgconv, f"docker-archive:{path}", "--json")
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["layers"][0]["diff_id"] == sha256(GOOD_LAYER)
 
 
 def test_archive_with_a_symlinked_config_cycle(imgconv: Run, tmp_path: Path) -> None:
-    path = symlinked_archive(tmp_path / "img.tar", {"a.json": "b.json", "b.json": "a.json"},
-                             [{"Config": "a.json", "RepoTags": ["x:1"], "Layers": []}])
+    path = docker_archive(tmp_path / "img.tar", [{"Config": "a.json", "RepoTags": ["x:1"], "Layers": []}],
+                          symlinks={"a.json": "b.json", "b.json": "a.json"})
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "json")
 
 
 def test_archive_with_malformed_tags_still_finds_the_named_image(imgconv: Run, tmp_path: Path) -> None:
-    path = symlinked_archive(tmp_path / "img.tar", {}, [
+    path = docker_archive(tmp_path / "img.tar", [
         {"Config": ARCHIVE_CONFIG_NAME, "RepoTags": ["Not A Tag", "UPPER:1", "x:1"], "Layers": ["l/layer.tar"]}],
         {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG, "l/layer.tar": GOOD_LAYER})
     result = inspect(imgconv, f"docker-archive:{path}:x:1")
@@ -313,8 +291,8 @@ def test_archive_with_malformed_tags_still_finds_the_named_image(imgconv: Run, t
                          ids=["rootfs-list", "diff-ids-string", "array"])
 def test_archive_with_malformed_config(imgconv: Run, tmp_path: Path, config: bytes) -> None:
     name = sha256(config).removeprefix("sha256:") + ".json"
-    path = symlinked_archive(tmp_path / "img.tar", {}, [{"Config": name, "Layers": ["l/layer.tar"]}],
-                             {name: config, "l/layer.tar": GOOD_LAYER})
+    path = docker_archive(tmp_path / "img.tar", [{"Config": name, "Layers": ["l/layer.tar"]}],
+                          {name: config, "l/layer.tar": GOOD_LAYER})
     one_line_error(inspect(imgconv, f"docker-archive:{path}"), "config")
 
 
@@ -334,16 +312,8 @@ _ARCHIVE_ENTRIES = st.fixed_dictionaries({}, optional={"Config": _ARCHIVE_VALUES
        position=st.sampled_from([None, 0, 1, 5]), name=st.sampled_from([None, "x:1", "busybox"]))
 def test_any_archive_manifest_opens_or_gives_one_line_error(tmp_path: Path, manifest: Any, position: int | None,
                                                             name: str | None) -> None:
-    path = tmp_path / "fuzz.tar"
-    with tarfile.open(path, "w") as tar:
-        for member, data in {"manifest.json": json.dumps(manifest).encode(), ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG,
-                             "l/layer.tar": GOOD_LAYER}.items():
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        info = tarfile.TarInfo("l")
-        info.type = tarfile.DIRTYPE
-        tar.addfile(info)
+    path = docker_archive(tmp_path / "fuzz.tar", manifest, {ARCHIVE_CONFIG_NAME: ARCHIVE_CONFIG,
+                                                            "l/layer.tar": GOOD_LAYER}, dirs=["l"])
     ref = f"docker-archive:{path}" + (f":{name}" if name else f":@{position}" if position is not None else "")
     try:
         with open_image(parse_reference(ref)) as image:

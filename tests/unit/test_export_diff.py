@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import tarfile
@@ -14,34 +15,23 @@ from converter.disk.export import DiffState, Filter, write_deferred_links, write
 from converter.oci.layout import LayoutWriter
 from converter.oci.tree import Signature, hash_stream, signature
 from converter.oci.writer import LayerWriter
+from tests.builders import Spec, d, f, hl, sym
+from tests.builders import layer as tar_layer
+
+# Entries as a disk's tar-out has them: no owner names, one mtime.
+_DISK = {"mtime": 1700000000, "uname": "", "gname": ""}
+_file = functools.partial(f, **_DISK)
+_link = functools.partial(hl, **_DISK)
+_dir = functools.partial(d, **_DISK)
+_symlink = functools.partial(sym, **_DISK)
 
 
-def _file(name: str, data: bytes, mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, 1700000000
-    return info, data
-
-
-def _link(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, target, 0o644, 1700000000
-    return info, b""
-
-
-def _stream(entries: list[tuple[tarfile.TarInfo, bytes]]) -> io.BytesIO:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in entries:
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    buf.seek(0)
-    return buf
-
-
-def _sig(info: tarfile.TarInfo, data: bytes) -> Signature:
+def _sig(info: tarfile.TarInfo, data: bytes | None) -> Signature:
+    assert data is not None
     return signature(info, hash_stream(io.BytesIO(data), len(data)))
 
 
-def _layer(tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], base: dict[str, Signature],
+def _layer(tmp_path: Path, entries: list[Spec], base: dict[str, Signature],
            disk: dict[str, bytes]) -> list[tarfile.TarInfo]:
     layout = LayoutWriter(tmp_path / "layout")
     diff = DiffState(base=base)
@@ -51,7 +41,7 @@ def _layer(tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], base: d
         yield io.BytesIO(disk[path])
 
     with LayerWriter(layout, "gzip") as layer:
-        write_layer(_stream(entries), layer, Filter(), diff, lambda _n: None)
+        write_layer(io.BytesIO(tar_layer(*entries)), layer, Filter(), diff, lambda _n: None)
         write_deferred_links(layer, diff, fetch)
     assert layer.result is not None
     blob = layout.store.blob_path(layer.result.descriptor.digest).read_bytes()
@@ -59,8 +49,8 @@ def _layer(tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], base: d
         members = tar.getmembers()
         for member in members:
             if member.isreg():
-                f = tar.extractfile(member)
-                assert f is not None and f.read() == disk[member.name], member.name
+                extracted = tar.extractfile(member)
+                assert extracted is not None and extracted.read() == disk[member.name], member.name
     return members
 
 
@@ -97,18 +87,6 @@ def test_unchanged_links_are_not_written(tmp_path: Path) -> None:
     target = _file("a", b"same\n")
     base = {"a": _sig(*target), "b": _sig(*target)}
     assert _layer(tmp_path, [target, _link("b", "a")], base, {}) == []
-
-
-def _dir(name: str) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
-    return info, b""
-
-
-def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 1700000000
-    return info, b""
 
 
 def test_no_whiteout_beneath_a_directory_the_layer_replaces(tmp_path: Path) -> None:

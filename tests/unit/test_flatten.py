@@ -17,7 +17,7 @@ import pytest
 
 from converter.errors import LayerError
 from converter.oci.flatten import LayerInput, flatten
-from tests.unit.layerkit import (
+from tests.builders import (
     END,
     dev,
     extract,
@@ -35,8 +35,8 @@ from tests.unit.layerkit import (
     sym,
     wh,
 )
-from tests.unit.layerkit import d as d_
-from tests.unit.layerkit import f as f_
+from tests.builders import d as d_
+from tests.builders import f as f_
 
 
 def f(name: str, data: bytes | str = b"", mode: int = 0o644, **kw: Any) -> Any:

@@ -28,8 +28,8 @@ from converter.oci.transport import open_image
 from converter.oci.tree import Signature
 from converter.pipeline import Context
 from converter.progress import NullMonitor
+from tests.builders import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Layout, config_json, f, layer, sha256
 from tests.cli import assert_one_line_error, imgconv
-from tests.unit.layerkit import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Layout, config_json, f, layer, sha256
 
 
 def _bzimage(release: str) -> bytes:

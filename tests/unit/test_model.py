@@ -26,7 +26,7 @@ from converter.oci.model import (
     MediaType,
     Platform,
 )
-from tests.unit.layerkit import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Layout, config_json, layer, sha256
+from tests.builders import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Layout, config_json, layer, sha256
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from converter.errors import LayerError
-from tests.unit.layerkit import f, flat, flatten_bytes, layer
+from tests.builders import f, flat, flatten_bytes, layer
 
 
 def _layer_with(pax: dict[str, str]) -> bytes:
