@@ -28,7 +28,7 @@ from converter.oci.flatten import LayerInput, flatten
 from converter.oci.reference import parse_reference
 from converter.oci.tarutil import MAX_SPECIAL_HEADER, PATH_MAX, open_output
 from converter.oci.transport import open_image
-from tests.unit.layerkit import (
+from tests.builders import (
     END,
     OCI_CONFIG,
     OCI_LAYER_GZIP,
