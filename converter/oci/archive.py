@@ -6,26 +6,46 @@ ground, so it is what selects the image. A legacy archive has no registry manife
 is described by a synthesised one whose layer digests are the diff_ids, which the layer
 verifier checks.
 
+The archive is untrusted, and read so that it cannot make imgconv loop, hang or fill memory or disk:
+
+* Only a regular file is opened (a FIFO would block), and every member header is checked as tarfile
+  parses it, before tarfile acts on it: a negative size (CVE-2025-8194: tarfile would step back and
+  loop for ever) and pax or GNU long-name headers over SPECIAL_HEADER_MAX are refused; so is an
+  archive of more than MAX_MEMBERS members (their headers are kept in memory).
+* A plain archive is read in place: its headers once, its blobs on demand (no copy).
+* A compressed one (`docker save | gzip`, which `docker load` accepts) is read as one stream, and
+  its members are copied into a plain tar in scratch space for random access. Which members the
+  chosen image needs is known only from `manifest.json`, which `docker save` writes *after* the
+  blobs, so every member a manifest could name is kept (regular files and links, less the
+  bookkeeping files of the known writers), and the rest is skipped. What is inflated, kept or
+  skipped, counts against MAX_RATIO times the compressed size, the most deflate can produce: a
+  member declaring more than is left of that is refused at its header, before its data is read,
+  and the stream is cut off when it goes past it. Scratch space and time are so bounded by the
+  input's size; a tar of zeros is an empty archive, found at its first block.
+
 Writing produces an archive that is both: an OCI layout with a `manifest.json` beside it.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
+import os
 import re
-import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Self
 
-from converter.errors import BlobError, ImageError, ReferenceError_, UsageError
-from converter.oci.blobs import open_layer_stream, sniff_compression
+from converter.errors import BlobError, ImageError, ReferenceError_, ToolError, UsageError
+from converter.oci.blobs import sniff_compression
 from converter.oci.image import Image, from_manifest
+from converter.oci.localfile import open_regular
 from converter.oci.model import (
     Descriptor,
     Manifest,
@@ -42,6 +62,18 @@ if TYPE_CHECKING:
 _HEX_NAME = re.compile(r"(?:^|/)(?:blobs/sha256/)?([a-f0-9]{64})(?:\.json)?$")
 
 _MAX_LINK_HOPS = 16
+
+# Deflate never inflates more than 1032 times (a 258-byte match costs at least 2 bits), so a genuine gzip archive
+# is never refused; zstd can (a GiB of zeros fits in 32 KiB), but no saved image does.
+MAX_RATIO = 1032
+_RATIO_SLACK = 1 << 20  # the headers and end-of-archive padding of a tiny archive
+MAX_MEMBERS = 100_000  # docker save writes a few per layer and image
+SPECIAL_HEADER_MAX = 1 << 20  # pax and GNU long-name headers, as Go's archive/tar bounds them
+_SPECIAL_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                  tarfile.GNUTYPE_LONGLINK)
+# What the known writers (docker save, skopeo, go-containerregistry) add for other readers; no manifest names it.
+_BOOKKEEPING = re.compile(r"(?:repositories|oci-layout|index\.json|[^/]+/(?:json|VERSION))\Z")
+_BUFSIZE = 1 << 20
 
 _LAYER_TYPE = {"none": MediaType.DOCKER_LAYER, "gzip": MediaType.DOCKER_LAYER_GZIP,
                "zstd": MediaType.OCI_LAYER_ZSTD}
@@ -87,9 +119,6 @@ class ArchiveStore:
 
     def member_size(self, name: str) -> int:
         return self.resolve(name).size
-
-    def close(self) -> None:
-        self.tar.close()
 
 
 def _member_target(name: str, info: tarfile.TarInfo) -> str:
@@ -146,23 +175,193 @@ def read_archive(
     path: Path, name: DockerName | None, position: int | None, platform: Platform | None, source: str,
 ) -> Iterator[Image]:
     """The image *name* (or the *position*-th, or the only one) in the archive at *path*; the archive stays
-    open, and a decompressed copy exists, only as long as the block."""
-    with scratch_dir() as scratch:
-        store = _open_store(path, scratch)
-        try:
-            yield _image(store, name, position, platform, source)
-        finally:
-            store.close()
+    open, and what was kept of a compressed one exists, only as long as the block."""
+    with scratch_dir() as scratch, _opened(path, scratch) as store:
+        yield _image(store, name, position, platform, source)
 
 
-def _open_store(path: Path, scratch: Path) -> ArchiveStore:
-    path = _plain_archive(path, scratch)
+@contextmanager
+def _opened(path: Path, scratch: Path) -> Iterator[ArchiveStore]:
+    """A plain archive is read in place; of a compressed one, only what a manifest could name is kept."""
+    with _open_file(path) as source:
+        compression = sniff_compression(source.read(4))
+        source.seek(0)
+        if compression == "none":
+            with _indexed(source, path) as store:
+                yield store
+            return
+        kept = scratch / "kept.tar"
+        _keep_members(source, compression, path, kept)
+        with kept.open("rb") as plain, _indexed(plain, path) as store:
+            yield store
+
+
+def _open_file(path: Path) -> BinaryIO:
     try:
-        tar = tarfile.open(path, "r:")
-        members = {_normal(m.name): m for m in tar.getmembers()}
-    except (tarfile.TarError, OSError) as exc:
+        return open_regular(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory; a docker archive is a tar file") from None
+    except OSError as exc:
+        raise UsageError(f"{path} cannot be read: {exc.strerror}") from None
+
+
+@contextmanager
+def _indexed(plain: BinaryIO, path: Path) -> Iterator[ArchiveStore]:
+    """Every member header of a plain archive, read once (seeking past the data); blobs are read on demand."""
+    with _reading(plain, path, streamed=False) as tar:
+        members = {_normal(m.name): m for m in _members(tar, path)}
+        yield ArchiveStore(path, tar, members)
+
+
+@contextmanager
+def _reading(fileobj: BinaryIO | io.RawIOBase, path: Path, *, streamed: bool) -> Iterator[tarfile.TarFile]:
+    try:
+        if streamed:
+            tar = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_CheckedTarInfo, bufsize=_BUFSIZE)
+        else:
+            tar = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_CheckedTarInfo)
+    except _HeaderRefused as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    except (tarfile.TarError, EOFError) as exc:
         raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
-    return ArchiveStore(path, tar, members)
+    try:
+        yield tar
+    finally:
+        tar.close()
+
+
+def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
+    """The archive's members, at most MAX_MEMBERS of them, each refused if its header is (see _CheckedTarInfo).
+
+    A member is yielded before tarfile skips past its data, so a streamed reader can check the size it declares
+    first."""
+    count = 0
+    while True:
+        try:
+            member = tar.next()
+        except _HeaderRefused as exc:
+            raise ImageError(f"{path}: {exc}") from None
+        except (tarfile.TarError, EOFError) as exc:
+            raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
+        if member is None:
+            return
+        count += 1
+        if count > MAX_MEMBERS:
+            raise ImageError(f"{path} has more than {MAX_MEMBERS} members; no docker archive has that many")
+        tar.members.clear()  # type: ignore[attr-defined]  # tarfile's listing would grow with the archive
+        yield member
+
+
+def _keep_members(source: BinaryIO, compression: str, path: Path, kept: Path) -> None:
+    """Stream the decompressed archive once, copying into *kept* (a plain tar) the members a manifest could name.
+
+    Nothing is kept or even inflated beyond MAX_RATIO times the compressed size (see the module docstring), and a
+    member declaring more than what is left of that is refused at its header, before its data is read.
+    """
+    limit = os.fstat(source.fileno()).st_size * MAX_RATIO + _RATIO_SLACK
+    plain = _Inflated(source, compression, limit, path)
+    with _reading(plain, path, streamed=True) as tar, kept.open("wb") as sink, \
+            tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for member in _members(tar, path):
+            if member.size > limit - plain.count:
+                raise ImageError(f"{path}: member {member.name!r} declares {member.size} bytes, more than the "
+                                 f"archive can hold at {MAX_RATIO} times its compressed size")
+            if _wanted(member):
+                _keep(tar, member, out, path)
+
+
+def _wanted(member: tarfile.TarInfo) -> bool:
+    """Regular files and links a manifest.json could name: the bookkeeping of the known writers is not kept."""
+    if not (member.isreg() or member.issym() or member.islnk()):
+        return False
+    return not _BOOKKEEPING.match(_normal(member.name))
+
+
+def _keep(tar: tarfile.TarFile, member: tarfile.TarInfo, out: tarfile.TarFile, path: Path) -> None:
+    # A fresh header with only what the store reads: name, type, link target, size.
+    info = tarfile.TarInfo(member.name)
+    info.type = tarfile.REGTYPE if member.isreg() else member.type
+    info.linkname = member.linkname
+    info.size = member.size if member.isreg() else 0
+    try:
+        out.addfile(info, tar.extractfile(member) if member.isreg() else None)
+    except _HeaderRefused as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
+    except OSError as exc:
+        if exc.errno is None:  # tarfile's "unexpected end of data": the stream ended inside the member
+            raise ImageError(f"{path} ends in the middle of {member.name!r}") from None
+        raise ToolError(f"cannot keep {member.name!r} of {path} in scratch space: {exc.strerror}") from None
+    out.members.clear()  # type: ignore[attr-defined]
+
+
+class _HeaderRefused(Exception):
+    """A member header that tarfile must not act on; reported as an ImageError naming the archive."""
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Member headers checked the moment tarfile has parsed them, before it moves by the size they declare.
+
+    CPython's tarfile (CVE-2025-8194, unpatched in Debian 12's Python) steps *back* by a negative size, from a
+    base-256 ustar field or a pax `size` record, and reads the same headers for ever; and it reads a pax or GNU
+    long-name header whole into memory, whatever size it declares.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        info = super().frombuf(buf, encoding, errors)
+        _check_size(info)
+        if info.type in _SPECIAL_TYPES and info.size > SPECIAL_HEADER_MAX:
+            raise _HeaderRefused(f"an extended tar header declares {info.size} bytes "
+                                 f"(more than {SPECIAL_HEADER_MAX})")
+        return info
+
+    @classmethod
+    def fromtarfile(cls, tarfile: tarfile.TarFile) -> Self:
+        info = super().fromtarfile(tarfile)
+        _check_size(info)  # a pax `size` record is applied after frombuf
+        return info
+
+
+def _check_size(info: tarfile.TarInfo) -> None:
+    if info.size < 0:
+        raise _HeaderRefused(f"member {info.name!r} declares a negative size ({info.size})")
+
+
+class _Inflated(io.RawIOBase):
+    """The decompressed archive, refused the moment it inflates past *limit* bytes."""
+
+    def __init__(self, source: BinaryIO, compression: str, limit: int, path: Path) -> None:
+        super().__init__()
+        self._errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, ValueError)
+        self._inner: BinaryIO
+        if compression == "gzip":
+            self._inner = gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[assignment]
+        else:
+            import zstandard
+
+            self._inner = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+            self._errors += (zstandard.ZstdError,)
+        self._compression, self._limit, self._path = compression, limit, path
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            data = self._inner.read(min(len(buffer), self._limit - self.count + 1))
+        except self._errors as exc:
+            raise ImageError(f"{self._path}: corrupt {self._compression} data: {exc}") from None
+        self.count += len(data)
+        if self.count > self._limit:
+            raise ImageError(f"{self._path} inflates to more than {MAX_RATIO} times its size, which no saved image "
+                             "does (decompress it first to read it anyway)")
+        memoryview(buffer)[:len(data)] = data
+        return len(data)
 
 
 def _image(store: ArchiveStore, name: DockerName | None, position: int | None, platform: Platform | None,
@@ -180,28 +379,6 @@ def _image(store: ArchiveStore, name: DockerName | None, position: int | None, p
     entry = _select(entries, name, position, path)
     manifest = _synthesise(store, entry, path)
     return from_manifest(store, manifest, source, platform)
-
-
-def _plain_archive(path: Path, scratch: Path) -> Path:
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory; a docker archive is a tar file") from None
-    except OSError as exc:
-        raise UsageError(f"{path} cannot be read: {exc.strerror}") from None
-    compression = sniff_compression(head)
-    if compression == "none":
-        return path
-    # `docker save | gzip` is common and `docker load` accepts it; tar needs random access, so
-    # decompress once into scratch space (disk, not memory).
-    plain = scratch / "archive.tar"
-    with open_layer_stream(lambda: path.open("rb"), digest=None, size=None, compression=compression,
-                           diff_id=None, what=str(path)) as stream, plain.open("wb") as out:
-        shutil.copyfileobj(stream, out, 1 << 20)
-    return plain
 
 
 def _read_member(store: ArchiveStore, name: str, limit: int) -> bytes:
