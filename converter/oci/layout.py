@@ -5,10 +5,14 @@ append-only for blobs and atomic for `index.json`, so a reader never sees a half
 and an interrupted write leaves the previous state. A delivered image is complete or absent: a
 new layout is staged beside its final name and renamed into place; an existing one gets its blobs
 first and its `index.json` replaced last, under a lock so that concurrent writers lose no tag.
+
+A layout is untrusted input: its `index.json` and blobs are read only if they are regular files
+(a FIFO would block the open for ever) reached without leaving the layout (:func:`open_inside`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from converter import artifact
 from converter.errors import BlobError, ImageError, UsageError
 from converter.oci.image import Image, resolve
+from converter.oci.localfile import NotRegularFile, open_regular
 from converter.oci.model import Descriptor, Index, MediaType, Platform, canonical_json, sha256_digest
 from converter.oci.reference import Reference
 
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = {"imageLayoutVersion": "1.0.0"}
+INDEX_MAX = 16 << 20  # as for the other JSON documents of an image (manifest.json of an archive)
 
 
 class LayoutStore:
@@ -42,7 +48,7 @@ class LayoutStore:
 
     def open_blob(self, digest: str) -> BinaryIO:
         try:
-            return self.blob_path(digest).open("rb")
+            return open_inside(self.root, self.blob_path(digest))
         except FileNotFoundError:
             raise BlobError(f"blob {digest} is missing from {self.root}") from None
         except OSError as exc:
@@ -60,13 +66,30 @@ def check_layout(root: Path) -> None:
         raise ImageError(f"{root} is not an OCI image layout (no oci-layout file)")
 
 
+def open_inside(root: Path, path: Path) -> BinaryIO:
+    """*path*, a file of the layout at *root*, opened if it is a regular file (never blocking on a FIFO) and, when
+    symlinks lead to it, if it stays inside the layout.
+
+    A blob's content is verified against its digest whatever the file is, so a symlink inside the layout (a
+    layout deduplicated by hand) is harmless and followed; one leading out of it would make imgconv read, and
+    report the digest and size of, a file of the host that is no part of the image: refused.
+    """
+    real, inside = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, inside]) != inside:
+        raise NotRegularFile(errno.EXDEV, "it is a symlink leading out of the layout", str(path))
+    return open_regular(path)
+
+
 def read_index(root: Path) -> Index:
     try:
-        raw = (root / "index.json").read_bytes()
+        with open_inside(root, root / "index.json") as f:
+            raw = f.read(INDEX_MAX + 1)
     except FileNotFoundError:
         raise ImageError(f"{root} is not an OCI image layout (no index.json)") from None
     except OSError as exc:
         raise ImageError(f"{root}/index.json cannot be read: {exc.strerror}") from None
+    if len(raw) > INDEX_MAX:
+        raise ImageError(f"{root}/index.json is larger than {INDEX_MAX} bytes, more than any image index needs")
     return Index.parse(raw, f"{root}/index.json")
 
 
@@ -205,7 +228,8 @@ def _add_to_layout(built: Built, root: Path, tag: str | None) -> None:
             os.replace(name, dest)
         finally:
             Path(name).unlink(missing_ok=True)
-    manifest_raw = target.store.blob_path(built.manifest.digest).read_bytes()
+    # Read back from the private layout: the destination's file may be one that was there before (and anything).
+    manifest_raw = LayoutStore(built.layout).blob_path(built.manifest.digest).read_bytes()
     with _locked(root):
         target.add_manifest(manifest_raw, built.manifest.media_type, tag)
 
