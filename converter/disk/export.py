@@ -97,6 +97,7 @@ class CheckedDisk:
 class Base:
     image: Image
     index: dict[str, Signature]
+    config: ConfigFile  # validated before the disk is read: a hostile base fails fast
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def read_base(ctx: Context) -> Base | None:
         return None
     image = ctx.enter(open_image(parse_reference(options.base), platform=options.platform,
                                  tls_verify=options.tls_verify))
-    return Base(image, index_image(image))
+    config = ConfigFile.from_doc(image.config.doc, f"the base image {image.source}'s config")
+    return Base(image, index_image(image), config)
 
 
 def find_os(ctx: Context) -> Found:
@@ -214,7 +216,7 @@ def image_config(ctx: Context, diff_ids: list[str]) -> ConfigFile:
     if opened.config is not None:
         config = ConfigFile.parse(opened.config, "the disk's embedded image config")
     elif base is not None:
-        config = ConfigFile.from_doc(base.image.config.doc, f"the base image {base.image.source}'s config")
+        config = base.config
     elif opened.os is not None:
         config = ConfigFile.fresh(normalise_arch(opened.os.arch), {
             f"{LABEL_PREFIX}.disk.sha256": disk_sha, f"{LABEL_PREFIX}.os.distro": opened.os.distro,
