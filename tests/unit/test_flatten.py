@@ -1,13 +1,12 @@
 """Flattening: the ordered layers of an image become the one tar of its final root filesystem.
 
-Layers are built in memory, flattened, and the output is applied like `tar -x` would (tests/unit/layerkit.py
+Layers are built in memory, flattened, and the output is applied like `tar -x` would (tests/builders/
 `extract`, which also refuses output an extractor would trip over); the tests assert the tree a user ends up
 with. The second half compares flatten() with an independent reference model on random layer stacks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import tarfile
 import tracemalloc
@@ -485,18 +484,7 @@ def test_zero_length_and_end_marker_only_layers_are_empty() -> None:
     assert summary(flat(b"", BASE, b"", END)) == summary(flat(BASE))
 
 
-@pytest.mark.parametrize("pax", [
-    {"GNU.sparse.map": "abc", "GNU.sparse.size": "3"},
-    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "a", "GNU.sparse.realsize": "x"},
-    {"size": "-5"},
-    {"uid": "abc", "path": "a"},
-], ids=["sparse-map", "sparse-1.0", "size", "uid"])
-def test_malformed_pax_headers_are_layer_errors_or_harmless(pax: dict[str, str]) -> None:
-    info, _ = f("a", "xyz")
-    info.pax_headers = pax
-    # tarfile's own parsing errors (ValueError and friends) must not escape as tracebacks.
-    with contextlib.suppress(LayerError):
-        flat(layer((info, b"xyz")))
+# Malformed PAX headers: tests/unit/test_pax_headers.py asserts each outcome.
 
 
 def test_huge_device_numbers_are_a_layer_error() -> None:
