@@ -3,11 +3,12 @@
  *
  * One static binary, two stages:
  *
- *   stage 1 (PID 1 and /imgconv-initramfs exists): the initramfs. Mount /dev /proc /sys, load
- *     the block drivers listed in /load.list, find the root filesystem named by root= on the
- *     kernel command line (UUID=, LABEL= or /dev/NAME) by reading ext2/3/4 superblocks, mount it
- *     on /newroot, switch_root into it and exec the stage-2 binary (imgconv.init=, default
- *     /.imgconv/init), which is this same program copied into the image.
+ *   stage 1 (PID 1 on the kernel's rootfs, a ramfs or tmpfs, holding /imgconv-initramfs): the
+ *     initramfs. Mount /dev /proc /sys, load the block drivers listed in /load.list, find the
+ *     root filesystem named by root= on the kernel command line (UUID=, LABEL= or /dev/NAME) by
+ *     reading ext2/3/4 superblocks, mount it on /newroot, switch_root into it and exec the
+ *     stage-2 binary (imgconv.init=, default /.imgconv/init), which is this same program copied
+ *     into the image. The root's type, not the marker, is what an image cannot forge.
  *
  *   stage 2 (PID 1 anywhere else): the container runtime. Mount what docker/runc would mount,
  *     read the run spec written by imgconv (imgconv.spec=, default /.imgconv/init.spec),
@@ -517,13 +518,19 @@ static void delete_tree(int dirfd, dev_t rootdev)
 	closedir(d);
 }
 
-static void free_initramfs(void)
+/* Is / the kernel's rootfs (ramfs, or tmpfs), where it unpacked an initramfs? Never true of a disk. */
+static int root_is_rootfs(void)
 {
 	struct statfs sfs;
+	if (statfs("/", &sfs) < 0)
+		return 0;
+	return (unsigned)sfs.f_type == RAMFS_MAGIC || (unsigned)sfs.f_type == TMPFS_MAGIC;
+}
+
+static void free_initramfs(void)
+{
 	struct stat st;
-	if (statfs("/", &sfs) < 0 || stat("/", &st) < 0)
-		return;
-	if ((unsigned)sfs.f_type != RAMFS_MAGIC && (unsigned)sfs.f_type != TMPFS_MAGIC)
+	if (!root_is_rootfs() || stat("/", &st) < 0)
 		return; /* never wipe a real disk */
 	int fd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd >= 0)
@@ -1548,7 +1555,9 @@ int main(int argc, char **argv)
 		put(2, msg, sizeof msg - 1);
 		return 2;
 	}
-	if (access(INITRAMFS_MARKER, F_OK) == 0)
+	/* The marker alone is a file name any image can hold (and did: stage 1 then ran again from the
+	 * disk). The root filesystem's type is not: after the switch it is the image's ext4. */
+	if (root_is_rootfs() && access(INITRAMFS_MARKER, F_OK) == 0)
 		stage1();
 	stage2();
 }
