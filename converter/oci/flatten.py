@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO, Protocol, cast
@@ -110,6 +111,8 @@ class _Layer:
         self.opaque: set[str] = set()  # "" for the root
         self.inodes: dict[str, _Inode] = {}
         self.holders: dict[int, tuple[str, bool]] = {}  # entry ordinal -> (its path, kept?)
+        self.linked: dict[int, deque[str]] = {}  # entry ordinal -> paths of links to it written to the output
+        self.linked_at: dict[str, int] = {}  # path -> the entry ordinal its written link shares, until replaced
         self.symlink_of: dict[int, str] = {}  # entry ordinal of a symlink -> its target (links share it)
         self.waiting: dict[int, list[_Pending]] = {}  # shadowed entry -> links that need a copy of it
         self.older: dict[str, list[_Pending]] = {}  # links of this layer to paths of older layers
@@ -253,6 +256,7 @@ class Flattener:
     def _keep(self, state: _Layer, path: str, kind: str) -> None:
         """Book-keeping for an entry about to be written under *path*."""
         state.written[path] = kind
+        state.linked_at.pop(path, None)  # whatever link this path held in the output, the entry replaces it
         state.implicit.update(parents(path))
         superseded = state.deferred.pop(path, None)
         if superseded is not None:
@@ -287,6 +291,7 @@ class Flattener:
         inode = state.inodes.get(target, target)  # not yet in this layer: the older layers' file
         if inode == _DIR_INODE:
             raise LayerError(f"{state.what}: hard link {path!r} points to {target!r}, which is a directory")
+        held = self._holds(state, path, inode)  # before this link: does *path* hold the inode already?
         state.inodes[path] = inode
         if self._hidden(path):
             if isinstance(inode, str):  # not written, but a link to nothing is still a broken layer
@@ -299,27 +304,51 @@ class Flattener:
         self.tree.symlinks.pop(path, None)
         self.tree.dirs.pop(path, None)
         pending = _Pending(info, state.what)
-        if not self._link(state, pending, inode, state.older):
+        if not self._link(state, pending, inode, state.older, held=held):
             state.deferred[path] = pending
 
-    def _link(self, state: _Layer, link: _Pending, inode: _Inode, older: dict[str, list[_Pending]]) -> bool:
-        """Write *link* to *inode* now if its holder is in the output; else queue it. True if written."""
+    @staticmethod
+    def _holds(state: _Layer, path: str, inode: _Inode) -> bool:
+        """Does *path* hold *inode* in the output: its writer's entry, or a link to it, not replaced since?"""
+        if isinstance(inode, str) or state.inodes.get(path) != inode:
+            return False
+        holder, kept = state.holders[inode]
+        return (kept and holder == path) or state.linked_at.get(path) == inode
+
+    def _link(self, state: _Layer, link: _Pending, inode: _Inode, older: dict[str, list[_Pending]],
+              *, held: bool = False) -> bool:
+        """Write *link* to *inode* now if a path of the output holds it; else queue it. True if written.
+
+        *held*: the link's own path already holds the inode (a link to itself would break tar -x).
+        """
         if isinstance(inode, str):
             older.setdefault(inode, []).append(link)  # even if cancelled: its target must still exist
             return False
         if link.cancelled:
             return True
-        holder, kept = state.holders[inode]
-        if kept and state.inodes.get(holder) == inode:
-            if holder == link.info.name:
-                return True  # the path already holds this inode: a link to itself would break tar -x
-            link.info.linkname = holder
-            if inode in state.symlink_of:  # a hard link to a symlink is that symlink
-                self.tree.symlinks[link.info.name] = state.symlink_of[inode]
+        target = None if held else self._live_holder(state, inode, link.info.name)
+        if target is None and not held:
+            state.waiting.setdefault(inode, []).append(link)
+            return False
+        if inode in state.symlink_of:  # a hard link to a symlink is that symlink
+            self.tree.symlinks[link.info.name] = state.symlink_of[inode]
+        if target is not None:
+            link.info.linkname = target
             self._add(link.info, None)
-            return True
-        state.waiting.setdefault(inode, []).append(link)
-        return False
+            state.linked.setdefault(inode, deque()).append(link.info.name)
+        state.linked_at[link.info.name] = inode  # (held: _keep forgot it, but the output still has it there)
+        return True
+
+    def _live_holder(self, state: _Layer, inode: int, path: str) -> str | None:
+        """A path of the output, other than *path*, that holds *inode*: its writer, else a link written to it.
+        Links replaced since are dropped as they are met, so a hostile layer cannot make this quadratic."""
+        holder = state.holders[inode][0]
+        if holder != path and self._holds(state, holder, inode):
+            return holder
+        links = state.linked.get(inode)
+        while links and (links[0] == path or not self._holds(state, links[0], inode)):
+            links.popleft()
+        return links[0] if links else None
 
     def _resolve_pending(self, state: _Layer) -> None:
         """Links of newer layers to paths this layer may provide: written now, or queued further down."""
