@@ -55,6 +55,7 @@ from converter.disk.rootfs import (
     write_image_tree,
     write_imgconv_files,
 )
+from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
 from converter.guest import ROOT_LABEL
 from converter.oci.image import Image
@@ -151,6 +152,7 @@ def check_inputs(ctx: Context) -> Inputs:
         raise UsageError(f"--kernel {options.kernel}: there are no modules for it in /lib/modules/{kernel.release} "
                          "to build an initramfs from; pass --initrd")
     init_binary()  # compile (once, cached) before the appliance starts, so a missing compiler fails fast
+    source_date_epoch()  # a malformed value fails now, not at publish after the whole build
     return Inputs(ref, ctx.enter(scratch_dir()), kernel)
 
 

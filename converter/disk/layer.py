@@ -20,7 +20,14 @@ from converter.disk.inspect import Opened, exclude_patterns
 from converter.errors import DiskError, LayerError
 from converter.guest import BOOT_TREES, RESERVED, RUNTIME_DIRS
 from converter.oci.flatten import whiteout_of
-from converter.oci.tarutil import clean_header, forget_members, gnu_xattrs_decoded, normalize_name, parents
+from converter.oci.tarutil import (
+    clean_header,
+    forget_members,
+    gnu_xattrs_decoded,
+    normalize_name,
+    open_reader,
+    parents,
+)
 from converter.oci.tree import Signature, read_upto, signature
 from converter.oci.writer import LayerWriter
 
@@ -60,9 +67,10 @@ def filter_for(opened: Opened, keep_boot: bool) -> Filter:
 
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """The disk's tar-out stream, bounded as layers are (special headers, name lengths): the disk is untrusted."""
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20)
-    except tarfile.ReadError as exc:
+        tar = open_reader(stream)
+    except tarfile.TarError as exc:
         raise StreamBroken(f"the disk's files could not be read: {exc}") from None
     try:
         for member in tar:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from converter import artifact
+from converter.artifact import atomic_write
 from converter.errors import BlobError, ImageError, UsageError
 from converter.oci.image import Image, resolve
 from converter.oci.localfile import NotRegularFile, open_regular
@@ -123,7 +123,7 @@ class LayoutWriter:
         (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         marker = root / "oci-layout"
         if not marker.exists():
-            atomic_write(marker, json.dumps(LAYOUT_FILE).encode())
+            atomic_write(marker, json.dumps(LAYOUT_FILE).encode(), mode=0o600)
 
     def temp_blob(self) -> tuple[BinaryIO, Path]:
         """An open temporary file inside the blob directory, for streamed blobs (see :meth:`commit_blob`)."""
@@ -137,7 +137,7 @@ class LayoutWriter:
         digest = sha256_digest(data)
         path = self.store.blob_path(digest)
         if not path.exists():
-            atomic_write(path, data)
+            atomic_write(path, data, mode=0o600)
         return Descriptor(media_type, digest, len(data))
 
     def add_manifest(self, manifest: bytes, media_type: str, tag: str | None) -> Descriptor:
@@ -154,13 +154,8 @@ class LayoutWriter:
             entry["annotations"] = {REF_NAME: tag}
         entries.append(entry)
         index = {"schemaVersion": 2, "mediaType": MediaType.OCI_INDEX, "manifests": entries}
-        atomic_write(index_path, canonical_json(index))
+        atomic_write(index_path, canonical_json(index), mode=0o600)
         return desc
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """imgconv's one atomic write (synced), with the mode the layout's other blobs get from mkstemp."""
-    artifact.atomic_write(path, data, mode=0o600)
 
 
 class LayoutTransport:
