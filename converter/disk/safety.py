@@ -14,7 +14,7 @@ to probe. So, before any tool opens it:
   no corruption; both run with a timeout.
 
 Checking is not enough on its own: the file can change between the check and the attach. So what attaches the
-disk opens nothing it names either: ``boot`` gives qemu :func:`blockdev_nodes` (explicit driver,
+disk opens nothing it names either: ``boot`` gives qemu :func:`blockdev_node` (explicit driver,
 ``"backing": null``, the very file that was checked), and the libguestfs appliance attaches the
 :func:`backing_free_overlay` of a read-only disk instead of the disk.
 """
