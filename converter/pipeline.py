@@ -27,16 +27,14 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from converter.disk.appliance import Appliance, launch
+from converter.disk.appliance import Appliance, Drive, launch
 from converter.progress import Monitor
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-Drive = tuple[Path, str, bool]  # path, explicit format, read-only
 
 
 @dataclass(frozen=True, eq=False)

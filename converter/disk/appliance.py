@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +35,17 @@ def _guestfs_module() -> Any:
     return guestfs
 
 
+@dataclass(frozen=True)
+class Drive:
+    """A disk to attach, its format always explicit. A read-only drive is untrusted: *identity* (st_dev, st_ino
+    of the file :func:`~converter.disk.safety.open_disk` checked) makes sure the appliance gets that very file."""
+
+    path: Path
+    format: str
+    readonly: bool
+    identity: tuple[int, int] | None = None
+
+
 class Appliance:
     """A launched libguestfs handle. Use :func:`launch`; every method names the work it does."""
 
@@ -46,14 +58,15 @@ class Appliance:
         except RuntimeError as exc:
             raise ToolError(f"libguestfs failed to {doing}: {one_line(str(exc), 300)}") from None
 
-    def attach(self, path: Path, fmt: str, readonly: bool, pins: ExitStack) -> None:
+    def attach(self, drive: Drive, pins: ExitStack) -> None:
         """Add a drive before launch; a read-only one through a backing-free overlay held open by *pins*."""
-        attached, attached_fmt = path, fmt
-        if readonly:
+        attached, attached_fmt = drive.path, drive.format
+        if drive.readonly:
             scratch = Path(pins.enter_context(tempfile.TemporaryDirectory(prefix="imgconv-attach-")))
-            attached, attached_fmt = pins.enter_context(backing_free_overlay(path, fmt, scratch)), "qcow2"
-        self.call(f"attach {path}", self.g.add_drive_opts, str(attached), format=attached_fmt, readonly=readonly,
-                  cachemode="unsafe" if not readonly else "writeback")
+            overlay = backing_free_overlay(drive.path, drive.format, scratch, drive.identity)
+            attached, attached_fmt = pins.enter_context(overlay), "qcow2"
+        self.call(f"attach {drive.path}", self.g.add_drive_opts, str(attached), format=attached_fmt,
+                  readonly=drive.readonly, cachemode="unsafe" if not drive.readonly else "writeback")
 
     def shutdown(self) -> None:
         """Flush and stop the appliance; its failure means the disk may be incomplete."""
@@ -74,7 +87,7 @@ def _configure_accel(handle: Any) -> None:
 
 @contextmanager
 def launch(
-    drives: list[tuple[Path, str, bool]],
+    drives: list[Drive],
     *,
     memory_mib: int = 768,
 ) -> Iterator[Appliance]:
@@ -96,8 +109,8 @@ def launch(
             _configure_accel(handle)
             appliance.call("set the appliance memory", handle.set_memsize, memory_mib)
             appliance.call("disable the appliance network", handle.set_network, False)
-            for path, fmt, readonly in drives:
-                appliance.attach(path, fmt, readonly, pins)
+            for drive in drives:
+                appliance.attach(drive, pins)
             appliance.call("launch the appliance (qemu)", handle.launch)
         except BaseException:
             handle.close()

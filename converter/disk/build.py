@@ -36,6 +36,7 @@ from converter.boot.extlinux import MBR_CODE, install_extlinux
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, encode_spec
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
+from converter.disk.appliance import Drive
 from converter.disk.bootfiles import place_kernel
 from converter.disk.plan import (
     IMGCONV_ENTRIES,
@@ -62,7 +63,7 @@ from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference, parse_reference
 from converter.oci.transport import open_image
-from converter.pipeline import APPLIANCE, ApplianceSession, Context, Drive, Pipeline, Slot, Step
+from converter.pipeline import APPLIANCE, ApplianceSession, Context, Pipeline, Slot, Step
 from converter.progress import Monitor
 from converter.records import (
     BootEntry,
@@ -275,7 +276,7 @@ def publish_disk(ctx: Context) -> BuildRecord:
 
 
 def _drives(ctx: Context) -> list[Drive]:
-    return [(ctx[WORK_DISK], "qcow2", False)]
+    return [Drive(ctx[WORK_DISK], "qcow2", False)]
 
 
 @functools.cache

@@ -29,6 +29,7 @@ from typing import IO
 
 from converter import __version__
 from converter.artifact import sha256_file
+from converter.disk.appliance import Drive
 from converter.disk.fifo import through_fifo
 from converter.disk.inspect import Opened, open_guest
 from converter.disk.layer import DiffState, Filter, filter_for, write_deferred_links, write_layer
@@ -43,7 +44,7 @@ from converter.oci.reference import Reference, parse_reference
 from converter.oci.transport import WORK_TAG, Built, check_destination, deliver, open_image
 from converter.oci.tree import Signature, hash_stream, index_image
 from converter.oci.writer import LayerWriter, WrittenLayer, copy_blob, write_image
-from converter.pipeline import APPLIANCE, ApplianceSession, Context, Drive, Pipeline, Slot, Step
+from converter.pipeline import APPLIANCE, ApplianceSession, Context, Pipeline, Slot, Step
 from converter.progress import Monitor
 from converter.records import DiskSource, ExportRecord, ImageIdentity, LayerRecord, NewLayer, OsRecord
 from converter.scratch import scratch_dir
@@ -262,7 +263,8 @@ def deliver_image(ctx: Context) -> ExportRecord:
 
 
 def _drives(ctx: Context) -> list[Drive]:
-    return [(ctx[INPUTS].disk, ctx[CHECKED].disk.format, True)]
+    disk = ctx[CHECKED].disk
+    return [Drive(disk.path, disk.format, True, disk.identity)]
 
 
 PIPELINE: Pipeline[ExportRecord] = Pipeline("vm-to-oci", (

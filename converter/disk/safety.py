@@ -375,16 +375,20 @@ def blockdev_node(disk: SafeDisk, filename: Path, node: str) -> dict[str, Any]:
 
 
 @contextmanager
-def backing_free_overlay(path: Path, fmt: str, directory: Path) -> Iterator[Path]:
+def backing_free_overlay(path: Path, fmt: str, directory: Path,
+                         identity: tuple[int, int] | None = None) -> Iterator[Path]:
     """A qcow2 overlay in *directory* whose backing is the disk at *path* read as *fmt* with ``backing: null``,
     through a descriptor held for the block's duration: what libguestfs attaches read-only instead of the disk.
 
     libguestfs' ``add_drive_opts`` has no way to disable the backing file (its read-only overlay is
     ``qemu-img create -b DISK -F FORMAT``, and qemu then opens the chain the disk names); attaching this overlay
     instead stops the chain at the disk whatever its header says by the time the appliance opens it, and the
-    descriptor keeps a name swapped in meanwhile (a FIFO, another file) out of it.
+    descriptor keeps a name swapped in meanwhile (a FIFO, another file) out of it. With *identity* (what
+    :func:`open_disk` recorded), a file that is not the one checked is refused.
     """
     with opened(Path(os.path.abspath(path))) as (fd, st):
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise DiskError(f"{path} was replaced after it was checked; refused")
         spec = _file_node(fmt, stat.S_ISBLK(st.st_mode), Path(f"/proc/{os.getpid()}/fd/{fd}"))
         overlay = directory / "pinned.qcow2"
         try:

@@ -833,10 +833,10 @@ def _with_host_backing(where: Path) -> Path:
 def test_the_appliance_attaches_a_read_only_disk_without_its_backing_file(tmp_path: Path) -> None:
     """converter.disk.appliance.launch attaches a read-only drive with its backing disabled: the check and the
     attach are separate opens, and what the appliance reads must not depend on the disk's header at attach time."""
-    from converter.disk.appliance import launch
+    from converter.disk.appliance import Drive, launch
 
     disk = _with_host_backing(tmp_path)
-    with launch([(disk, "qcow2", True)]) as app:
+    with launch([Drive(disk, "qcow2", True)]) as app:
         first = app.g.pread_device("/dev/sda", 512, 0)
     assert first == bytes(512), first[:32]
 
