@@ -58,9 +58,9 @@ class Context:
     def __getitem__(self, slot: Slot[T]) -> T:
         try:
             return self._values[slot]  # type: ignore[no-any-return]
-        except KeyError:
+        except KeyError as exc:
             # Pipeline.__post_init__ rules this out for declared needs; reaching it is a bug in a step.
-            raise LookupError(f"{slot.name} is read before any step made it") from None
+            raise LookupError(f"{slot.name} is read before any step made it") from exc
 
     def __contains__(self, slot: Slot[Any]) -> bool:
         return slot in self._values

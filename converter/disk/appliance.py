@@ -27,11 +27,11 @@ T = TypeVar("T")
 def _guestfs_module() -> Any:
     try:
         import guestfs
-    except ImportError:
+    except ImportError as exc:
         raise MissingToolError(
             "the libguestfs Python bindings are required to read and write disk images "
             "(Debian package: python3-guestfs; a virtualenv needs --system-site-packages)"
-        ) from None
+        ) from exc
     return guestfs
 
 
@@ -56,7 +56,7 @@ class Appliance:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:
-            raise ToolError(f"libguestfs failed to {doing}: {one_line(str(exc), 300)}") from None
+            raise ToolError(f"libguestfs failed to {doing}: {one_line(str(exc), 300)}") from exc
 
     def attach(self, drive: Drive, pins: ExitStack) -> None:
         """Add a drive before launch; a read-only one through a backing-free overlay held open by *pins*."""
@@ -73,7 +73,7 @@ class Appliance:
         try:
             self.g.shutdown()
         except RuntimeError as exc:
-            raise ToolError(f"the appliance failed to shut down cleanly; the disk may be incomplete: {exc}") from None
+            raise ToolError(f"the appliance failed to shut down cleanly; the disk may be incomplete: {exc}") from exc
         finally:
             self.g.close()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from converter.boot.extlinux import boot_entry
 from converter.boot.initbin import init_binary
-from converter.boot.initramfs import build_initramfs, needed_modules
+from converter.boot.initramfs import BOOT_MODULES, build_initramfs, needed_modules
 from converter.boot.kernel import Kernel, resolve_in_tree
 from converter.disk.appliance import Appliance
 from converter.errors import ImageError
@@ -45,7 +45,7 @@ def fetch_guest_modules(app: Appliance, release: str, guest_modules: str, scratc
         guest = f"/{guest_modules}/{name}"
         if _guest_file(app, guest):
             app.call(f"read {guest}", app.g.download, guest, str(local / name))
-    for rel in needed_modules(local):
+    for rel in needed_modules(local, BOOT_MODULES):
         clean = posixpath.normpath(rel)
         if rel.startswith("/") or clean == "." or clean.startswith("../") or clean == ".." or "\0" in rel:
             raise ImageError(f"the image's /{guest_modules}/modules.dep names {rel!r}, which is outside its "

@@ -55,10 +55,10 @@ def through_fifo(fifo: Path, ours: Literal["read", "write"], work: Callable[[Bin
     worker.start()
     try:
         appliance(str(fifo))
-    except ToolError:
+    except ToolError as exc:
         worker.unblock()
         if worker.error is not None and not isinstance(worker.error, BrokenPipeError | StreamBroken):
-            raise worker.error from None
+            raise worker.error from exc
         raise
     worker.join()
     if worker.error is not None:

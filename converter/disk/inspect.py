@@ -111,7 +111,7 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
         roots = g.inspect_os()
     except RuntimeError as exc:
         if "augeas" not in str(exc):
-            raise ToolError(f"libguestfs failed to inspect the disk for operating systems: {exc}") from None
+            raise ToolError(f"libguestfs failed to inspect the disk for operating systems: {exc}") from exc
         return _without_inspection(app, disk, root, str(exc))
     if root is not None:
         if root not in roots:
@@ -138,7 +138,7 @@ def open_guest(app: Appliance, disk: Path, root: str | None) -> Opened:
                 g.mount_options("ro,norecovery", device, where)
             except RuntimeError as exc:
                 if mountpoint == "/":
-                    raise ToolError(f"cannot mount the root filesystem {device}: {exc}") from None
+                    raise ToolError(f"cannot mount the root filesystem {device}: {exc}") from exc
                 continue
         mounted.append(where)
 

@@ -71,13 +71,13 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.Tar
     try:
         tar = open_reader(stream)
     except tarfile.TarError as exc:
-        raise StreamBroken(f"the disk's files could not be read: {exc}") from None
+        raise StreamBroken(f"the disk's files could not be read: {exc}") from exc
     try:
         for member in tar:
             yield member, tar
             forget_members(tar)  # bounded memory whatever the number of files
     except tarfile.TarError as exc:
-        raise StreamBroken(f"the disk's files could not be read: {exc}") from None
+        raise StreamBroken(f"the disk's files could not be read: {exc}") from exc
     finally:
         tar.close()
 

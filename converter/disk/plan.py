@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.boot.initramfs import InitSpec, docker_env
+from converter.boot.initramfs import ImageRun, InitSpec, docker_env
 from converter.errors import ImageError, ImgconvError
 from converter.oci.image import Image, Layer
 
@@ -35,7 +35,8 @@ def run_spec(image: Image, hostname: str) -> InitSpec:
     if not argv:
         raise ImageError(f"{image.source} has neither Entrypoint nor Cmd, so there is nothing for the VM to run")
     return InitSpec(argv=argv, env=docker_env(config.env, hostname), cwd=config.working_dir or "/",
-                    user=config.user, hostname=hostname)
+                    user=config.user, hostname=hostname,
+                    image=ImageRun(tuple(config.entrypoint or ()), tuple(config.cmd or ()), tuple(config.env)))
 
 
 def volume_uuid(image: Image) -> str:

@@ -199,12 +199,12 @@ def _opened(path: Path, scratch: Path) -> Iterator[ArchiveStore]:
 def _open_file(path: Path) -> BinaryIO:
     try:
         return open_regular(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory; a docker archive is a tar file") from None
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{path} is a directory; a docker archive is a tar file") from exc
     except OSError as exc:
-        raise UsageError(f"{path} cannot be read: {exc.strerror}") from None
+        raise UsageError(f"{path} cannot be read: {exc.strerror}") from exc
 
 
 @contextmanager
@@ -223,9 +223,9 @@ def _reading(fileobj: BinaryIO | io.RawIOBase, path: Path, *, streamed: bool) ->
         else:
             tar = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_CheckedTarInfo)
     except _HeaderRefused as exc:
-        raise ImageError(f"{path}: {exc}") from None
+        raise ImageError(f"{path}: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
-        raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
+        raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
     try:
         yield tar
     finally:
@@ -242,9 +242,9 @@ def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
         try:
             member = tar.next()
         except _HeaderRefused as exc:
-            raise ImageError(f"{path}: {exc}") from None
+            raise ImageError(f"{path}: {exc}") from exc
         except (tarfile.TarError, EOFError) as exc:
-            raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
+            raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
         if member is None:
             return
         count += 1
@@ -288,13 +288,13 @@ def _keep(tar: tarfile.TarFile, member: tarfile.TarInfo, out: tarfile.TarFile, p
     try:
         out.addfile(info, tar.extractfile(member) if member.isreg() else None)
     except _HeaderRefused as exc:
-        raise ImageError(f"{path}: {exc}") from None
+        raise ImageError(f"{path}: {exc}") from exc
     except (tarfile.TarError, EOFError) as exc:
-        raise ImageError(f"{path} is not a readable tar archive: {exc}") from None
+        raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
     except OSError as exc:
         if exc.errno is None:  # tarfile's "unexpected end of data": the stream ended inside the member
-            raise ImageError(f"{path} ends in the middle of {member.name!r}") from None
-        raise ToolError(f"cannot keep {member.name!r} of {path} in scratch space: {exc.strerror}") from None
+            raise ImageError(f"{path} ends in the middle of {member.name!r}") from exc
+        raise ToolError(f"cannot keep {member.name!r} of {path} in scratch space: {exc.strerror}") from exc
     out.members.clear()  # type: ignore[attr-defined]
 
 
@@ -355,7 +355,7 @@ class _Inflated(io.RawIOBase):
         try:
             data = self._inner.read(min(len(buffer), self._limit - self.count + 1))
         except self._errors as exc:
-            raise ImageError(f"{self._path}: corrupt {self._compression} data: {exc}") from None
+            raise ImageError(f"{self._path}: corrupt {self._compression} data: {exc}") from exc
         self.count += len(data)
         if self.count > self._limit:
             raise ImageError(f"{self._path} inflates to more than {MAX_RATIO} times its size, which no saved image "
@@ -373,7 +373,7 @@ def _image(store: ArchiveStore, name: DockerName | None, position: int | None, p
     try:
         entries = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise ImageError(f"{path}: manifest.json is not valid JSON: {exc}") from None
+        raise ImageError(f"{path}: manifest.json is not valid JSON: {exc}") from exc
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ImageError(f"{path}: manifest.json holds no images")
     entry = _select(entries, name, position, path)

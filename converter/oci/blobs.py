@@ -58,7 +58,7 @@ class VerifiedReader(io.RawIOBase):
         try:
             data = self._raw.read(len(view))
         except OSError as exc:
-            raise BlobError(f"{self._what}: read failed after {self._count} bytes: {exc}") from None
+            raise BlobError(f"{self._what}: read failed after {self._count} bytes: {exc}") from exc
         n = len(data)
         if n == 0:
             self._finish()
@@ -132,10 +132,10 @@ class _Decompressed(io.RawIOBase):
         except BlobError:
             raise
         except (OSError, EOFError, zlib.error, ValueError) as exc:
-            raise BlobError(f"{self._what}: corrupt compressed data: {exc}") from None
+            raise BlobError(f"{self._what}: corrupt compressed data: {exc}") from exc
         except Exception as exc:  # zstandard.ZstdError has no useful base class
             if type(exc).__name__ == "ZstdError":
-                raise BlobError(f"{self._what}: corrupt zstd data: {exc}") from None
+                raise BlobError(f"{self._what}: corrupt zstd data: {exc}") from exc
             raise
         n = len(data)
         memoryview(buffer)[:n] = data

@@ -59,12 +59,12 @@ def client() -> Any:
     try:
         import docker
     except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ToolError(f"the docker Python SDK is not importable: {exc}") from None
+        raise ToolError(f"the docker Python SDK is not importable: {exc}") from exc
     try:
         engine = docker.from_env(timeout=600)
         engine.ping()
     except Exception as exc:
-        raise ToolError(f"cannot reach the Docker engine at {engine_address()}: {_reason(exc)}") from None
+        raise ToolError(f"cannot reach the Docker engine at {engine_address()}: {_reason(exc)}") from exc
     return engine
 
 
@@ -81,16 +81,16 @@ def save_image(ref: Reference, spool: Path) -> None:
     engine = client()
     try:
         image = engine.images.get(name)
-    except docker.errors.ImageNotFound:
-        raise ImageError(f"no image {name} in the Docker engine at {engine_address()}") from None
+    except docker.errors.ImageNotFound as exc:
+        raise ImageError(f"no image {name} in the Docker engine at {engine_address()}") from exc
     except docker.errors.APIError as exc:
-        raise ToolError(f"the Docker engine refused to describe {name}: {_reason(exc)}") from None
+        raise ToolError(f"the Docker engine refused to describe {name}: {_reason(exc)}") from exc
     try:
         with spool.open("wb") as out:
             for chunk in image.save(named=False, chunk_size=1 << 20):
                 out.write(chunk)
     except docker.errors.APIError as exc:
-        raise ToolError(f"the Docker engine failed to export {name}: {_reason(exc)}") from None
+        raise ToolError(f"the Docker engine failed to export {name}: {_reason(exc)}") from exc
 
 
 def load_archive(archive: Path) -> list[str]:
@@ -102,5 +102,5 @@ def load_archive(archive: Path) -> list[str]:
         with archive.open("rb") as f:
             images = engine.images.load(f)
     except docker.errors.APIError as exc:
-        raise ToolError(f"the Docker engine refused the image: {_reason(exc)}") from None
+        raise ToolError(f"the Docker engine refused the image: {_reason(exc)}") from exc
     return [t for image in images for t in image.tags]

@@ -173,7 +173,7 @@ class Flattener:
                 for ordinal, (member, tar) in enumerate(self._members(stream, layer.what)):
                     self._entry(state, member, tar, ordinal)
             except (tarfile.TarError, EOFError) as exc:
-                raise LayerError(f"{layer.what}: malformed tar: {exc}") from None
+                raise LayerError(f"{layer.what}: malformed tar: {exc}") from exc
         self._resolve_pending(state)
         if state.waiting:
             self._reread_for_links(layer, state)
@@ -447,7 +447,7 @@ class _Content(io.RawIOBase):
         try:
             chunk = self.data.read(wanted)
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            raise LayerError(f"{self.what}: cannot read {self.path!r}: {exc}") from None
+            raise LayerError(f"{self.what}: cannot read {self.path!r}: {exc}") from exc
         if len(chunk) < wanted:
             raise LayerError(f"{self.what}: the layer ends in the middle of {self.path!r}")
         self.remaining -= len(chunk)

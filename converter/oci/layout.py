@@ -49,10 +49,10 @@ class LayoutStore:
     def open_blob(self, digest: str) -> BinaryIO:
         try:
             return open_inside(self.root, self.blob_path(digest))
-        except FileNotFoundError:
-            raise BlobError(f"blob {digest} is missing from {self.root}") from None
+        except FileNotFoundError as exc:
+            raise BlobError(f"blob {digest} is missing from {self.root}") from exc
         except OSError as exc:
-            raise BlobError(f"blob {digest} in {self.root} cannot be read: {exc.strerror}") from None
+            raise BlobError(f"blob {digest} in {self.root} cannot be read: {exc.strerror}") from exc
 
     def describe(self) -> str:
         return f"OCI layout {self.root}"
@@ -84,10 +84,10 @@ def read_index(root: Path) -> Index:
     try:
         with open_inside(root, root / "index.json") as f:
             raw = f.read(INDEX_MAX + 1)
-    except FileNotFoundError:
-        raise ImageError(f"{root} is not an OCI image layout (no index.json)") from None
+    except FileNotFoundError as exc:
+        raise ImageError(f"{root} is not an OCI image layout (no index.json)") from exc
     except OSError as exc:
-        raise ImageError(f"{root}/index.json cannot be read: {exc.strerror}") from None
+        raise ImageError(f"{root}/index.json cannot be read: {exc.strerror}") from exc
     if len(raw) > INDEX_MAX:
         raise ImageError(f"{root}/index.json is larger than {INDEX_MAX} bytes, more than any image index needs")
     return Index.parse(raw, f"{root}/index.json")

@@ -72,9 +72,9 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageError(f"{what} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
+        raise ImageError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ImageError(f"{what} is not valid JSON: nested too deeply") from exc
     if not isinstance(doc, dict):
         raise ImageError(f"{what} is not a JSON object")
     result: dict[str, Any] = doc
@@ -83,10 +83,10 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800"): rare, so only then walk the document
         try:
             result = cast(dict[str, Any], _replace_surrogates(result))
-        except RecursionError:
-            raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
-    except RecursionError:
-        raise ImageError(f"{what} is not valid JSON: nested too deeply") from None
+        except RecursionError as exc:
+            raise ImageError(f"{what} is not valid JSON: nested too deeply") from exc
+    except RecursionError as exc:
+        raise ImageError(f"{what} is not valid JSON: nested too deeply") from exc
     return result
 
 

@@ -152,10 +152,10 @@ def parse_reference(text: str) -> Reference:
         raise ReferenceError_(f"{text!r} has no transport; expected one of {ACCEPTED_FORMS}")
     try:
         transport = Transport(transport_name)
-    except ValueError:
+    except ValueError as exc:
         raise ReferenceError_(
             f"unknown transport {transport_name!r} in {text!r}; expected one of {ACCEPTED_FORMS}"
-        ) from None
+        ) from exc
     if transport is Transport.DOCKER:
         raise ReferenceError_(f"{text!r}: the registry transport is written docker://NAME")
     if not body:

@@ -35,7 +35,7 @@ class RegistryTransport:
             try:
                 image = pull(_name(ref), platform, tls_verify, scratch, source)
             except ToolError as exc:
-                raise registry_error(source, exc) from None
+                raise registry_error(source, exc) from exc
             yield image
 
     def check_destination(self, ref: Reference, force: bool) -> None:
@@ -77,8 +77,8 @@ class DirStore:
             path = self.root / "manifest.json"
         try:
             return path.open("rb")
-        except FileNotFoundError:
-            raise BlobError(f"blob {digest} was not fetched from the registry") from None
+        except FileNotFoundError as exc:
+            raise BlobError(f"blob {digest} was not fetched from the registry") from exc
 
     def manifest_digest(self) -> str:
         return sha256_digest((self.root / "manifest.json").read_bytes())

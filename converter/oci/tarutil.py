@@ -171,19 +171,19 @@ def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo,
     try:
         tar = open_reader(stream)
     except HeaderLimitError as exc:
-        raise LayerError(f"{what}: {exc}") from None
+        raise LayerError(f"{what}: {exc}") from exc
     except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
         if "empty file" in str(exc):
             return  # a zero-length layer is an empty layer
-        raise LayerError(f"{what}: not a tar archive: {exc}") from None
+        raise LayerError(f"{what}: not a tar archive: {exc}") from exc
     try:
         while True:
             try:
                 member = tar.next()
             except HeaderLimitError as exc:
-                raise LayerError(f"{what}: {exc}") from None
+                raise LayerError(f"{what}: {exc}") from exc
             except (tarfile.TarError, EOFError, ValueError) as exc:
-                raise LayerError(f"{what}: malformed tar: {exc}") from None
+                raise LayerError(f"{what}: malformed tar: {exc}") from exc
             if member is None:
                 break
             _check_names(member, what)
