@@ -28,8 +28,6 @@ class InspectOptions:
 
 
 OPTIONS: Slot[InspectOptions] = Slot("options")
-IMAGE: Slot[Image] = Slot("image")
-RECORD: Slot[InspectRecord] = Slot("record")
 
 
 def read_image(ctx: Context) -> Image:
@@ -39,7 +37,7 @@ def read_image(ctx: Context) -> Image:
 
 
 def verify_layers(ctx: Context) -> None:
-    image = ctx[IMAGE]
+    image = ctx[read_image]
     with ctx.monitor.bar("verifying layers", sum(layer.descriptor.size for layer in image.layers)) as bar:
         for layer in image.layers:
             with image.open_layer(layer) as stream:
@@ -48,16 +46,16 @@ def verify_layers(ctx: Context) -> None:
 
 
 def report(ctx: Context) -> InspectRecord:
-    image = ctx[IMAGE]
+    image = ctx[read_image]
     return InspectRecord(ImageIdentity.of(image), str(image.config.platform), image.config.doc.get("created"),
                          image.config.summary())
 
 
 PIPELINE: Pipeline[InspectRecord] = Pipeline("inspect", (
-    Step("read-image", "reading the image", read_image, IMAGE, (OPTIONS,)),
-    Step("verify-layers", "verifying the layers", verify_layers, None, (IMAGE,)),
-    Step("report", "reporting", report, RECORD, (IMAGE,)),
-), result=RECORD, given=(OPTIONS,))
+    Step("read-image", "reading the image", read_image, needs=(OPTIONS,)),
+    Step("verify-layers", "verifying the layers", verify_layers, needs=(read_image,)),
+    Step("report", "reporting", report, needs=(read_image,)),
+), result=report, given=(OPTIONS,))
 
 
 def inspect_image(reference: str, *, platform: str | None, tls_verify: bool, monitor: Monitor) -> InspectRecord:

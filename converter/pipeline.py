@@ -39,7 +39,8 @@ R = TypeVar("R")
 
 @dataclass(frozen=True, eq=False)
 class Slot(Generic[T]):
-    """A typed place in a run's context: made by one step, read by later ones."""
+    """A typed place in a run's context for a value no single step function makes: what the verb is given
+    (its options), or what either of two implementations of a step makes."""
 
     name: str
 
@@ -47,26 +48,35 @@ class Slot(Generic[T]):
         return f"Slot({self.name})"
 
 
+# A step's output is found under the function that made it (``ctx[plan]`` is what ``plan`` returned), or under
+# the Slot the step names: either way typed, with no list of names to keep beside the steps.
+Key = Slot[T] | Callable[["Context"], T]
+
+
+def key_name(key: Key[Any]) -> str:
+    return key.name if isinstance(key, Slot) else getattr(key, "__name__", repr(key))
+
+
 class Context:
-    """One run's values (by slot), its monitor, and its exit stack of resources."""
+    """One run's values (by key), its monitor, and its exit stack of resources."""
 
     def __init__(self, monitor: Monitor, stack: ExitStack) -> None:
         self.monitor = monitor
         self._stack = stack
-        self._values: dict[Slot[Any], Any] = {}
+        self._values: dict[Key[Any], Any] = {}
 
-    def __getitem__(self, slot: Slot[T]) -> T:
+    def __getitem__(self, key: Key[T]) -> T:
         try:
-            return self._values[slot]  # type: ignore[no-any-return]
+            return self._values[key]  # type: ignore[no-any-return]
         except KeyError as exc:
             # Pipeline.__post_init__ rules this out for declared needs; reaching it is a bug in a step.
-            raise LookupError(f"{slot.name} is read before any step made it") from exc
+            raise LookupError(f"{key_name(key)} is read before any step made it") from exc
 
-    def __contains__(self, slot: Slot[Any]) -> bool:
-        return slot in self._values
+    def __contains__(self, key: Key[Any]) -> bool:
+        return key in self._values
 
-    def put(self, slot: Slot[T], value: T) -> None:
-        self._values[slot] = value
+    def put(self, key: Key[T], value: T) -> None:
+        self._values[key] = value
 
     def enter(self, resource: AbstractContextManager[T]) -> T:
         """Enter *resource* for the rest of the run; it is exited, in reverse order, however the run ends."""
@@ -75,18 +85,20 @@ class Context:
 
 @dataclass(frozen=True)
 class Step(Generic[T]):
-    """One named piece of a verb. *makes* is None for steps that only act (write a file, say)."""
+    """One named piece of a verb: *run*'s value is kept under *makes* if given, else under *run* itself."""
 
     id: str
     title: str
     run: Callable[[Context], T]
     makes: Slot[T] | None = None
-    needs: tuple[Slot[Any], ...] = ()
+    needs: tuple[Key[Any], ...] = ()
+
+    @property
+    def key(self) -> Key[T]:
+        return self.makes if self.makes is not None else self.run
 
     def execute(self, ctx: Context) -> None:
-        value = self.run(ctx)
-        if self.makes is not None:
-            ctx.put(self.makes, value)
+        ctx.put(self.key, self.run(ctx))
 
 
 APPLIANCE: Slot[Appliance] = Slot("appliance")
@@ -102,12 +114,8 @@ class ApplianceSession:
 
     drives: Callable[[Context], list[Drive]]
     steps: tuple[Step[Any], ...]
-    needs: tuple[Slot[Any], ...] = ()
+    needs: tuple[Key[Any], ...] = ()
     memory_mib: int = 768
-
-    @property
-    def makes(self) -> Slot[Appliance]:
-        return APPLIANCE
 
 
 Item = Step[Any] | ApplianceSession
@@ -119,30 +127,29 @@ class Pipeline(Generic[R]):
 
     verb: str
     items: tuple[Item, ...]
-    result: Slot[R]
+    result: Key[R]
     given: tuple[Slot[Any], ...] = ()
     _ids: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        made: set[Slot[Any]] = set(self.given)
+        made: set[Key[Any]] = set(self.given)
         ids: list[str] = []
         for item in self.items:
             inner: Sequence[Step[Any]] = item.steps if isinstance(item, ApplianceSession) else (item,)
-            missing = [s.name for s in item.needs if s not in made]
+            missing = [key_name(k) for k in item.needs if k not in made]
             if isinstance(item, ApplianceSession):
                 made.add(APPLIANCE)
                 ids += ["launch-appliance"]
             for step in inner:
-                missing += [s.name for s in step.needs if s not in made]
-                if step.makes is not None:
-                    made.add(step.makes)
+                missing += [key_name(k) for k in step.needs if k not in made]
+                made.add(step.key)
                 ids.append(step.id)
             if isinstance(item, ApplianceSession):
                 ids.append("close-appliance")
             if missing:
                 raise TypeError(f"{self.verb}: {', '.join(missing)} needed before anything makes it")
         if self.result not in made:
-            raise TypeError(f"{self.verb}: nothing makes the result {self.result.name}")
+            raise TypeError(f"{self.verb}: nothing makes the result {key_name(self.result)}")
         if len(set(ids)) != len(ids):
             raise TypeError(f"{self.verb}: step ids repeat: {ids}")
         object.__setattr__(self, "_ids", tuple(ids))

@@ -103,20 +103,22 @@ class BuildRecord:
 
 @dataclass(frozen=True)
 class InspectRecord:
-    """`imgconv inspect`'s report."""
+    """`imgconv inspect`'s report: the identity, then what `docker inspect` users look for first."""
 
     identity: ImageIdentity
-    platform: str
-    created: Any
-    config: dict[str, Any]
+    platform: str  # os/arch[/variant], normalised as the OCI spec's platform matching does
+    created: Any  # as the config has it (untrusted: shown quoted)
+    config: dict[str, Any]  # Entrypoint, Cmd, Env, WorkingDir, User, ExposedPorts, Labels
 
 
 @dataclass(frozen=True)
 class OsRecord:
+    """The operating system libguestfs inspection found on a foreign disk (strings from the guest, cleaned)."""
+
     distro: str
     version: str
     product: str
-    root: str
+    root: str  # the device of its root filesystem
 
 
 @dataclass(frozen=True)

@@ -130,16 +130,7 @@ class Plan:
 
 SOURCE: Slot[str] = Slot("source")
 OPTIONS: Slot[BuildOptions] = Slot("options")
-INPUTS: Slot[Inputs] = Slot("inputs")
-IMAGE: Slot[Image] = Slot("image")
-PLAN: Slot[Plan] = Slot("plan")
-WORK_DISK: Slot[Path] = Slot("work disk")
-IMAGE_TREE: Slot[ImageTree] = Slot("image tree")
-KERNEL: Slot[Kernel] = Slot("kernel")
-ADDITIONS: Slot[Additions] = Slot("additions")
-BOOT: Slot[BootEntry] = Slot("boot entry")
-FINISHED: Slot[Path] = Slot("finished disk")
-RECORD: Slot[BuildRecord] = Slot("record")
+FINISHED: Slot[Path] = Slot("finished disk")  # made by keep_qcow2 or convert_format
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -159,7 +150,7 @@ def check_inputs(ctx: Context) -> Inputs:
 
 def read_image(ctx: Context) -> Image:
     options = ctx[OPTIONS]
-    image = ctx.enter(open_image(ctx[INPUTS].ref, platform=options.platform, tls_verify=options.tls_verify))
+    image = ctx.enter(open_image(ctx[check_inputs].ref, platform=options.platform, tls_verify=options.tls_verify))
     if image.config.platform.architecture != "amd64":
         raise ImageError(f"{image.source} is for {image.config.platform}; imgconv boots x86_64 guests only")
     return image
@@ -168,7 +159,7 @@ def read_image(ctx: Context) -> Image:
 def plan(ctx: Context) -> Plan:
     """Sizes assume the host kernel's modules go in unless --kernel says otherwise: the image's own kernel
     (found only while streaming) needs no room for them, so the worst case is planned."""
-    options, image, explicit = ctx[OPTIONS], ctx[IMAGE], ctx[INPUTS].kernel
+    options, image, explicit = ctx[OPTIONS], ctx[read_image], ctx[check_inputs].kernel
     modules = explicit.host_modules if explicit else _host_modules()
     modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
     content = content_bytes(image)
@@ -185,13 +176,13 @@ def _host_modules() -> Path | None:
 
 def create_disk(ctx: Context) -> Path:
     work_disk = ctx.enter(temp_beside(ctx[OPTIONS].output, ".qcow2"))
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(ctx[PLAN].disk.size)],
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(ctx[plan].disk.size)],
         purpose="create the disk image")
     return work_disk
 
 
 def partition(ctx: Context) -> None:
-    app, plan_ = ctx[APPLIANCE], ctx[PLAN]
+    app, plan_ = ctx[APPLIANCE], ctx[plan]
     # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
     app.call("create the partition table", app.g.part_disk, DEVICE, "mbr")
     app.call("mark the partition bootable", app.g.part_set_bootable, DEVICE, 1, True)
@@ -204,17 +195,17 @@ def write_rootfs(ctx: Context) -> ImageTree:
     found: list[ImageTree] = []
 
     def work(out: Any, bar: Any) -> None:
-        found.append(write_image_tree(ctx[IMAGE], out, bar.update))
+        found.append(write_image_tree(ctx[read_image], out, bar.update))
 
-    with ctx.monitor.bar("layers", ctx[PLAN].content) as bar:
-        stream_into(ctx[APPLIANCE], ctx[INPUTS].scratch / "rootfs.fifo", functools.partial(work, bar=bar),
+    with ctx.monitor.bar("layers", ctx[plan].content) as bar:
+        stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "rootfs.fifo", functools.partial(work, bar=bar),
                     "unpack the image's files into the disk")
     return found[0]
 
 
 def choose_kernel(ctx: Context) -> Kernel:
-    written = ctx[IMAGE_TREE]
-    kernel = (ctx[INPUTS].kernel
+    written = ctx[write_rootfs]
+    kernel = (ctx[check_inputs].kernel
               or image_kernel(written.tree.kinds, written.tree.symlinks, written.kernel_releases)
               or host_kernel())
     ctx.monitor.note(f"using {kernel.describe()}")
@@ -222,8 +213,8 @@ def choose_kernel(ctx: Context) -> Kernel:
 
 
 def add_imgconv_files(ctx: Context) -> Additions:
-    image, kernel, options = ctx[IMAGE], ctx[KERNEL], ctx[OPTIONS]
-    files = [GuestFile("init", init_binary().read_bytes(), 0o755), GuestFile("init.spec", encode_spec(ctx[PLAN].spec)),
+    image, kernel, options = ctx[read_image], ctx[choose_kernel], ctx[OPTIONS]
+    files = [GuestFile("init", init_binary().read_bytes(), 0o755), GuestFile("init.spec", encode_spec(ctx[plan].spec)),
              GuestFile("config.json", image.config.raw)]
     if image.manifest.raw is not None:
         files.append(GuestFile("manifest.json", image.manifest.raw))
@@ -233,9 +224,9 @@ def add_imgconv_files(ctx: Context) -> Additions:
                               tuple(sorted(set(added.injected))), added.touched_dirs, options.recorded())
         return record_json(record).encode()
 
-    tree = ctx[IMAGE_TREE].tree
+    tree = ctx[write_rootfs].tree
     found: list[Additions] = []
-    stream_into(ctx[APPLIANCE], ctx[INPUTS].scratch / "imgconv.fifo",
+    stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "imgconv.fifo",
                 lambda out: found.append(write_imgconv_files(tree, files, kernel, options.kernel_modules, origin,
                                                              out)),
                 "add imgconv's files to the disk")
@@ -243,14 +234,14 @@ def add_imgconv_files(ctx: Context) -> Additions:
 
 
 def install_boot(ctx: Context) -> BootEntry:
-    app, scratch = ctx[APPLIANCE], ctx[INPUTS].scratch
-    entry = place_kernel(app, ctx[KERNEL], ctx[IMAGE_TREE].tree, scratch, ctx[PLAN].uuid)
+    app, scratch = ctx[APPLIANCE], ctx[check_inputs].scratch
+    entry = place_kernel(app, ctx[choose_kernel], ctx[write_rootfs].tree, scratch, ctx[plan].uuid)
     install_extlinux(app, entry, scratch)
     return entry
 
 
 def keep_qcow2(ctx: Context) -> Path:
-    return ctx[WORK_DISK]
+    return ctx[create_disk]
 
 
 def convert_format(ctx: Context) -> Path:
@@ -259,16 +250,16 @@ def convert_format(ctx: Context) -> Path:
     argv = ["qemu-img", "convert", "-f", "qcow2", "-O", str(options.format)]
     if options.compress:
         argv += ["-c", "-o", "compression_type=zstd"]
-    run([*argv, str(ctx[WORK_DISK]), str(converted)], purpose=f"write the {options.format} disk")
+    run([*argv, str(ctx[create_disk]), str(converted)], purpose=f"write the {options.format} disk")
     return converted
 
 
 def publish_disk(ctx: Context) -> BuildRecord:
-    image, options, kernel, spec = ctx[IMAGE], ctx[OPTIONS], ctx[KERNEL], ctx[PLAN].spec
+    image, options, kernel, spec = ctx[read_image], ctx[OPTIONS], ctx[choose_kernel], ctx[plan].spec
     record = BuildRecord(
         imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest,
-        kernel=KernelRecord(kernel.release, kernel.origin), boot=ctx[BOOT], format=str(options.format),
-        virtual_size=ctx[PLAN].disk.size, options=options.recorded(), created=now_utc(),
+        kernel=KernelRecord(kernel.release, kernel.origin), boot=ctx[install_boot], format=str(options.format),
+        virtual_size=ctx[plan].disk.size, options=options.recorded(), created=now_utc(),
         run=RunRecord(tuple(spec.argv), spec.user, spec.cwd),
     )
     published = publish(ctx[FINISHED], options.output, to_json(record))
@@ -276,7 +267,7 @@ def publish_disk(ctx: Context) -> BuildRecord:
 
 
 def _drives(ctx: Context) -> list[Drive]:
-    return [Drive(ctx[WORK_DISK], "qcow2", False)]
+    return [Drive(ctx[create_disk], "qcow2", False)]
 
 
 @functools.cache
@@ -284,21 +275,21 @@ def pipeline(finish: str = "keep") -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it."""
     finish_step = {"keep": keep_qcow2, "convert": convert_format}[finish]
     return Pipeline("oci-to-qcow2", (
-        Step("check-inputs", "checking the inputs", check_inputs, INPUTS, (OPTIONS, SOURCE)),
-        Step("read-image", "reading the image", read_image, IMAGE, (INPUTS,)),
-        Step("plan", "planning the disk", plan, PLAN, (IMAGE,)),
-        Step("create-disk", "creating the disk", create_disk, WORK_DISK, (PLAN,)),
+        Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
+        Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
+        Step("plan", "planning the disk", plan, needs=(read_image,)),
+        Step("create-disk", "creating the disk", create_disk, needs=(plan,)),
         ApplianceSession(_drives, (
-            Step("partition", "partitioning and formatting", partition, None, (PLAN,)),
-            Step("write-rootfs", "writing the root filesystem", write_rootfs, IMAGE_TREE, (IMAGE, PLAN)),
-            Step("choose-kernel", "choosing the kernel", choose_kernel, KERNEL, (IMAGE_TREE,)),
-            Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, ADDITIONS, (KERNEL,)),
-            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot, BOOT,
-                 (KERNEL, ADDITIONS)),
-        ), needs=(WORK_DISK,)),
-        Step("finish-disk", "writing the disk format", finish_step, FINISHED, (WORK_DISK,)),
-        Step("publish", "publishing", publish_disk, RECORD, (FINISHED, BOOT)),
-    ), result=RECORD, given=(SOURCE, OPTIONS))
+            Step("partition", "partitioning and formatting", partition, needs=(plan,)),
+            Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
+            Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(write_rootfs,)),
+            Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(choose_kernel,)),
+            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot,
+                 needs=(choose_kernel, add_imgconv_files)),
+        ), needs=(create_disk,)),
+        Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(create_disk,)),
+        Step("publish", "publishing", publish_disk, needs=(FINISHED, install_boot)),
+    ), result=publish_disk, given=(SOURCE, OPTIONS))
 
 
 def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord:

@@ -117,13 +117,6 @@ class Found:
 DISK: Slot[Path] = Slot("disk")
 DEST: Slot[str] = Slot("destination")
 OPTIONS: Slot[ExportOptions] = Slot("options")
-INPUTS: Slot[Inputs] = Slot("inputs")
-CHECKED: Slot[CheckedDisk] = Slot("checked disk")
-BASE: Slot[Base | None] = Slot("base image")
-FOUND: Slot[Found] = Slot("guest")
-LAYER: Slot[WrittenLayer] = Slot("layer")
-BUILT: Slot[Assembled] = Slot("built image")
-RECORD: Slot[ExportRecord] = Slot("record")
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -138,7 +131,7 @@ def check_inputs(ctx: Context) -> Inputs:
 
 
 def check_disk(ctx: Context) -> CheckedDisk:
-    disk = open_disk(ctx[INPUTS].disk)
+    disk = open_disk(ctx[check_inputs].disk)
     return CheckedDisk(disk, _Background(functools.partial(sha256_file, disk.path)))
 
 
@@ -153,7 +146,7 @@ def read_base(ctx: Context) -> Base | None:
 
 
 def find_os(ctx: Context) -> Found:
-    app, disk, options = ctx[APPLIANCE], ctx[INPUTS].disk, ctx[OPTIONS]
+    app, disk, options = ctx[APPLIANCE], ctx[check_inputs].disk, ctx[OPTIONS]
     opened = open_guest(app, disk, options.root)
     if opened.origin is None and opened.os is None:
         raise DiskError(f"no operating system found on {disk}")
@@ -170,7 +163,7 @@ def find_os(ctx: Context) -> Found:
 
 
 def write_disk_layer(ctx: Context) -> WrittenLayer:
-    app, inputs, found, base = ctx[APPLIANCE], ctx[INPUTS], ctx[FOUND], ctx[BASE]
+    app, inputs, found, base = ctx[APPLIANCE], ctx[check_inputs], ctx[find_os], ctx[read_base]
     diff = DiffState(base=base.index) if base is not None else None
     layout = LayoutWriter(inputs.scratch / "layout")
     with ctx.monitor.bar("files", found.used_bytes) as bar, \
@@ -212,8 +205,8 @@ def _read_again(ctx: Context, scratch: Path, path: str, sig: Signature) -> Itera
 
 def image_config(ctx: Context, diff_ids: list[str]) -> ConfigFile:
     """The disk's own config (a disk imgconv made), else the base's, else a fresh one; then the flags."""
-    opened, base, options, inputs = ctx[FOUND].opened, ctx[BASE], ctx[OPTIONS], ctx[INPUTS]
-    disk_sha = ctx[CHECKED].sha256.result()
+    opened, base, options, inputs = ctx[find_os].opened, ctx[read_base], ctx[OPTIONS], ctx[check_inputs]
+    disk_sha = ctx[check_disk].sha256.result()
     if opened.config is not None:
         config = ConfigFile.parse(opened.config, "the disk's embedded image config")
     elif base is not None:
@@ -230,8 +223,8 @@ def image_config(ctx: Context, diff_ids: list[str]) -> ConfigFile:
 
 
 def write_oci_image(ctx: Context) -> Assembled:
-    base, written = ctx[BASE], ctx[LAYER]
-    layout = LayoutWriter(ctx[INPUTS].scratch / "layout")
+    base, written = ctx[read_base], ctx[write_disk_layer]
+    layout = LayoutWriter(ctx[check_inputs].scratch / "layout")
     layers: list[Descriptor] = []
     diff_ids: list[str] = []
     if base is not None:
@@ -247,8 +240,8 @@ def write_oci_image(ctx: Context) -> Assembled:
 
 
 def deliver_image(ctx: Context) -> ExportRecord:
-    inputs, assembled, written, checked = ctx[INPUTS], ctx[BUILT], ctx[LAYER], ctx[CHECKED]
-    built, opened = assembled.built, ctx[FOUND].opened
+    inputs, assembled, written = ctx[check_inputs], ctx[write_oci_image], ctx[write_disk_layer]
+    checked, built, opened = ctx[check_disk], assembled.built, ctx[find_os].opened
     pushed = deliver(built, inputs.dest, tls_verify=ctx[OPTIONS].tls_verify, scratch=inputs.scratch)
     os_record = None if opened.os is None else OsRecord(opened.os.distro, opened.os.version, opened.os.product,
                                                         opened.os.root)
@@ -263,21 +256,21 @@ def deliver_image(ctx: Context) -> ExportRecord:
 
 
 def _drives(ctx: Context) -> list[Drive]:
-    disk = ctx[CHECKED].disk
+    disk = ctx[check_disk].disk
     return [Drive(disk.path, disk.format, True, disk.identity)]
 
 
 PIPELINE: Pipeline[ExportRecord] = Pipeline("vm-to-oci", (
-    Step("check-inputs", "checking the inputs", check_inputs, INPUTS, (DISK, DEST, OPTIONS)),
-    Step("open-disk", "checking the disk", check_disk, CHECKED, (INPUTS,)),
-    Step("read-base", "reading the base image", read_base, BASE, (INPUTS,)),
+    Step("check-inputs", "checking the inputs", check_inputs, needs=(DISK, DEST, OPTIONS)),
+    Step("open-disk", "checking the disk", check_disk, needs=(check_inputs,)),
+    Step("read-base", "reading the base image", read_base, needs=(check_inputs,)),
     ApplianceSession(_drives, (
-        Step("find-os", "finding the operating system", find_os, FOUND, (INPUTS,)),
-        Step("write-layer", "writing the layer", write_disk_layer, LAYER, (FOUND, BASE)),
-    ), needs=(CHECKED,)),
-    Step("write-image", "writing the image", write_oci_image, BUILT, (LAYER, BASE, FOUND)),
-    Step("deliver", "delivering the image", deliver_image, RECORD, (BUILT,)),
-), result=RECORD, given=(DISK, DEST, OPTIONS))
+        Step("find-os", "finding the operating system", find_os, needs=(check_inputs,)),
+        Step("write-layer", "writing the layer", write_disk_layer, needs=(find_os, read_base)),
+    ), needs=(check_disk,)),
+    Step("write-image", "writing the image", write_oci_image, needs=(write_disk_layer, read_base, find_os)),
+    Step("deliver", "delivering the image", deliver_image, needs=(write_oci_image,)),
+), result=deliver_image, given=(DISK, DEST, OPTIONS))
 
 
 def export(disk: Path, dest: str, options: ExportOptions, monitor: Monitor) -> ExportRecord:
