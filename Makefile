@@ -10,7 +10,7 @@ APT_PACKAGES := \
 	extlinux syslinux-common busybox-static docker.io skopeo umoci mmdebstrap docker-registry \
 	ovmf python3-venv gcc libc6-dev musl-tools zstd e2fsprogs xfsprogs lvm2 iproute2 ca-certificates
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/unit/test_fuzz_layers.py tests/unit/test_fuzz_archives.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
