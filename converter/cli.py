@@ -332,6 +332,13 @@ def boot(
     cpus: Annotated[int, typer.Option("--cpus", help="Guest CPUs.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Show the qemu command line and the boot messages.")] = False,
+    network: Annotated[str, typer.Option("--network", metavar="user|none",
+                                         help="user: a NIC on QEMU's user network (eth0, 10.0.2.15/24, outbound "
+                                              "works, as Docker's default network); none: loopback only.")] = "user",
+    publish: Annotated[list[str] | None, typer.Option("--publish", "-p", metavar="[IP:]HOSTPORT:GUESTPORT[/PROTO]",
+                                                      help="Forward a host port to the guest (tcp or udp). IP "
+                                                           "defaults to 127.0.0.1, not Docker's 0.0.0.0: only this "
+                                                           "machine can connect unless you give 0.0.0.0.")] = None,
 ) -> None:
     """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
 
@@ -355,11 +362,14 @@ def boot(
         raise UsageError("--cpus must be at least 1")
     if timeout is not None and timeout <= 0:
         raise UsageError("--timeout must be positive")
+    from converter.boot.network import parse_network
+
+    guest_network = parse_network(network, publish or [])
     # qemu.boot turns KeyboardInterrupt into a graceful guest stop; let both signals arrive as one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
-                       verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr)
+                       verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network)
     sys.stdout.flush()
     if result.message:
         print(f"imgconv: {result.message}", file=sys.stderr)

@@ -32,6 +32,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Block drivers a VM disk may sit behind: virtio-blk, virtio-scsi, IDE (q35/pc), AHCI, NVMe.
 DISK_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ata_piix", "ahci", "nvme")
+# The NIC of ``imgconv boot`` (virtio-net-pci; its dependencies failover and net_failover come with it), so
+# that the init can bring it up; the disk drivers come first, so the disk never waits on the NIC.
+NET_MODULES = ("virtio_net",)
+BOOT_MODULES = DISK_MODULES + NET_MODULES
 
 INITRAMFS_MARKER = "imgconv-initramfs"
 
@@ -337,7 +341,7 @@ def _resolve_modules_dir(kernel_release: str, modules_root: Path) -> Path:
 
 
 def build_initramfs(kernel_release: str, modules_root: Path, init: Path) -> bytes:
-    """A gzip-compressed newc initramfs: the init (stage 1 and 2), the disk drivers, ``/load.list``.
+    """A gzip-compressed newc initramfs: the init (stage 1 and 2), the disk and NIC drivers, ``/load.list``.
 
     *modules_root* is the kernel's module directory (``/lib/modules/<release>``, or
     ``/lib/modules`` to which *kernel_release* is appended). The output is byte-for-byte
@@ -357,7 +361,7 @@ def build_initramfs(kernel_release: str, modules_root: Path, init: Path) -> byte
     ]
     load_list: list[str] = []
     total = 0
-    for rel in needed_modules(modules_dir):
+    for rel in needed_modules(modules_dir, BOOT_MODULES):
         name = f"modules/{_module_name(rel)}.ko"
         data = _module_bytes(modules_dir, rel)
         total += len(data)

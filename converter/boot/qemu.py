@@ -45,6 +45,7 @@ from typing import BinaryIO, TextIO
 
 from converter.boot.accel import QEMU, Accel, choose_accel
 from converter.boot.console import ConsoleSink
+from converter.boot.network import NETWORK_FW_CFG, USER_NETWORK, Network
 from converter.boot.qmp import QmpLink
 from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
 from converter.boot.supervise import Limits, Outcome, supervise
@@ -88,6 +89,7 @@ class BootRequest:
     stdout: BinaryIO
     stderr: TextIO
     direct_kernel: tuple[Path, Path, str] | None
+    network: Network = USER_NETWORK
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Scratch:
     overlay: Path
     qmp_socket: Path
     resolv_conf: Path
+    network_conf: Path | None = None  # opt/imgconv/network for the guest init; None without a NIC
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,13 @@ def qemu_argv(
     direct_kernel: tuple[Path, Path, str] | None,
     qmp_socket: Path | None,
     resolv_conf: Path | None = None,
+    network: Network | None = None,
+    network_conf: Path | None = None,
 ) -> list[str]:
     """The qemu command line; *drive* are the disk's arguments (:func:`drive_args`). Console on stdio (the
     serial port). *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
+    *network* adds its NIC (none without it: ``-nodefaults``), and *network_conf* is its settings for the guest
+    init, the firmware config file ``opt/imgconv/network`` (:mod:`converter.boot.network`).
     """
     argv = [
         QEMU,
@@ -149,6 +156,10 @@ def qemu_argv(
         argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_socket)}", "-mon", "chardev=qmp,mode=control"]
     if resolv_conf is not None:
         argv += ["-fw_cfg", f"name={RESOLV_CONF_FW_CFG},file={_opt(resolv_conf)}"]
+    if network is not None:
+        argv += network.qemu_args()
+    if network_conf is not None:
+        argv += ["-fw_cfg", f"name={NETWORK_FW_CFG},file={_opt(network_conf)}"]
     if direct_kernel is not None:
         kernel, initrd, append = direct_kernel
         argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
@@ -159,7 +170,7 @@ def _print_command(request: BootRequest, accel: Accel, disk: SafeDisk) -> None:
     """The command a user can run again: the disk by its name, the overlay and the sockets left out."""
     shown = qemu_argv(accel=accel, drive=drive_args(disk, disk.path, Path("OVERLAY.qcow2")),
                       memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
-                      qmp_socket=None)
+                      qmp_socket=None, network=request.network)
     request.stderr.write(
         "imgconv: qemu command (imgconv ran it on a throwaway overlay, `qemu-img create -f qcow2 OVERLAY.qcow2 "
         f"{disk.virtual_size}`,\n"
@@ -194,7 +205,12 @@ def prepare_overlay(ctx: Context) -> Scratch:
         purpose=f"create a throwaway overlay of {disk.path}", timeout=CREATE_TIMEOUT)
     resolv_conf = tmp / "resolv.conf"
     resolv_conf.write_bytes(host_resolv_conf())
-    return Scratch(overlay, tmp / "qmp.sock", resolv_conf)
+    network_conf = None
+    guest_network = ctx[REQUEST].network.guest_config()
+    if guest_network is not None:
+        network_conf = tmp / "network"
+        network_conf.write_bytes(guest_network)
+    return Scratch(overlay, tmp / "qmp.sock", resolv_conf, network_conf)
 
 
 @contextlib.contextmanager
@@ -221,6 +237,7 @@ def start_vm(ctx: Context) -> RunningVm:
         accel=accel, drive=drive_args(disk, ctx.enter(pinned(disk)), scratch.overlay),
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
+        network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
         _print_command(request, accel, disk)
@@ -242,7 +259,7 @@ BOOT: Pipeline[BootResult] = Pipeline(
     "boot",
     (
         Step("open-disk", "checking the disk", open_safely, DISK, (REQUEST,)),
-        Step("prepare-overlay", "preparing a throwaway overlay", prepare_overlay, SCRATCH, (DISK,)),
+        Step("prepare-overlay", "preparing a throwaway overlay", prepare_overlay, SCRATCH, (REQUEST, DISK)),
         Step("start-vm", "starting the VM", start_vm, VM, (REQUEST, DISK, SCRATCH)),
         Step("run-workload", "running the workload", run_workload, RESULT, (REQUEST, VM)),
     ),
@@ -264,6 +281,7 @@ def boot(
     stop: threading.Event | None = None,
     stop_grace: float = 10.0,
     monitor: Monitor | None = None,
+    network: Network | None = None,
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
     *stdout* as it comes, and return how it ended (statuses in the module docstring).
@@ -276,9 +294,11 @@ def boot(
     by default nowhere, or a :class:`TextMonitor` on *stderr* with *verbose*): why a boot ended
     without the workload's own status is in :attr:`BootResult.message`.
     Ctrl-C (KeyboardInterrupt) stops the guest the same way, then raises :class:`Interrupted`.
+    *network* is the guest's (:mod:`converter.boot.network`); by default QEMU's user network, as Docker's
+    default bridge.
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
-                          direct_kernel)
+                          direct_kernel, network if network is not None else USER_NETWORK)
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:

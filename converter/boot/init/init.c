@@ -50,7 +50,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -805,6 +808,130 @@ static char *fw_cfg_file(const char *name, size_t limit, size_t *len)
 }
 #endif
 
+/* ------------------------------------------------------------ network -- */
+
+#define FW_CFG_NETWORK "opt/imgconv/network"
+#define NIC_WAIT_MS 2000
+#define GUEST_IFNAME "eth0"
+
+/* The first network interface other than lo; waits a little, since the NIC's driver may still be probing. */
+static int find_nic(char *name, size_t cap)
+{
+	for (long waited = 0; waited <= NIC_WAIT_MS; waited += 20) {
+		DIR *dir = opendir("/sys/class/net");
+		struct dirent *e;
+		int found = 0;
+		while (dir && (e = readdir(dir))) {
+			size_t n = strlen(e->d_name);
+			if (e->d_name[0] != '.' && strcmp(e->d_name, "lo") != 0 && n < cap) {
+				memcpy(name, e->d_name, n + 1);
+				found = 1;
+				break;
+			}
+		}
+		if (dir)
+			closedir(dir);
+		if (found)
+			return 0;
+		sleep_ms(20);
+	}
+	return -1;
+}
+
+/* A container's eth0 is up when its process starts; a NIC's operstate follows its carrier a moment
+ * after it is brought up (the kernel's link watch), so a workload checking it at once could see "down". */
+static void wait_link_up(const char *nic)
+{
+	char path[64], state[16];
+	snprintf(path, sizeof path, "/sys/class/net/%s/operstate", nic);
+	for (long waited = 0; waited <= NIC_WAIT_MS; waited += 10) {
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		ssize_t n = fd < 0 ? -1 : read(fd, state, sizeof state - 1);
+		if (fd >= 0)
+			close(fd);
+		if (n >= 2 && memcmp(state, "up", 2) == 0) {
+			debug("%s up after %ld ms", nic, waited);
+			return;
+		}
+		sleep_ms(10);
+	}
+	debug("%s: no carrier", nic);
+}
+
+static int set_ipv4(int s, const char *ifname, unsigned long req, in_addr_t addr)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", ifname);
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = addr;
+	return ioctl(s, req, &ifr);
+}
+
+/* The NIC as in a container: named eth0, up, with the address and default route the host chose
+ * (QEMU's user network: 10.0.2.15/24 via 10.0.2.2), given as the firmware config file
+ * opt/imgconv/network ("address=A/P" and "gateway=G" lines). Without that file (--network none,
+ * or a plain qemu boot) nothing is done; a failure leaves the workload without network, not dead. */
+static void network_up(void)
+{
+	size_t len;
+	char *conf = fw_cfg_file(FW_CFG_NETWORK, 4096, &len);
+	if (!conf)
+		return;
+	char addr[32] = "", gw[32] = "", nic[IFNAMSIZ];
+	int prefix = -1;
+	for (char *line = strtok(conf, "\n"); line; line = strtok(NULL, "\n")) {
+		if (sscanf(line, "address=%31[0-9.]/%d", addr, &prefix) != 2)
+			sscanf(line, "gateway=%31[0-9.]", gw);
+	}
+	free(conf);
+	struct in_addr a, g;
+	if (!inet_aton(addr, &a) || prefix < 0 || prefix > 32) {
+		debug("%s: no usable address", FW_CFG_NETWORK);
+		return;
+	}
+	if (find_nic(nic, sizeof nic) < 0) {
+		debug("no network interface appeared (is virtio_net in the initramfs?)");
+		return;
+	}
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		debug("no socket for %s: %s", nic, strerror(errno));
+		return;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
+	snprintf(ifr.ifr_newname, sizeof ifr.ifr_newname, GUEST_IFNAME);
+	if (strcmp(nic, GUEST_IFNAME) != 0 && ioctl(s, SIOCSIFNAME, &ifr) == 0)
+		snprintf(nic, sizeof nic, GUEST_IFNAME);
+	in_addr_t mask = prefix ? htonl(~0u << (32 - prefix)) : 0;
+	if (set_ipv4(s, nic, SIOCSIFADDR, a.s_addr) < 0 || set_ipv4(s, nic, SIOCSIFNETMASK, mask) < 0)
+		debug("%s: address %s/%d: %s", nic, addr, prefix, strerror(errno));
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", nic);
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0 ||
+	    (ifr.ifr_flags |= IFF_UP | IFF_RUNNING, ioctl(s, SIOCSIFFLAGS, &ifr) < 0))
+		debug("%s up: %s", nic, strerror(errno));
+	if (inet_aton(gw, &g)) {
+		struct rtentry rt;
+		memset(&rt, 0, sizeof rt);
+		((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+		((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+		struct sockaddr_in *via = (struct sockaddr_in *)&rt.rt_gateway;
+		via->sin_family = AF_INET;
+		via->sin_addr = g;
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = nic;
+		if (ioctl(s, SIOCADDRT, &rt) < 0)
+			debug("default route via %s: %s", gw, strerror(errno));
+	}
+	close(s);
+	wait_link_up(nic);
+	debug("%s: %s/%d via %s", nic, addr, prefix, gw);
+}
+
 /* Every directory leading to path (not path itself); errors are left to the caller's open. */
 static void make_parents(const char *path)
 {
@@ -1421,6 +1548,7 @@ __attribute__((noreturn)) static void stage2(void)
 	if (!debug_on)
 		klogctl(SYSLOG_ACTION_CONSOLE_LEVEL, NULL, 1); /* keep kernel chatter out of the output */
 	loopback_up();
+	network_up();
 
 	struct spec s;
 	read_spec(c.spec, &s);
