@@ -415,7 +415,17 @@ def test_a_docker_archive_opens_to_its_image_or_is_refused_in_one_line(data: st.
         path = tmp / "image.tar"
         path.write_bytes(blob)
         outcome = run(f"docker-archive:{path}", path)
+    if "size" in damage and _seek_past_the_end(outcome):
+        event("known bug: test_a_member_size_past_any_file_offset_is_an_image_error")
+        return
     check(outcome, core, must_open=not damage)
+
+
+def _seek_past_the_end(outcome: Outcome) -> bool:
+    """tarfile seeking a plain archive to a member's end at 2**62 or more (see the regression test below)."""
+    error = outcome.error
+    return (isinstance(error, OSError) and error.errno == 22) or (
+        isinstance(error, ValueError) and "offset-sized integer" in str(error))
 
 
 # -- OCI layouts -------------------------------------------------------------------------------------------------------
@@ -639,5 +649,23 @@ def test_a_small_compressed_archive_cannot_make_manifest_json_take_hundreds_of_m
         path = tmp / "image.tar.zst"
         path.write_bytes(zstandard.ZstdCompressor(level=19).compress(buf.getvalue()))
         assert path.stat().st_size < 8 << 10
+        outcome = run(f"docker-archive:{path}", path)
+    one_line_error(outcome.error)
+
+
+@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
+    "a plain docker archive with a member declaring 2**62 bytes or more (base-256 size, or a PAX size of 2**63+) "
+    "makes tarfile seek past any file offset: OSError(EINVAL) or ValueError('cannot fit int into an offset-sized "
+    "integer') escapes open_image instead of an ImageError"))
+@pytest.mark.parametrize("size", ["base256", "pax"])
+def test_a_member_size_past_any_file_offset_is_an_image_error(size: str) -> None:
+    if size == "base256":
+        member = _size_header("huge", base256(2**62, 12), b"x")
+    else:
+        member = special(tarfile.XHDTYPE, pax_records([(b"size", str(2**63).encode())])) + _size_header(
+            "huge", octal(1, 12), b"x")
+    with workdir() as tmp:
+        path = tmp / "image.tar"
+        path.write_bytes(encode(Member(b"manifest.json", data=b"[]"), Encoding()) + member + END)
         outcome = run(f"docker-archive:{path}", path)
     one_line_error(outcome.error)

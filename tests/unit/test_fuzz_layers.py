@@ -536,8 +536,21 @@ def hostile_types(draw: st.DrawFn) -> Hostile:
 @st.composite
 def hostile_structure(draw: st.DrawFn) -> Hostile:
     choice = draw(st.sampled_from(["garbage", "bad-number", "bad-checksum", "lone-zero", "bad-pax-record",
-                                   "dangling", "special-size"]))
+                                   "dangling", "special-size", "after-end", "names-twice", "global-records"]))
     after = _bytes(Member(b"h", data=b"xyz"))
+    if choice == "after-end":  # two zero blocks end the archive for every reader: what follows means nothing
+        return Hostile(choice, END + draw(st.sampled_from([after, b"\x01" * BLOCK, b"junk"])), (means(truncates=True),))
+    if choice == "names-twice":  # two long names for one entry: readers differ on which wins (tarfile, Go)
+        first = draw(st.sampled_from([special(tarfile.GNUTYPE_LONGNAME, b"g1\0", b"././@LongLink", magic=GNU_MAGIC),
+                                      special(tarfile.XHDTYPE, pax_records([(b"path", b"p1")]))]))
+        second = draw(st.sampled_from([special(tarfile.GNUTYPE_LONGNAME, b"g2\0", b"././@LongLink", magic=GNU_MAGIC),
+                                       special(tarfile.XHDTYPE, pax_records([(b"path", b"p2")]))]))
+        return Hostile(choice, first + second + after, (ANYTHING,))
+    if choice == "global-records":  # POSIX applies them to every later entry, Go (and so Docker) to none
+        records = draw(st.sampled_from([[(b"uid", b"7")], [(b"path", b"g")], [(b"mtime", b"5")],
+                                        [(b"SCHILY.xattr.user.g", b"v")]]))
+        return Hostile(choice, special(tarfile.XGLTYPE, pax_records(records), b"pax_global_header") + after,
+                       (ANYTHING,))
     wrong = dict(bug="test_an_invalid_header_after_the_first_is_refused", buggy=(means(truncates=True),))
     if choice == "garbage":
         block = draw(st.binary(min_size=BLOCK, max_size=BLOCK).filter(lambda b: any(b)))
