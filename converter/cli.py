@@ -21,6 +21,7 @@ from converter.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ImgconvE
 from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
 
 if TYPE_CHECKING:
+    from converter.boot.runspec import RunOverrides
     from converter.oci.config import ConfigOverrides
 
 app = typer.Typer(
@@ -322,7 +323,37 @@ def port_spec(text: str) -> str:
     return f"{match.group(1)}/{match.group(2) or 'tcp'}"
 
 
-@app.command()
+# docker run's flags for `boot`, one line each in its signature (converter.boot.runspec, converter.boot.state).
+CommandArg = Annotated[list[str] | None, typer.Argument(
+    metavar="COMMAND [ARG...]", show_default=False,
+    help="Replaces the image's Cmd, as `docker run IMAGE COMMAND...` (everything after DISK, options too).")]
+EntrypointOpt = Annotated[str | None, typer.Option(
+    "--entrypoint", metavar="CMD", help="Replaces the image's Entrypoint (and drops its Cmd, as Docker).")]
+EnvOpt = Annotated[list[str] | None, typer.Option(
+    "--env", "-e", metavar="KEY=VALUE", help="Set a variable (KEY alone: the host's value, if it has one).")]
+EnvFileOpt = Annotated[list[Path] | None, typer.Option(
+    "--env-file", metavar="FILE", help="Read variables from FILE (Docker's format: KEY=VALUE lines, # comments).")]
+WorkdirOpt = Annotated[str | None, typer.Option("--workdir", "-w", metavar="DIR", help="Working directory.")]
+UserOpt = Annotated[str | None, typer.Option("--user", "-u", metavar="USER[:GROUP]", help="User to run as.")]
+HostnameOpt = Annotated[str | None, typer.Option("--hostname", metavar="NAME", help="The guest's hostname.")]
+StateOpt = Annotated[Path | None, typer.Option(
+    "--state", metavar="FILE", help="Keep the workload's writes in FILE (a qcow2 over DISK, made on first use; "
+                                    "refused if it belongs to another disk). Without it, writes are thrown away.")]
+StopTimeoutOpt = Annotated[float, typer.Option(
+    "--stop-timeout", metavar="SECONDS", help="After Ctrl-C/SIGTERM asks the workload to stop (SIGTERM in the "
+                                              "guest), power the VM off when this expires (exit 137), as Docker.")]
+
+
+def _run_overrides(command: list[str] | None, entrypoint: str | None, env: list[str] | None,
+                   env_file: list[Path] | None, workdir: str | None, user: str | None,
+                   hostname: str | None) -> RunOverrides:
+    from converter.boot.runspec import build_overrides, check_hostname
+
+    return build_overrides(cmd=command or [], entrypoint=entrypoint, env=env or [], env_files=env_file or [],
+                           workdir=workdir, user=user, hostname=None if hostname is None else check_hostname(hostname))
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
 def boot(
     disk: Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format).",
                                          readable=False)],
@@ -339,6 +370,9 @@ def boot(
                                                       help="Forward a host port to the guest (tcp or udp). IP "
                                                            "defaults to 127.0.0.1, not Docker's 0.0.0.0: only this "
                                                            "machine can connect unless you give 0.0.0.0.")] = None,
+    entrypoint: EntrypointOpt = None, env: EnvOpt = None, env_file: EnvFileOpt = None, workdir: WorkdirOpt = None,
+    user: UserOpt = None, hostname: HostnameOpt = None, state: StateOpt = None, stop_timeout: StopTimeoutOpt = 10.0,
+    command: CommandArg = None,
 ) -> None:
     """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
 
@@ -362,6 +396,9 @@ def boot(
         raise UsageError("--cpus must be at least 1")
     if timeout is not None and timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if stop_timeout < 0:
+        raise UsageError("--stop-timeout must not be negative")
+    overrides = _run_overrides(command, entrypoint, env, env_file, workdir, user, hostname)
     from converter.boot.network import parse_network
 
     guest_network = parse_network(network, publish or [])
@@ -369,7 +406,8 @@ def boot(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
-                       verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network)
+                       verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network,
+                       overrides=overrides, state=state, stop_grace=stop_timeout)
     sys.stdout.flush()
     if result.message:
         print(f"imgconv: {result.message}", file=sys.stderr)

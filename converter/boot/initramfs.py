@@ -6,9 +6,12 @@ kernel's module tree.
 Spec format (version 1), read by ``init/init.c``: a sequence of NUL-terminated byte strings taken
 in pairs, ``key\\0value\\0``. The first pair is ``version`` / ``1``. Keys: ``arg`` (repeated, in
 order: the whole argv, Entrypoint + Cmd), ``env`` (repeated, ``KEY=VALUE``, final except HOME),
-``cwd`` (empty: ``/``), ``user`` (docker's user spec; empty: root), ``hostname``. Readers ignore
-unknown keys. Strings are UTF-8 with ``surrogateescape``, so bytes that are not UTF-8 in an image
-config come through unchanged.
+``cwd`` (empty: ``/``), ``user`` (docker's user spec; empty: root), ``hostname``; then, so that
+``imgconv boot`` can apply ``docker run``'s overrides in the guest (:mod:`converter.boot.runspec`),
+``image`` (``1``) and the image's own ``image-entrypoint``, ``image-cmd`` and ``image-env`` (each
+repeated, in order). Readers ignore unknown keys (an older init ignores the ``image`` keys).
+Strings are UTF-8 with ``surrogateescape``, so bytes that are not UTF-8 in an image config come
+through unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 from converter.errors import ImageError, ToolError
 
 SPEC_VERSION = "1"
-SPEC_KEYS = ("version", "hostname", "cwd", "user", "arg", "env")
+SPEC_KEYS = ("version", "hostname", "cwd", "user", "arg", "env", "image", "image-entrypoint", "image-cmd",
+             "image-env")
 
 # docker's default PATH for Linux containers (pkg/system DefaultPathEnv).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -49,6 +53,16 @@ class InitSpec:
     cwd: str = ""
     user: str = ""
     hostname: str = ""
+    image: ImageRun | None = None  # the image's own Entrypoint, Cmd and Env, for boot's overrides
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """The image config's Entrypoint, Cmd and Env as they are: what ``docker run``'s overrides apply to."""
+
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
 
 
 def _encode(text: str, what: str) -> bytes:
@@ -68,6 +82,11 @@ def encode_spec(spec: InitSpec) -> bytes:
     ]
     pairs += [("arg", arg, "command") for arg in spec.argv]
     pairs += [("env", env, "environment") for env in spec.env]
+    if spec.image is not None:
+        pairs.append(("image", "1", "spec"))
+        pairs += [("image-entrypoint", arg, "entrypoint") for arg in spec.image.entrypoint]
+        pairs += [("image-cmd", arg, "command") for arg in spec.image.cmd]
+        pairs += [("image-env", env, "environment") for env in spec.image.env]
     out = bytearray()
     for key, value, what in pairs:
         out += key.encode() + b"\0" + _encode(value, what) + b"\0"
@@ -85,17 +104,19 @@ def decode_spec(data: bytes) -> InitSpec:
         raise ValueError("not a version 1 spec")
     argv: list[str] = []
     env: list[str] = []
-    single = {"cwd": "", "user": "", "hostname": ""}
+    single = {"cwd": "", "user": "", "hostname": "", "image": ""}
+    lists: dict[str, list[str]] = {"arg": argv, "env": env, "image-entrypoint": [], "image-cmd": [], "image-env": []}
     for i in range(2, len(fields), 2):
         key = fields[i].decode("utf-8", "surrogateescape")
         value = fields[i + 1].decode("utf-8", "surrogateescape")
-        if key == "arg":
-            argv.append(value)
-        elif key == "env":
-            env.append(value)
+        if key in lists:
+            lists[key].append(value)
         elif key in single:
             single[key] = value
-    return InitSpec(tuple(argv), tuple(env), single["cwd"], single["user"], single["hostname"])
+    image = None
+    if single["image"] == "1":
+        image = ImageRun(tuple(lists["image-entrypoint"]), tuple(lists["image-cmd"]), tuple(lists["image-env"]))
+    return InitSpec(tuple(argv), tuple(env), single["cwd"], single["user"], single["hostname"], image)
 
 
 def docker_env(image_env: Sequence[str], hostname: str) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -48,6 +48,8 @@ from converter.boot.console import ConsoleSink
 from converter.boot.network import NETWORK_FW_CFG, USER_NETWORK, Network
 from converter.boot.qmp import QmpLink
 from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
+from converter.boot.runspec import RUN_SPEC_FW_CFG, RunOverrides, encode_overrides
+from converter.boot.state import open_state
 from converter.boot.supervise import Limits, Outcome, supervise
 from converter.disk.safety import CREATE_TIMEOUT, SafeDisk, blockdev_node, open_disk, pinned
 from converter.errors import Interrupted
@@ -90,6 +92,8 @@ class BootRequest:
     stderr: TextIO
     direct_kernel: tuple[Path, Path, str] | None
     network: Network = USER_NETWORK
+    overrides: RunOverrides = field(default_factory=RunOverrides)  # docker run's flags (converter.boot.runspec)
+    state: Path | None = None  # --state FILE (converter.boot.state)
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,14 @@ class Scratch:
     qmp_socket: Path
     resolv_conf: Path
     network_conf: Path | None = None  # opt/imgconv/network for the guest init; None without a NIC
+
+
+@dataclass(frozen=True)
+class GuestRun:
+    """What this invocation runs on the disk: docker run's overrides and where its writes go."""
+
+    run_spec: Path | None  # opt/imgconv/run.spec: the overrides; None without any
+    state: SafeDisk | None  # --state FILE, checked: the overlay instead of the throwaway one
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,7 @@ def qemu_argv(
     resolv_conf: Path | None = None,
     network: Network | None = None,
     network_conf: Path | None = None,
+    run_spec: Path | None = None,
 ) -> list[str]:
     """The qemu command line; *drive* are the disk's arguments (:func:`drive_args`). Console on stdio (the
     serial port). *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
@@ -156,6 +169,8 @@ def qemu_argv(
         argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_socket)}", "-mon", "chardev=qmp,mode=control"]
     if resolv_conf is not None:
         argv += ["-fw_cfg", f"name={RESOLV_CONF_FW_CFG},file={_opt(resolv_conf)}"]
+    if run_spec is not None:  # docker run's overrides: data in a file, never on the kernel command line
+        argv += ["-fw_cfg", f"name={RUN_SPEC_FW_CFG},file={_opt(run_spec)}"]
     if network is not None:
         argv += network.qemu_args()
     if network_conf is not None:
@@ -213,6 +228,18 @@ def prepare_overlay(ctx: Context) -> Scratch:
     return Scratch(overlay, tmp / "qmp.sock", resolv_conf, network_conf)
 
 
+def prepare_run(ctx: Context) -> GuestRun:
+    """The overrides as the guest init reads them, and the --state file checked (or created): part of
+    ``start-vm``, as what the VM is started with."""
+    request, scratch = ctx[REQUEST], ctx[SCRATCH]
+    run_spec = None
+    if not request.overrides.empty:
+        run_spec = scratch.qmp_socket.with_name("run.spec")
+        run_spec.write_bytes(encode_overrides(request.overrides))
+    state = open_state(request.state, ctx[DISK]) if request.state is not None else None
+    return GuestRun(run_spec, state)
+
+
 @contextlib.contextmanager
 def _qemu_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     log.debug("run: %s", shlex.join(argv))
@@ -230,13 +257,20 @@ def _qemu_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
                 stream.close()
 
 
+def _top(ctx: Context, guest: GuestRun) -> Path:
+    """The guest's writable layer: the --state file (through a descriptor of the file checked), or a throwaway."""
+    return ctx[SCRATCH].overlay if guest.state is None else ctx.enter(pinned(guest.state))
+
+
 def start_vm(ctx: Context) -> RunningVm:
     request, disk, scratch = ctx[REQUEST], ctx[DISK], ctx[SCRATCH]
     accel = choose_accel()
+    guest = prepare_run(ctx)
     argv = qemu_argv(
-        accel=accel, drive=drive_args(disk, ctx.enter(pinned(disk)), scratch.overlay),
+        accel=accel, drive=drive_args(disk, ctx.enter(pinned(disk)), _top(ctx, guest)),
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
+        run_spec=guest.run_spec,
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
@@ -281,6 +315,8 @@ def boot(
     stop: threading.Event | None = None,
     stop_grace: float = 10.0,
     monitor: Monitor | None = None,
+    overrides: RunOverrides | None = None,
+    state: Path | None = None,
     network: Network | None = None,
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
@@ -294,11 +330,15 @@ def boot(
     by default nowhere, or a :class:`TextMonitor` on *stderr* with *verbose*): why a boot ended
     without the workload's own status is in :attr:`BootResult.message`.
     Ctrl-C (KeyboardInterrupt) stops the guest the same way, then raises :class:`Interrupted`.
+    *overrides* are ``docker run``'s command, entrypoint, env, workdir, user and hostname
+    (:mod:`converter.boot.runspec`); *state* keeps the guest's writes in that qcow2 (:mod:`converter.boot.state`)
+    instead of throwing them away.
     *network* is the guest's (:mod:`converter.boot.network`); by default QEMU's user network, as Docker's
     default bridge.
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
                           direct_kernel, network if network is not None else USER_NETWORK)
+    request = replace(request, overrides=overrides or RunOverrides(), state=state)
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:

@@ -1047,17 +1047,18 @@ struct spec {
 	const char *cwd;
 	const char *user;
 	const char *hostname;
+	/* The image's own Entrypoint, Cmd and Env (key "image" = 1: an imgconv that writes them), so that
+	 * the host's docker-run overrides can be applied as docker applies them. */
+	int has_image;
+	char **img_ep, **img_cmd, **img_env;
+	size_t img_epc, img_cmdc, img_envc;
 };
 
-static void read_spec(const char *path, struct spec *s)
+/* Checks a key\0value\0 spec (version 1) and says how many strings it holds. */
+static size_t spec_fields(const char *buf, size_t len, const char *path)
 {
-	size_t len;
-	char *buf = read_file(path, MAX_SPEC_BYTES, &len);
-	if (!buf)
-		fatal("cannot read the run spec %s: %s", path, strerror(errno));
 	if (len == 0 || buf[len - 1] != '\0')
 		fatal("run spec %s is truncated", path);
-
 	size_t count = 0;
 	for (size_t i = 0; i < len; i++)
 		count += buf[i] == '\0';
@@ -1065,10 +1066,28 @@ static void read_spec(const char *path, struct spec *s)
 		fatal("run spec %s is truncated", path);
 	if (count < 2 || strcmp(buf, "version") != 0 || strcmp(buf + 8, "1") != 0)
 		fatal("run spec %s is not a version 1 spec", path);
+	return count;
+}
+
+static char **str_array(size_t count)
+{
+	return xmalloc((count / 2 + 2) * sizeof(char *));
+}
+
+static void read_spec(const char *path, struct spec *s)
+{
+	size_t len;
+	char *buf = read_file(path, MAX_SPEC_BYTES, &len);
+	if (!buf)
+		fatal("cannot read the run spec %s: %s", path, strerror(errno));
+	size_t count = spec_fields(buf, len, path);
 
 	memset(s, 0, sizeof *s);
-	s->argv = xmalloc((count / 2 + 1) * sizeof *s->argv);
-	s->env = xmalloc((count / 2 + 2) * sizeof *s->env);
+	s->argv = str_array(count);
+	s->env = str_array(count);
+	s->img_ep = str_array(count);
+	s->img_cmd = str_array(count);
+	s->img_env = str_array(count);
 	s->cwd = s->user = s->hostname = "";
 	for (char *p = buf; p < buf + len;) {
 		char *key = p;
@@ -1084,10 +1103,169 @@ static void read_spec(const char *path, struct spec *s)
 			s->user = val;
 		else if (strcmp(key, "hostname") == 0)
 			s->hostname = val;
+		else if (strcmp(key, "image") == 0)
+			s->has_image = strcmp(val, "1") == 0;
+		else if (strcmp(key, "image-entrypoint") == 0)
+			s->img_ep[s->img_epc++] = val;
+		else if (strcmp(key, "image-cmd") == 0)
+			s->img_cmd[s->img_cmdc++] = val;
+		else if (strcmp(key, "image-env") == 0)
+			s->img_env[s->img_envc++] = val;
 		/* anything else: a newer imgconv wrote it; ignore */
 	}
 	s->argv[s->argc] = NULL;
 	s->env[s->envc] = NULL;
+}
+
+/* ---------------------------------------------------------- overrides -- */
+/*
+ * imgconv boot's docker-run flags, from the firmware config file opt/imgconv/run.spec (same format;
+ * a key present is an override): entrypoint, cmd (repeated), env (repeated), cwd, user, hostname.
+ */
+
+#define FW_CFG_RUN_SPEC "opt/imgconv/run.spec"
+#define MAX_RUN_SPEC_BYTES (2u << 20)
+
+struct overrides {
+	const char *entrypoint, *cwd, *user, *hostname;
+	char **cmd, **env;
+	size_t cmdc, envc;
+};
+
+static size_t env_key_len(const char *e)
+{
+	const char *eq = strchr(e, '=');
+	return eq ? (size_t)(eq - e) : strlen(e);
+}
+
+static int same_key(const char *a, const char *b)
+{
+	size_t n = env_key_len(a);
+	return n == env_key_len(b) && memcmp(a, b, n) == 0;
+}
+
+/* docker's merge: --entrypoint replaces Entrypoint and drops the image's Cmd; arguments replace Cmd. */
+static void override_argv(struct spec *s, const struct overrides *o)
+{
+	if (!o->entrypoint && !s->has_image)
+		fatal("this disk was made by an older imgconv, which did not record the image's Entrypoint: "
+		      "convert it again to pass a command, or give --entrypoint");
+	char **argv = xmalloc((s->img_epc + s->img_cmdc + o->cmdc + 2) * sizeof *argv);
+	size_t n = 0;
+	if (o->entrypoint) {
+		if (*o->entrypoint)
+			argv[n++] = (char *)o->entrypoint;
+	} else {
+		for (size_t i = 0; i < s->img_epc; i++)
+			argv[n++] = s->img_ep[i];
+	}
+	if (o->cmdc) {
+		for (size_t i = 0; i < o->cmdc; i++)
+			argv[n++] = o->cmd[i];
+	} else if (!o->entrypoint) {
+		for (size_t i = 0; i < s->img_cmdc; i++)
+			argv[n++] = s->img_cmd[i];
+	}
+	argv[n] = NULL;
+	s->argv = argv;
+	s->argc = n;
+}
+
+/* The environment docker gives: the user's entries, then the image's whose key they lack (merge in
+ * daemon/commit.go); PATH and HOSTNAME first, replaced in place, KEY alone unsetting them, anything
+ * else appended (ReplaceOrAppendEnvValues); runc keeps the last of duplicate keys, at its place. A
+ * disk without the image's Env gives its final one, less the HOSTNAME it was made with. */
+static void override_env(struct spec *s, const struct overrides *o)
+{
+	char **image = s->has_image ? s->img_env : s->env;
+	size_t imagec = s->has_image ? s->img_envc : s->envc;
+	char **config = xmalloc((o->envc + imagec + 1) * sizeof *config);
+	size_t n = 0;
+	for (size_t i = 0; i < o->envc; i++)
+		config[n++] = o->env[i];
+	for (size_t i = 0; i < imagec; i++) {
+		int found = !s->has_image && strncmp(image[i], "HOSTNAME=", 9) == 0;
+		for (size_t j = 0; j < o->envc && !found; j++)
+			found = same_key(image[i], o->env[j]);
+		if (!found)
+			config[n++] = image[i];
+	}
+	struct utsname uts;
+	const char *hostname = *s->hostname || uname(&uts) < 0 ? s->hostname : uts.nodename;
+	char **env = xmalloc((n + 4) * sizeof *env);
+	env[0] = (char *)"PATH=" DEFAULT_PATH;
+	env[1] = xmalloc(strlen(hostname) + 10);
+	sprintf(env[1], "HOSTNAME=%s", hostname);
+	size_t m = 2;
+	for (size_t i = 0; i < n; i++) {
+		char *e = config[i];
+		int def = same_key(e, "PATH") ? 0 : same_key(e, "HOSTNAME") ? 1 : -1;
+		if (!strchr(e, '=')) {
+			if (def >= 0)
+				env[def] = NULL;
+			continue;
+		}
+		if (def >= 0)
+			env[def] = e;
+		else
+			env[m++] = e;
+	}
+	size_t k = 0, out = 0;
+	for (size_t i = 0; i < m; i++)
+		if (env[i])
+			env[k++] = env[i];
+	for (size_t i = 0; i < k; i++) {
+		int later = 0;
+		for (size_t j = i + 1; j < k && !later; j++)
+			later = same_key(env[i], env[j]);
+		if (!later)
+			env[out++] = env[i];
+	}
+	env[out] = NULL;
+	s->env = env;
+	s->envc = out;
+	free(config);
+}
+
+static void apply_overrides(struct spec *s)
+{
+	size_t len = 0;
+	char *buf = fw_cfg_file(FW_CFG_RUN_SPEC, MAX_RUN_SPEC_BYTES, &len);
+	if (!buf)
+		return;
+	size_t count = spec_fields(buf, len, FW_CFG_RUN_SPEC);
+	struct overrides o;
+	memset(&o, 0, sizeof o);
+	o.cmd = str_array(count);
+	o.env = str_array(count);
+	for (char *p = buf; p < buf + len;) {
+		char *key = p;
+		char *val = key + strlen(key) + 1;
+		p = val + strlen(val) + 1;
+		if (strcmp(key, "cmd") == 0)
+			o.cmd[o.cmdc++] = val;
+		else if (strcmp(key, "env") == 0)
+			o.env[o.envc++] = val;
+		else if (strcmp(key, "entrypoint") == 0)
+			o.entrypoint = val;
+		else if (strcmp(key, "cwd") == 0)
+			o.cwd = val;
+		else if (strcmp(key, "user") == 0)
+			o.user = val;
+		else if (strcmp(key, "hostname") == 0)
+			o.hostname = val;
+	}
+	debug("overrides from %s: %zu arguments, %zu env entries", FW_CFG_RUN_SPEC, o.cmdc, o.envc);
+	if (o.hostname)
+		s->hostname = o.hostname;
+	if (o.cwd)
+		s->cwd = o.cwd;
+	if (o.user)
+		s->user = o.user;
+	if (o.entrypoint || o.cmdc)
+		override_argv(s, &o);
+	if (o.envc || o.hostname)
+		override_env(s, &o);
 }
 
 /* -------------------------------------------------------------- users -- */
@@ -1552,6 +1730,7 @@ __attribute__((noreturn)) static void stage2(void)
 
 	struct spec s;
 	read_spec(c.spec, &s);
+	apply_overrides(&s);
 	if (*s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		debug("sethostname %s: %s", s.hostname, strerror(errno));
 	etc_files(s.hostname);
