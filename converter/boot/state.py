@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from converter.errors import UsageError
 from converter.run import run
 
 RECORD_VERSION = 1
+
+log = logging.getLogger("imgconv.boot.state")
 
 
 def record_path(state: Path) -> Path:
@@ -63,14 +66,18 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 
 def _create(state: Path, disk: SafeDisk) -> None:
     sha256, stamp = _hash_disk(disk)
-    _write_json(record_path(state), {"imgconv-state": RECORD_VERSION, "sha256": sha256, "format": disk.format,
-                                     "virtual-size": disk.virtual_size, "stamp": stamp})
     tmp = state.with_name(f".{state.name}.{os.getpid()}.tmp")
     size = -(-disk.virtual_size // 512) * 512  # qcow2 sizes are whole sectors
     try:
+        _write_json(record_path(state), {"imgconv-state": RECORD_VERSION, "sha256": sha256, "format": disk.format,
+                                         "virtual-size": disk.virtual_size, "stamp": stamp})
         run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(size)],
             purpose=f"create the state file {state}", timeout=CREATE_TIMEOUT)
         os.link(tmp, state)  # never replaces a FILE that appeared meanwhile
+    except FileExistsError as exc:
+        raise UsageError(f"--state {state} appeared while imgconv was creating it; refused") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot create the state file {state}: {exc.strerror}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -99,7 +106,10 @@ def _belongs(state: Path, disk: SafeDisk, record: dict[str, Any]) -> None:
     sha256, stamp = _hash_disk(disk)
     if sha256 != record.get("sha256"):
         raise UsageError(other)
-    _write_json(record_path(state), {**record, "stamp": stamp})
+    try:
+        _write_json(record_path(state), {**record, "stamp": stamp})
+    except OSError as exc:  # only a saving: the next boot hashes again
+        log.debug("cannot update %s: %s", record_path(state), exc)
 
 
 def open_state(state: Path, disk: SafeDisk) -> SafeDisk:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -100,6 +101,10 @@ def test_state_keeps_writes_only_in_its_own_file(converted_disk: Callable[[str],
     elsewhere = boot(disk, ["--entrypoint", "/bin/sh", "--state", str(fresh)], script)
     assert (elsewhere.code, elsewhere.stdout) == (0, "none\n"), elsewhere.stderr
     assert _sha256(disk) == before
+    copy = tmp_path / "copy.qcow2"  # the same bytes elsewhere are the same disk (its sha256 is checked)
+    shutil.copyfile(disk, copy)
+    copied = boot(copy, ["--entrypoint", "/bin/sh", "--state", str(state)], script)
+    assert (copied.code, copied.stdout) == (0, "kept-two\n"), copied.stderr
 
     refused = boot(other, ["--state", str(state)])
     assert_one_line_error(refused, str(state), "belongs to another disk")
