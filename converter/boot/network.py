@@ -63,7 +63,10 @@ class Network:
         if self.mode == "none":
             return []
         netdev = ",".join(["user", "id=net0", *(p.hostfwd() for p in self.publish)])
-        return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0"]
+        # romfile=: no iPXE option ROM for the firmware to load (the disk boots). status=off: no link status
+        # feature, so the driver reports carrier at once and eth0 is usable (operstate up) as soon as the init
+        # brings it up; with it, the kernel's link watch kept eth0 down for about a second after that.
+        return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile=,status=off"]
 
     def guest_config(self) -> bytes | None:
         """The firmware config file ``opt/imgconv/network`` for the guest init; None without a NIC."""

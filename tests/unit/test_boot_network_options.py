@@ -51,7 +51,7 @@ def test_qemu_arguments() -> None:
     net = parse_network("user", ["8080:80", "0.0.0.0:5353:53/udp"])
     assert net.qemu_args() == [
         "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:5353-:53",
-        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-net-pci,netdev=net0,romfile=,status=off",
     ]  # fmt: skip
     assert NO_NETWORK.qemu_args() == []
     assert USER_NETWORK.guest_config() == b"address=10.0.2.15/24\ngateway=10.0.2.2\n"
@@ -67,7 +67,7 @@ def test_qemu_argv_has_a_nic_only_when_asked() -> None:
     assert "-netdev" not in plain and "-nodefaults" in plain  # -nodefaults: qemu adds no NIC of its own
     assert qemu_argv(**common, network=NO_NETWORK) == plain  # type: ignore[arg-type]
     user = qemu_argv(**common, network=Network(), network_conf=Path("/t/a,b"))  # type: ignore[arg-type]
-    assert user[len(plain):] == ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0",
+    assert user[len(plain):] == ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile=,status=off",
                                  "-fw_cfg", "name=opt/imgconv/network,file=/t/a,,b"]
 
 

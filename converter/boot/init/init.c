@@ -555,6 +555,8 @@ static void ensure_console(void)
 		close(fd);
 }
 
+static void network_up(void);
+
 __attribute__((noreturn)) static void stage1(void)
 {
 	stage = 1;
@@ -575,6 +577,7 @@ __attribute__((noreturn)) static void stage1(void)
 		fatal("root=%s is not supported (use UUID=, LABEL= or /dev/NAME)", c.root);
 
 	load_modules();
+	network_up();
 
 	char dev[300];
 	double deadline = now() + ROOT_WAIT_SECONDS;
@@ -928,8 +931,30 @@ static void network_up(void)
 			debug("default route via %s: %s", gw, strerror(errno));
 	}
 	close(s);
-	wait_link_up(nic);
 	debug("%s: %s/%d via %s", nic, addr, prefix, gw);
+}
+
+static int interface_up(const char *name)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+	int up = s >= 0 && ioctl(s, SIOCGIFFLAGS, &ifr) == 0 && (ifr.ifr_flags & IFF_UP);
+	if (s >= 0)
+		close(s);
+	return up;
+}
+
+/* Stage 2: the NIC is configured by stage 1 (network_up right after the drivers load, so the kernel's
+ * link watch runs while the root is found and mounted); with an initramfs that is not imgconv's, here.
+ * Then wait until eth0's operstate is up, as a container's is when its process starts. */
+static void network_ready(void)
+{
+	if (!interface_up(GUEST_IFNAME))
+		network_up();
+	if (interface_up(GUEST_IFNAME))
+		wait_link_up(GUEST_IFNAME);
 }
 
 /* Every directory leading to path (not path itself); errors are left to the caller's open. */
@@ -1726,7 +1751,7 @@ __attribute__((noreturn)) static void stage2(void)
 	if (!debug_on)
 		klogctl(SYSLOG_ACTION_CONSOLE_LEVEL, NULL, 1); /* keep kernel chatter out of the output */
 	loopback_up();
-	network_up();
+	network_ready();
 
 	struct spec s;
 	read_spec(c.spec, &s);
