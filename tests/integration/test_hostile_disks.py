@@ -727,7 +727,7 @@ def _both_refuse(disk: Path, out: Path, *needles: str) -> str:
     """`vm-to-oci` and `boot` of *disk*: both exit 2 with the same one line, in bounded time (a FIFO or a socket
     opened by a tool would hang it past the subprocess timeout), and leave nothing at the output."""
     lines = {}
-    for verb, *args in (("vm-to-oci", str(disk), f"oci:{out / 'image'}:t"), ("boot", str(disk), "--timeout", "60")):
+    for verb, *args in (("vm-to-oci", str(disk), f"oci:{out / 'image'}:t"), ("boot", "--timeout", "60", str(disk))):
         lines[verb] = assert_one_line_error(imgconv(verb, *args, timeout=120), *needles, code=2)
     assert lines["vm-to-oci"] == lines["boot"], lines
     assert listing(out) == []

@@ -30,7 +30,7 @@ IMAGES = ["busybox", "distroless", "tricky", "runtime", "debian"]
 
 
 def boot(disk: Path, *extra: str, timeout: float = 300) -> Ran:
-    return imgconv("boot", str(disk), "--timeout", "240", *extra, timeout=timeout)
+    return imgconv("boot", "--timeout", "240", *extra, str(disk), timeout=timeout)
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -210,7 +210,7 @@ def test_bad_input_is_one_line(args: list[str], needle: str, fixture_image: Call
 def test_boot_timeout_has_its_own_code(converted_disk: Callable[[str], Path]) -> None:
     """--timeout expiring before the workload reports is exit code 124, promptly."""
     started = time.monotonic()
-    proc = imgconv("boot", str(converted_disk("busybox")), "--timeout", "0.5")
+    proc = imgconv("boot", "--timeout", "0.5", str(converted_disk("busybox")))
     assert proc.code == 124, proc.stderr
     assert time.monotonic() - started < 60
 
