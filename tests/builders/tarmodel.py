@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from tests.builders.flattening import Node, link_groups
@@ -178,10 +178,6 @@ def model(layers: Sequence[Sequence[Op]]) -> dict[str, MNode]:
     return tree
 
 
-def _mtime(value: Any) -> float:
-    return float(value)
-
-
 def compare(expected: Mapping[str, MNode], tree: Mapping[str, Node]) -> list[str]:
     """Differences between the model's tree and an extracted one (tests/builders/flattening.py), one line each.
 
@@ -213,7 +209,7 @@ def compare(expected: Mapping[str, MNode], tree: Mapping[str, Node]) -> list[str
         elif want.kind in ("char", "block"):
             have["device"], meant["device"] = got.device, op.device
         if got.info is not None and not got.info.islnk():
-            have["mtime"], meant["mtime"] = got.info.mtime, _mtime(op.mtime)
+            have["mtime"], meant["mtime"] = got.info.mtime, float(op.mtime)
         for key in meant:
             if have[key] != meant[key]:
                 lines.append(f"{path!r}: {key} expected {meant[key]!r}, got {have[key]!r}")
@@ -227,7 +223,3 @@ def compare(expected: Mapping[str, MNode], tree: Mapping[str, Node]) -> list[str
         lines.append(f"hard link groups: expected {sorted(map(sorted, want_groups))}, "
                      f"got {sorted(map(sorted, got_groups))}")
     return lines
-
-
-def with_meaning(op: Op, **changes: Any) -> Op:
-    return replace(op, **changes)

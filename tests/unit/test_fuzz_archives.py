@@ -45,7 +45,7 @@ from converter.oci.reference import parse_reference
 from converter.oci.tarutil import abandon_output, open_output
 from converter.oci.transport import open_image
 from tests.builders import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, config_json, d, f, layer, sym, wh
-from tests.builders.flattening import extract, summary
+from tests.builders.flattening import extract, inputs, summary
 from tests.builders.fuzzing import CappedSink, Outcome, bounded, examples, one_line_error
 from tests.builders.rawtar import END, Encoding, Member, base256, encode, header, octal, pad, pax_records, special
 
@@ -71,18 +71,12 @@ class Core:
     def __post_init__(self) -> None:
         out = io.BytesIO()
         tar = open_output(out)
-        flatten(_inputs(self.layers), tar)
+        flatten(inputs(self.layers), tar)
         tar.close()
         self.tree = summary(extract(out.getvalue())[0])
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(f"Core({len(self.layers)} layers, config {self.config[:60]!r}...)")
-
-
-def _inputs(layers: list[bytes]) -> Any:
-    from tests.builders.flattening import inputs
-
-    return inputs(layers)
 
 
 @st.composite
@@ -156,11 +150,13 @@ def workdir() -> Iterator[Path]:
 
 # -- random JSON -------------------------------------------------------------------------------------------------------
 
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12)
+    | st.text(max_size=8), _containers, max_leaves=12)
 
 
 @st.composite
