@@ -195,8 +195,8 @@ def oci_to_qcow2(
 
     try:
         fmt = DiskFormat(disk_format)
-    except ValueError:
-        raise UsageError(f"unknown disk format {disk_format!r}; choose one of {FORMATS}") from None
+    except ValueError as exc:
+        raise UsageError(f"unknown disk format {disk_format!r}; choose one of {FORMATS}") from exc
     if compress and fmt is not DiskFormat.QCOW2:
         raise UsageError("--compress applies to qcow2 only")
     if initrd is not None and kernel is None:
@@ -300,7 +300,7 @@ def parse_argv(value: str | None, flag: str) -> tuple[str, ...] | None:
         try:
             parsed = json.loads(text)
         except ValueError as exc:
-            raise UsageError(f"{flag} is not a valid JSON array: {exc}") from None
+            raise UsageError(f"{flag} is not a valid JSON array: {exc}") from exc
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
             raise UsageError(f"{flag} must be a JSON array of strings")
         return tuple(parsed)

@@ -67,7 +67,7 @@ def read_release(path: Path) -> str:
         with path.open("rb") as f:
             header = f.read(HEADER_BYTES)
     except OSError as exc:
-        raise UsageError(f"cannot read kernel {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read kernel {path}: {exc.strerror}") from exc
     release = bzimage_release(header)
     if release is None:
         raise UsageError(f"{path} is not an x86 Linux kernel image (no bzImage header)")

@@ -93,8 +93,8 @@ def parse_publish(spec: str) -> Publish:
     ip = match["ip"] if match["ip"] is not None else DEFAULT_PUBLISH_IP
     try:
         ipaddress.IPv4Address(ip)
-    except ValueError:
-        raise UsageError(f"-p {spec!r}: {ip!r} is not an IPv4 address") from None
+    except ValueError as exc:
+        raise UsageError(f"-p {spec!r}: {ip!r} is not an IPv4 address") from exc
     protocol = match["proto"] if match["proto"] is not None else "tcp"
     if protocol not in ("tcp", "udp"):
         raise UsageError(f"-p {spec!r}: the protocol is tcp or udp, not {protocol!r}")

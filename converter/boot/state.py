@@ -86,9 +86,9 @@ def _read_record(state: Path) -> dict[str, Any]:
     side = record_path(state)
     try:
         record = json.loads(side.read_text())
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise UsageError(f"--state {state} was not made by imgconv boot (its record {side.name} is missing); "
-                         "refused") from None
+                         "refused") from exc
     except (OSError, ValueError) as exc:
         raise UsageError(f"--state {state}: its record {side.name} is unreadable: {exc}") from exc
     if not isinstance(record, dict) or record.get("imgconv-state") != RECORD_VERSION:
