@@ -9,6 +9,7 @@ Without eth0 it exits 0 after the list, in a container as in the VM. Everything 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -172,7 +173,10 @@ def test_nic_by_default_publish_and_sigint(net_image: NetImage, host_server: int
         assert not [pid for pid in qemus if Path(f"/proc/{pid}").exists()], "qemu outlived imgconv"
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
-    finally:
+    finally:  # a failed assertion must not leave a VM behind: qemu runs in a session of its own
         if proc.poll() is None:
+            for pid in _children(proc.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
             proc.communicate()
