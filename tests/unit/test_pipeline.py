@@ -144,3 +144,13 @@ def test_no_context_manager_is_entered_by_hand() -> None:
                     and node.func.attr in ("__enter__", "__exit__"):
                 by_hand.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert by_hand == []
+
+
+def test_errors_keep_their_cause() -> None:
+    """`raise ... from None` hides what failed underneath from --debug's traceback (issue 8 item 6)."""
+    hidden = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None:
+                hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert hidden == []
