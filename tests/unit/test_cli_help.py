@@ -72,3 +72,12 @@ BAD_COMMAND_LINES = [
 @pytest.mark.parametrize(("argv", "needle"), BAD_COMMAND_LINES)
 def test_a_command_line_that_does_not_parse_is_a_one_line_error(imgconv: Run, argv: list[str], needle: str) -> None:
     assert_one_line_error(imgconv(*argv), needle, code=2)
+
+
+def test_debug_shows_the_traceback_and_still_ends_with_the_one_line_error(imgconv: Run) -> None:
+    plain = imgconv("inspect", "oci:/nonexistent/layout")
+    assert_one_line_error(plain, "/nonexistent/layout", code=2)
+    debug = imgconv("--debug", "inspect", "oci:/nonexistent/layout")
+    assert debug.code == 2, debug.describe()
+    assert "Traceback (most recent call last)" in debug.stderr, debug.describe()
+    assert debug.stderr.splitlines()[-1] == plain.stderr.rstrip("\n"), debug.describe()
