@@ -199,10 +199,6 @@ def _print_command(request: BootRequest, accel: Accel, disk: SafeDisk) -> None:
 # ---------------------------------------------------------------------------------- the steps --
 
 REQUEST: Slot[BootRequest] = Slot("request")
-DISK: Slot[SafeDisk] = Slot("disk")
-SCRATCH: Slot[Scratch] = Slot("scratch")
-VM: Slot[RunningVm] = Slot("vm")
-RESULT: Slot[BootResult] = Slot("result")
 
 
 def open_safely(ctx: Context) -> SafeDisk:
@@ -213,7 +209,7 @@ def open_safely(ctx: Context) -> SafeDisk:
 
 def prepare_overlay(ctx: Context) -> Scratch:
     tmp = Path(ctx.enter(tempfile.TemporaryDirectory(prefix="imgconv-boot-")))
-    disk = ctx[DISK]
+    disk = ctx[open_safely]
     overlay = tmp / "overlay.qcow2"
     size = -(-disk.virtual_size // 512) * 512  # qcow2 sizes are whole sectors
     run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(size)],
@@ -231,12 +227,12 @@ def prepare_overlay(ctx: Context) -> Scratch:
 def prepare_run(ctx: Context) -> GuestRun:
     """The overrides as the guest init reads them, and the --state file checked (or created): part of
     ``start-vm``, as what the VM is started with."""
-    request, scratch = ctx[REQUEST], ctx[SCRATCH]
+    request, scratch = ctx[REQUEST], ctx[prepare_overlay]
     run_spec = None
     if not request.overrides.empty:
         run_spec = scratch.qmp_socket.with_name("run.spec")
         run_spec.write_bytes(encode_overrides(request.overrides))
-    state = open_state(request.state, ctx[DISK]) if request.state is not None else None
+    state = open_state(request.state, ctx[open_safely]) if request.state is not None else None
     return GuestRun(run_spec, state)
 
 
@@ -259,11 +255,11 @@ def _qemu_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
 
 def _top(ctx: Context, guest: GuestRun) -> Path:
     """The guest's writable layer: the --state file (through a descriptor of the file checked), or a throwaway."""
-    return ctx[SCRATCH].overlay if guest.state is None else ctx.enter(pinned(guest.state))
+    return ctx[prepare_overlay].overlay if guest.state is None else ctx.enter(pinned(guest.state))
 
 
 def start_vm(ctx: Context) -> RunningVm:
-    request, disk, scratch = ctx[REQUEST], ctx[DISK], ctx[SCRATCH]
+    request, disk, scratch = ctx[REQUEST], ctx[open_safely], ctx[prepare_overlay]
     accel = choose_accel()
     guest = prepare_run(ctx)
     argv = qemu_argv(
@@ -283,7 +279,7 @@ def start_vm(ctx: Context) -> RunningVm:
 
 
 def run_workload(ctx: Context) -> BootResult:
-    request, vm = ctx[REQUEST], ctx[VM]
+    request, vm = ctx[REQUEST], ctx[start_vm]
     console = ConsoleSink(request.stdout, request.stderr, request.verbose)
     outcome = supervise(vm.proc, vm.control, console, request.limits, request.stderr if request.verbose else None)
     return _result(outcome, console, request.limits.timeout)
@@ -292,12 +288,12 @@ def run_workload(ctx: Context) -> BootResult:
 BOOT: Pipeline[BootResult] = Pipeline(
     "boot",
     (
-        Step("open-disk", "checking the disk", open_safely, DISK, (REQUEST,)),
-        Step("prepare-overlay", "preparing a throwaway overlay", prepare_overlay, SCRATCH, (REQUEST, DISK)),
-        Step("start-vm", "starting the VM", start_vm, VM, (REQUEST, DISK, SCRATCH)),
-        Step("run-workload", "running the workload", run_workload, RESULT, (REQUEST, VM)),
+        Step("open-disk", "checking the disk", open_safely, needs=(REQUEST,)),
+        Step("prepare-overlay", "preparing a throwaway overlay", prepare_overlay, needs=(REQUEST, open_safely)),
+        Step("start-vm", "starting the VM", start_vm, needs=(REQUEST, open_safely, prepare_overlay)),
+        Step("run-workload", "running the workload", run_workload, needs=(REQUEST, start_vm)),
     ),
-    result=RESULT,
+    result=run_workload,
     given=(REQUEST,),
 )
 
