@@ -32,9 +32,11 @@ def boot_word(value: str, what: str) -> str:
 
 
 def boot_entry(kernel_path: str, initrd_path: str, uuid: str) -> BootEntry:
-    # quiet + loglevel=1: only the workload's own output and panics reach the console.
+    # quiet + loglevel=1: only the workload's own output and panics reach the console. no_timer_check: under
+    # TCG on a busy host the kernel's check of the IO-APIC timer can miss its ticks and panic
+    # ("setup_IO_APIC"); a VM's timer is emulated and needs no check (cloud images pass it too).
     cmdline = (f"root=UUID={boot_word(uuid, 'the filesystem UUID')} rw console=tty0 console=ttyS0 "
-               f"init=/{RESERVED}/init quiet loglevel=1 panic=5")
+               f"init=/{RESERVED}/init quiet loglevel=1 panic=5 no_timer_check")
     return BootEntry(f"/{boot_word(kernel_path, 'the kernel path')}",
                      f"/{boot_word(initrd_path, 'the initramfs path')}", cmdline)
 

@@ -120,7 +120,7 @@ def test_a_disk_made_before_the_image_keys_still_takes_overrides(guest: Guest) -
     in one line, since it cannot know the Entrypoint they follow."""
     def run(overrides: RunOverrides) -> tuple[BootResult, bytes]:
         out, err = io.BytesIO(), io.StringIO()
-        append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/bob quiet panic=-1"
+        append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/bob quiet panic=-1 no_timer_check"
         result = qemu_boot(guest.disk, timeout=90, verbose=False, stdout=out, stderr=err, overrides=overrides,
                            direct_kernel=(guest.kernel, guest.initrd, append), network=Network(mode="none"))
         return result, out.getvalue()
