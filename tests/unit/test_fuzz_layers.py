@@ -39,7 +39,16 @@ from converter.errors import LayerError
 from converter.oci.flatten import FlatTree, flatten
 from converter.oci.tarutil import PATH_MAX, abandon_output, open_output
 from tests.builders.flattening import Node, NotExtractable, extract, inputs
-from tests.builders.fuzzing import CappedSink, Outcome, OutputTooLarge, Unbounded, bounded, examples, one_line_error
+from tests.builders.fuzzing import (
+    CappedSink,
+    Outcome,
+    OutputTooLarge,
+    Unbounded,
+    bounded,
+    examples,
+    one_line_error,
+    watchdog,
+)
 from tests.builders.rawtar import (
     BLOCK,
     END,
@@ -450,7 +459,9 @@ def hostile_numbers(draw: st.DrawFn) -> Hostile:
                        buggy_outcome=_raised((OSError,), "unexpected end of data"),
                        buggy=(means(truncates=True), means(_file(), truncates=True)))
     if choice == "huge-size":  # the data ends long before: refused when read, the layer ends there when not
-        size = draw(st.sampled_from([10**12, 2**63 - 1]))
+        # (not larger: skipping the data of an entry the flattener does not read costs a loop turn per MiB declared,
+        # see test_a_huge_size_on_an_entry_that_is_not_read_is_refused_at_once)
+        size = draw(st.sampled_from([10**10, 10**11]))
         data = _with_pax(Member(b"h", data=b"xyz"), (b"size", str(size).encode()))
         return Hostile(choice, data, (REFUSED,), bug="test_a_layer_cut_short_is_refused",
                        buggy=(means(truncates=True), means(_file(), truncates=True)))
@@ -1023,3 +1034,17 @@ def test_deep_paths_cost_time_and_memory_linear_in_the_layer() -> None:
     outcome = run([layer])
     assert outcome.error is None
     assert outcome.peak < 256 * len(layer) + (1 << 20), f"{outcome.peak} bytes held for a {len(layer)}-byte layer"
+
+
+@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
+    "an entry whose data the flattener does not read (a whiteout, an entry a newer layer hides, an unknown type) is "
+    "skipped by tarfile's stream seek, one 1 MiB read per MiB it declares, even after the stream has ended: a PAX "
+    "size of 2**63-1 on a whiteout (a 1.5 KB layer) loops for days (10**12: 0.4 s). Go stops at the end of data"))
+def test_a_huge_size_on_an_entry_that_is_not_read_is_refused_at_once() -> None:
+    layer = _with_pax(Member(b".wh.x"), (b"size", str(2**63 - 1).encode())) + END
+    try:
+        with watchdog(2.0):
+            outcome = run([layer])
+    except Unbounded as exc:
+        pytest.fail(f"{len(layer)} bytes of layer: {exc}")
+    assert isinstance(outcome.error, LayerError), repr(outcome.error)
