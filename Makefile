@@ -35,7 +35,7 @@ test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check converter tests fixtures
+	$(BIN)/ruff check converter tests fixtures bench
 	$(BIN)/mypy
 
 bench: setup

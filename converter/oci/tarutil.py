@@ -93,6 +93,19 @@ class _Guard:
     def __getattr__(self, name: str) -> Any:  # tell, seek, close: the stream's own
         return getattr(self.inner, name)
 
+    def seek(self, pos: int) -> int:
+        """Skip forward to *pos* by reading, as tarfile's stream does, but stop at the end of the data: tarfile
+        would go on asking for one block per MiB an entry declares (a size of 2**63 on a whiteout: days)."""
+        here: int = self.inner.tell()
+        if pos <= here:
+            return int(self.inner.seek(pos))
+        while here < pos:
+            chunk = self.inner.read(min(pos - here, BUFSIZE))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            here += len(chunk)
+        return here
+
     def read(self, size: int) -> bytes:
         if self.budget is not None:
             if size < 0 or size > self.budget:

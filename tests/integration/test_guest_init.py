@@ -183,7 +183,8 @@ class Guest:
         stop = threading.Event()
         out = _Watch(stop_on, stop)
         err = io.StringIO()
-        append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/{spec} quiet panic=-1 no_timer_check {cmdline}"
+        append = (f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/{spec} quiet panic=-1 "
+                  f"no_timer_check {cmdline}")
         started = time.monotonic()
         result = boot(
             self.disk,
