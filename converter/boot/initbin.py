@@ -20,9 +20,17 @@ CFLAGS = ("-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 _PURPOSE = "build the guest init (a static C program)"
 
 
+def init_sources() -> dict[str, bytes]:
+    """The C sources shipped with the package, by file name: ``init.c`` and the ``*.h`` parts it includes (one
+    feature a file, so that work on one does not touch the others)."""
+    folder = resources.files("converter.boot").joinpath("init")
+    return {entry.name: entry.read_bytes() for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+            if entry.name.endswith((".c", ".h"))}
+
+
 def init_source() -> bytes:
-    """The C source shipped with the package."""
-    return resources.files("converter.boot").joinpath("init", "init.c").read_bytes()
+    """All of the init's C source, for tests that look for a definition wherever it lives."""
+    return b"\n".join(init_sources().values())
 
 
 def find_compiler() -> str:
@@ -42,11 +50,11 @@ def init_binary() -> Path:
     edit to ``init.c`` or a compiler upgrade builds a new one; it is written under a temporary
     name and renamed into place, so concurrent callers never see half a binary.
     """
-    source = init_source()
+    sources = init_sources()
     compiler = find_compiler()
     version = run([compiler, "--version"], purpose=_PURPOSE).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (source, compiler.encode(), *version, *(flag.encode() for flag in CFLAGS)):
+    for part in (*(name.encode() + b"\0" + data for name, data in sources.items()), compiler.encode(), *version, *(flag.encode() for flag in CFLAGS)):
         key.update(part)
         key.update(b"\0")
     target = cache_dir() / f"init-{key.hexdigest()[:32]}"
@@ -54,8 +62,9 @@ def init_binary() -> Path:
         return target
 
     with tempfile.TemporaryDirectory(prefix="imgconv-init-") as tmp:
+        for name, data in sources.items():
+            (Path(tmp) / name).write_bytes(data)
         src = Path(tmp) / "init.c"
-        src.write_bytes(source)
         out = Path(tmp) / "init"
         run([compiler, *CFLAGS, "-o", out, src], purpose=_PURPOSE)
         atomic_write(target, out.read_bytes(), mode=0o755)

@@ -39,7 +39,10 @@ DISK_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "ata_piix",
 # The NIC of ``imgconv boot`` (virtio-net-pci; its dependencies failover and net_failover come with it), so
 # that the init can bring it up; the disk drivers come first, so the disk never waits on the NIC.
 NET_MODULES = ("virtio_net",)
-BOOT_MODULES = DISK_MODULES + NET_MODULES
+# ``imgconv boot``'s channels to the host: virtio-serial ports carry the workload's stdin, stdout and stderr
+# byte-exact (the serial console's line discipline does not); virtiofs shares host folders (``--volume``).
+HOST_MODULES = ("virtio_console", "virtiofs")
+BOOT_MODULES = DISK_MODULES + NET_MODULES + HOST_MODULES
 
 INITRAMFS_MARKER = "imgconv-initramfs"
 
