@@ -361,7 +361,7 @@ def boot(
                                                   help="Stop the VM after this long (exit code 124).")] = None,
     memory: Annotated[int, typer.Option("--memory", "-m", metavar="MIB", help="Guest memory in MiB.")] = 512,
     cpus: Annotated[int, typer.Option("--cpus", help="Guest CPUs.")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+    verbose: Annotated[bool, typer.Option("--verbose",
                                           help="Show the qemu command line and the boot messages.")] = False,
     network: Annotated[str, typer.Option("--network", metavar="user|none",
                                          help="user: a NIC on QEMU's user network (eth0, 10.0.2.15/24, outbound "
@@ -372,6 +372,12 @@ def boot(
                                                            "machine can connect unless you give 0.0.0.0.")] = None,
     entrypoint: EntrypointOpt = None, env: EnvOpt = None, env_file: EnvFileOpt = None, workdir: WorkdirOpt = None,
     user: UserOpt = None, hostname: HostnameOpt = None, state: StateOpt = None, stop_timeout: StopTimeoutOpt = 10.0,
+    volume: Annotated[list[str] | None, typer.Option(
+        "--volume", "-v", metavar="HOSTDIR:GUESTDIR[:ro|:rw]",
+        help="Share a host directory with the guest (virtiofs; needs root), read-only with :ro; files the guest "
+             "creates get its uid/gid, as with Docker. HOSTDIR must exist (Docker would create it; imgconv "
+             "refuses), a relative one is taken from the current directory; GUESTDIR is absolute, created when "
+             "missing. Repeatable.")] = None,
     command: CommandArg = None,
 ) -> None:
     """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
@@ -402,12 +408,17 @@ def boot(
     from converter.boot.network import parse_network
 
     guest_network = parse_network(network, publish or [])
+    from converter.boot.volumes import check_host, parse_volumes
+
+    volumes = parse_volumes(volume or [])
+    if volumes:
+        check_host()
     # qemu.boot turns KeyboardInterrupt into a graceful guest stop; let both signals arrive as one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
                        verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network,
-                       overrides=overrides, state=state, stop_grace=stop_timeout)
+                       overrides=overrides, state=state, stop_grace=stop_timeout, volumes=volumes)
     sys.stdout.flush()
     if result.message:
         print(f"imgconv: {result.message}", file=sys.stderr)

@@ -51,6 +51,8 @@ from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
 from converter.boot.runspec import RUN_SPEC_FW_CFG, RunOverrides, encode_overrides
 from converter.boot.state import open_state
 from converter.boot.supervise import Limits, Outcome, supervise
+from converter.boot.volumes import Volume
+from converter.boot.volumes import serve as serve_volumes
 from converter.disk.safety import CREATE_TIMEOUT, SafeDisk, blockdev_node, open_disk, pinned
 from converter.errors import Interrupted
 from converter.pipeline import Context, Pipeline, Slot, Step
@@ -94,6 +96,7 @@ class BootRequest:
     network: Network = USER_NETWORK
     overrides: RunOverrides = field(default_factory=RunOverrides)  # docker run's flags (converter.boot.runspec)
     state: Path | None = None  # --state FILE (converter.boot.state)
+    volumes: tuple[Volume, ...] = ()  # -v (converter.boot.volumes)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ def qemu_argv(
     network: Network | None = None,
     network_conf: Path | None = None,
     run_spec: Path | None = None,
+    volumes: Sequence[str] = (),
 ) -> list[str]:
     """The qemu command line; *drive* are the disk's arguments (:func:`drive_args`). Console on stdio (the
     serial port). *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
@@ -175,6 +179,7 @@ def qemu_argv(
         argv += network.qemu_args()
     if network_conf is not None:
         argv += ["-fw_cfg", f"name={NETWORK_FW_CFG},file={_opt(network_conf)}"]
+    argv += volumes  # -v: virtiofs devices and shared RAM (converter.boot.volumes.qemu_args)
     if direct_kernel is not None:
         kernel, initrd, append = direct_kernel
         argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", append]
@@ -267,6 +272,8 @@ def start_vm(ctx: Context) -> RunningVm:
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
         run_spec=guest.run_spec,
+        volumes=ctx.enter(serve_volumes(request.volumes, scratch.qmp_socket.parent, request.memory_mib))
+        if request.volumes else (),
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
@@ -314,6 +321,7 @@ def boot(
     overrides: RunOverrides | None = None,
     state: Path | None = None,
     network: Network | None = None,
+    volumes: Sequence[Volume] = (),
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
     *stdout* as it comes, and return how it ended (statuses in the module docstring).
@@ -331,10 +339,11 @@ def boot(
     instead of throwing them away.
     *network* is the guest's (:mod:`converter.boot.network`); by default QEMU's user network, as Docker's
     default bridge.
+    *volumes* are ``-v``'s shared host directories (:mod:`converter.boot.volumes`).
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
                           direct_kernel, network if network is not None else USER_NETWORK)
-    request = replace(request, overrides=overrides or RunOverrides(), state=state)
+    request = replace(request, overrides=overrides or RunOverrides(), state=state, volumes=tuple(volumes))
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:

@@ -1728,6 +1728,8 @@ static int wait_status(int st)
 	return 125;
 }
 
+#include "volumes.h"
+
 __attribute__((noreturn)) static void stage2(void)
 {
 	stage = 2;
@@ -1759,6 +1761,7 @@ __attribute__((noreturn)) static void stage2(void)
 	if (*s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		debug("sethostname %s: %s", s.hostname, strerror(errno));
 	etc_files(s.hostname);
+	mount_volumes(); /* before the workdir is entered: -w may be inside a volume */
 
 	struct userdb passwd = {0}, group = {0};
 	passwd.data = read_file("/etc/passwd", MAX_USERDB_BYTES, &passwd.len);
