@@ -67,6 +67,9 @@ TlsOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+FirmwareOpt = Annotated[str, typer.Option("--firmware", metavar="bios|uefi|both",
+                                          help="What the disk boots under: bios (MBR, extlinux), uefi (GPT, a "
+                                               "unified kernel image on an EFI system partition) or both.")]
 
 
 def monitor_for(json_output: bool, quiet: bool) -> Monitor:
@@ -177,6 +180,7 @@ def oci_to_qcow2(
     hostname: Annotated[str, typer.Option("--hostname", help="The VM's hostname.")] = "imgconv",
     kernel_modules: Annotated[bool, typer.Option("--kernel-modules/--no-kernel-modules",
                                                  help="Place a host kernel's modules tree in the guest.")] = True,
+    firmware: FirmwareOpt = "bios",
     platform: PlatformOpt = None,
     tls_verify: TlsOpt = True,
     json_output: JsonOpt = False,
@@ -191,6 +195,7 @@ def oci_to_qcow2(
     Example: imgconv oci-to-qcow2 docker-daemon:myapp:latest myapp.qcow2 && imgconv boot myapp.qcow2
     """
     from converter.disk.build import BuildOptions, DiskFormat, convert
+    from converter.disk.uefi import Firmware
     from converter.oci.model import Platform
 
     try:
@@ -199,6 +204,8 @@ def oci_to_qcow2(
         raise UsageError(f"unknown disk format {disk_format!r}; choose one of {FORMATS}") from exc
     if compress and fmt is not DiskFormat.QCOW2:
         raise UsageError("--compress applies to qcow2 only")
+    if firmware not in tuple(Firmware):
+        raise UsageError(f"unknown firmware {firmware!r}; choose one of bios, uefi, both")
     if initrd is not None and kernel is None:
         raise UsageError("--initrd needs --kernel")
     if kernel is not None and not kernel.is_file():
@@ -207,7 +214,7 @@ def oci_to_qcow2(
         output=output, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
         kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname),
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
-        kernel_modules=kernel_modules,
+        kernel_modules=kernel_modules, firmware=Firmware(firmware),
     )
     record = convert(source, options, monitor_for(json_output, quiet))
     if json_output or not quiet:

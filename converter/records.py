@@ -96,6 +96,7 @@ class BuildRecord:
     options: dict[str, Any]
     created: str
     run: RunRecord
+    firmware: str = "bios"  # bios | uefi | both (--firmware): what the disk boots under
     sha256: str = ""
     size: int = 0
     output: str = ""

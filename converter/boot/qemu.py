@@ -54,6 +54,7 @@ from converter.boot.supervise import Limits, Outcome, supervise
 from converter.boot.volumes import Volume
 from converter.boot.volumes import serve as serve_volumes
 from converter.disk.safety import CREATE_TIMEOUT, SafeDisk, blockdev_node, open_disk, pinned
+from converter.disk.uefi import Firmware, disk_firmware, firmware_args
 from converter.errors import Interrupted
 from converter.pipeline import Context, Pipeline, Slot, Step
 from converter.progress import Monitor, NullMonitor, TextMonitor
@@ -96,6 +97,7 @@ class BootRequest:
     network: Network = USER_NETWORK
     overrides: RunOverrides = field(default_factory=RunOverrides)  # docker run's flags (converter.boot.runspec)
     state: Path | None = None  # --state FILE (converter.boot.state)
+    firmware: Firmware | None = None  # None: what the disk's partition table says (converter.disk.uefi)
     volumes: tuple[Volume, ...] = ()  # -v (converter.boot.volumes)
 
 
@@ -153,6 +155,7 @@ def qemu_argv(
     network_conf: Path | None = None,
     run_spec: Path | None = None,
     volumes: Sequence[str] = (),
+    firmware: Sequence[str] = (),
 ) -> list[str]:
     """The qemu command line; *drive* are the disk's arguments (:func:`drive_args`). Console on stdio (the
     serial port). *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
@@ -167,6 +170,7 @@ def qemu_argv(
         "-smp", str(cpus),
         "-nodefaults", "-display", "none", "-no-reboot",
         "-serial", "stdio",
+        *firmware,  # -bios OVMF for a UEFI disk, nothing (SeaBIOS) otherwise: converter.disk.uefi.firmware_args
         *drive,
     ]  # fmt: skip
     if qmp_socket is not None:
@@ -186,9 +190,9 @@ def qemu_argv(
     return argv
 
 
-def _print_command(request: BootRequest, accel: Accel, disk: SafeDisk) -> None:
+def _print_command(request: BootRequest, accel: Accel, disk: SafeDisk, firmware: Sequence[str]) -> None:
     """The command a user can run again: the disk by its name, the overlay and the sockets left out."""
-    shown = qemu_argv(accel=accel, drive=drive_args(disk, disk.path, Path("OVERLAY.qcow2")),
+    shown = qemu_argv(accel=accel, drive=drive_args(disk, disk.path, Path("OVERLAY.qcow2")), firmware=firmware,
                       memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
                       qmp_socket=None, network=request.network)
     request.stderr.write(
@@ -267,8 +271,10 @@ def start_vm(ctx: Context) -> RunningVm:
     request, disk, scratch = ctx[REQUEST], ctx[open_safely], ctx[prepare_overlay]
     accel = choose_accel()
     guest = prepare_run(ctx)
+    checked = ctx.enter(pinned(disk))
+    firmware = firmware_args(request.firmware or disk_firmware(disk, checked, scratch.qmp_socket.parent))
     argv = qemu_argv(
-        accel=accel, drive=drive_args(disk, ctx.enter(pinned(disk)), _top(ctx, guest)),
+        accel=accel, drive=drive_args(disk, checked, _top(ctx, guest)), firmware=firmware,
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
         run_spec=guest.run_spec,
@@ -277,7 +283,7 @@ def start_vm(ctx: Context) -> RunningVm:
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
-        _print_command(request, accel, disk)
+        _print_command(request, accel, disk, firmware)
     listener = ctx.enter(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     listener.bind(str(scratch.qmp_socket))
     listener.listen(1)
@@ -322,6 +328,7 @@ def boot(
     state: Path | None = None,
     network: Network | None = None,
     volumes: Sequence[Volume] = (),
+    firmware: Firmware | None = None,
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
     *stdout* as it comes, and return how it ended (statuses in the module docstring).
@@ -340,10 +347,12 @@ def boot(
     *network* is the guest's (:mod:`converter.boot.network`); by default QEMU's user network, as Docker's
     default bridge.
     *volumes* are ``-v``'s shared host directories (:mod:`converter.boot.volumes`).
+    *firmware* is SeaBIOS or OVMF (:mod:`converter.disk.uefi`); by default what the disk's partition table says.
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
                           direct_kernel, network if network is not None else USER_NETWORK)
-    request = replace(request, overrides=overrides or RunOverrides(), state=state, volumes=tuple(volumes))
+    request = replace(request, overrides=overrides or RunOverrides(), state=state, volumes=tuple(volumes),
+                      firmware=firmware)
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:

@@ -21,6 +21,7 @@ from converter.oci.flatten import FlatTree
 from converter.records import BootEntry
 
 MiB = 1 << 20
+BUILT_INITRAMFS = "initramfs.img"  # in the scratch directory: the initramfs imgconv built, kept for a UKI
 MAX_GUEST_MODULE = 64 * MiB  # a module, modules.dep or modules.builtin larger than this is not one
 
 
@@ -77,7 +78,18 @@ def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, 
             modules = fetch_guest_modules(app, kernel.release, kernel.guest_modules, scratch)
         else:  # ruled out when the kernel is chosen (build.check_inputs)
             raise ValueError(f"{kernel.describe()} has no modules")
-        initramfs = scratch / "initramfs.img"
+        initramfs = scratch / BUILT_INITRAMFS
         initramfs.write_bytes(build_initramfs(kernel.release, modules, init_binary()))
         app.call("copy the initramfs in", app.g.upload, str(initramfs), f"/{initrd_guest}")
     return boot_entry(kernel_guest, initrd_guest, uuid)
+
+
+def boot_files_on_host(app: Appliance, kernel: Kernel, entry: BootEntry, scratch: Path) -> tuple[Path, Path]:
+    """The kernel and initramfs *entry* boots, as host files (a unified kernel image is built on the host): the
+    host's or --kernel/--initrd's where they came from, the initramfs :func:`place_kernel` built, and an image's
+    own kernel read back out of the disk (the file :func:`place_kernel` resolved inside the image)."""
+    kernel_file = kernel.host_path
+    if kernel_file is None:
+        kernel_file = scratch / "vmlinuz"
+        app.call(f"read the image's kernel {entry.kernel}", app.g.download, entry.kernel, str(kernel_file))
+    return kernel_file, kernel.host_initrd or scratch / BUILT_INITRAMFS

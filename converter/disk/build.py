@@ -8,11 +8,12 @@ with a stable id that ``--json`` progress and ``make bench`` report):
     plan             what to run (Docker's argv/env/user/cwd rules), disk size and inodes, filesystem UUID
     create-disk      an empty qcow2 under a temporary name beside OUTPUT
     launch-appliance one libguestfs appliance, in a worker thread (Ctrl-C is seen at once)
-      partition        MBR partition table, ext4
+      partition        MBR partition table, ext4 (GPT with an EFI system partition first for --firmware uefi|both)
       write-rootfs     the image's layers, flattened, streamed in through a FIFO (nothing extracted on the host)
       choose-kernel    --kernel, else the image's own, else this machine's newest
       add-imgconv-files init, its spec, config, host modules, origin record
-      install-boot     kernel, initramfs, extlinux and the MBR code
+      install-boot     kernel, initramfs, extlinux and the MBR code (extlinux only with a BIOS path)
+      install-uefi     --firmware uefi|both: a unified kernel image at EFI/BOOT/BOOTX64.EFI (converter/disk/uefi.py)
     close-appliance  shutdown; a failed flush fails the conversion
     finish-disk      as it is (qcow2), or converted to another format / compressed
     publish          mode 0444, sha256, sidecar, atomic rename
@@ -37,12 +38,14 @@ from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, encode_spec
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
 from converter.disk.appliance import Drive
-from converter.disk.bootfiles import place_kernel
+from converter.disk.bootfiles import boot_files_on_host, place_kernel
 from converter.disk.plan import (
     IMGCONV_ENTRIES,
     IMGCONV_FILES,
     DiskPlan,
+    PartitionLayout,
     content_bytes,
+    partition_layout,
     plan_disk,
     run_spec,
     tree_size,
@@ -56,6 +59,7 @@ from converter.disk.rootfs import (
     write_image_tree,
     write_imgconv_files,
 )
+from converter.disk.uefi import Firmware, build_uki, check_tools, install_uki, partition_gpt, write_gpt_mbr_code
 from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
 from converter.guest import ROOT_LABEL
@@ -79,7 +83,6 @@ from converter.run import run
 from converter.scratch import scratch_dir
 
 DEVICE = "/dev/sda"
-PARTITION = "/dev/sda1"
 
 
 class DiskFormat(StrEnum):
@@ -103,13 +106,14 @@ class BuildOptions:
     platform: Platform | None = None
     tls_verify: bool = True
     kernel_modules: bool = True
+    firmware: Firmware = Firmware.BIOS
 
     def recorded(self) -> dict[str, Any]:
         """The options as the sidecar and origin record keep them (paths as text, no output or --force)."""
         doc = asdict(self)
         for key in ("output", "force", "tls_verify"):
             del doc[key]
-        return {key: str(value) if isinstance(value, Path | Platform | DiskFormat) else value
+        return {key: str(value) if isinstance(value, Path | Platform | DiskFormat | Firmware) else value
                 for key, value in doc.items()}
 
 
@@ -126,6 +130,7 @@ class Plan:
     disk: DiskPlan
     uuid: str
     content: int  # bytes of tar the layers inflate to (the progress bar's total)
+    layout: PartitionLayout
 
 
 SOURCE: Slot[str] = Slot("source")
@@ -137,7 +142,8 @@ def check_inputs(ctx: Context) -> Inputs:
     options = ctx[OPTIONS]
     check_output(options.output, options.force)
     ref = parse_reference(ctx[SOURCE])
-    if not MBR_CODE.is_file():
+    check_tools(options.firmware)
+    if options.firmware.bios_path and not MBR_CODE.is_file():
         raise UsageError(f"{MBR_CODE} is missing: install syslinux-common (the MBR boot code)")
     kernel = from_flag(options.kernel, options.initrd) if options.kernel else None
     if kernel is not None and kernel.host_initrd is None and kernel.host_modules is None:
@@ -163,8 +169,21 @@ def plan(ctx: Context) -> Plan:
     modules = explicit.host_modules if explicit else _host_modules()
     modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
     content = content_bytes(image)
-    disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES, modules_entries + IMGCONV_ENTRIES)
-    return Plan(run_spec(image, options.hostname), disk, volume_uuid(image), content)
+    layout = _layout(options)
+    disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES + layout.esp_bytes,
+                     modules_entries + IMGCONV_ENTRIES)
+    return Plan(run_spec(image, options.hostname), disk, volume_uuid(image), content, layout)
+
+
+def _layout(options: BuildOptions) -> PartitionLayout:
+    """MBR for BIOS only; GPT with an EFI system partition sized for a --kernel/--initrd given (else the
+    default fits the host's or an image's kernel with imgconv's initramfs)."""
+    given = sum(path.stat().st_size for path in (options.kernel, options.initrd) if path is not None)
+    layout = partition_layout(options.firmware.uefi_path, DEVICE, given)
+    if options.size is not None and layout.esp_bytes and options.size < layout.esp_bytes + 64 * (1 << 20):
+        raise UsageError(f"--size {options.size} leaves no room for the root filesystem beside the "
+                         f"{layout.esp_bytes >> 20} MiB EFI system partition")
+    return layout
 
 
 def _host_modules() -> Path | None:
@@ -183,12 +202,16 @@ def create_disk(ctx: Context) -> Path:
 
 def partition(ctx: Context) -> None:
     app, plan_ = ctx[APPLIANCE], ctx[plan]
-    # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
-    app.call("create the partition table", app.g.part_disk, DEVICE, "mbr")
-    app.call("mark the partition bootable", app.g.part_set_bootable, DEVICE, 1, True)
-    app.call("create the ext4 filesystem", app.g.mke2fs, PARTITION, fstype="ext4", blocksize=4096,
+    root = plan_.layout.root_device
+    if plan_.layout.table == "gpt":
+        partition_gpt(app, DEVICE, plan_.layout, ctx[OPTIONS].firmware)
+    else:
+        # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
+        app.call("create the partition table", app.g.part_disk, DEVICE, "mbr")
+        app.call("mark the partition bootable", app.g.part_set_bootable, DEVICE, 1, True)
+    app.call("create the ext4 filesystem", app.g.mke2fs, root, fstype="ext4", blocksize=4096,
              label=ROOT_LABEL, uuid=plan_.uuid, reservedblockspercentage=1, numberofinodes=plan_.disk.inodes)
-    app.call("mount the root filesystem", app.g.mount, PARTITION, "/")
+    app.call("mount the root filesystem", app.g.mount, root, "/")
 
 
 def write_rootfs(ctx: Context) -> ImageTree:
@@ -236,8 +259,21 @@ def add_imgconv_files(ctx: Context) -> Additions:
 def install_boot(ctx: Context) -> BootEntry:
     app, scratch = ctx[APPLIANCE], ctx[check_inputs].scratch
     entry = place_kernel(app, ctx[choose_kernel], ctx[write_rootfs].tree, scratch, ctx[plan].uuid)
-    install_extlinux(app, entry, scratch)
+    firmware = ctx[OPTIONS].firmware
+    if firmware.bios_path:
+        install_extlinux(app, entry, scratch)
+    if firmware is Firmware.BOTH:  # the protective MBR of a GPT disk: code that boots the legacy-bootable partition
+        write_gpt_mbr_code(app, DEVICE)
     return entry
+
+
+def install_uefi(ctx: Context) -> None:
+    """The kernel, initramfs and command line the BIOS path boots, as one UKI in the EFI system partition."""
+    app, scratch, entry = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[install_boot]
+    kernel, initrd = boot_files_on_host(app, ctx[choose_kernel], entry, scratch)
+    uki = scratch / "BOOTX64.EFI"
+    build_uki(kernel, initrd, entry.cmdline, uki)
+    install_uki(app, uki, ctx[plan].layout)
 
 
 def keep_qcow2(ctx: Context) -> Path:
@@ -260,7 +296,7 @@ def publish_disk(ctx: Context) -> BuildRecord:
         imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest,
         kernel=KernelRecord(kernel.release, kernel.origin), boot=ctx[install_boot], format=str(options.format),
         virtual_size=ctx[plan].disk.size, options=options.recorded(), created=now_utc(),
-        run=RunRecord(tuple(spec.argv), spec.user, spec.cwd),
+        run=RunRecord(tuple(spec.argv), spec.user, spec.cwd), firmware=str(options.firmware),
     )
     published = publish(ctx[FINISHED], options.output, to_json(record))
     return replace(record, sha256=published["sha256"], size=published["size"], output=str(options.output))
@@ -271,9 +307,12 @@ def _drives(ctx: Context) -> list[Drive]:
 
 
 @functools.cache
-def pipeline(finish: str = "keep") -> Pipeline[BuildRecord]:
-    """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it."""
+def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS) -> Pipeline[BuildRecord]:
+    """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
+    *firmware* with a UEFI path adds ``install-uefi``."""
     finish_step = {"keep": keep_qcow2, "convert": convert_format}[finish]
+    uefi = (Step("install-uefi", "installing the unified kernel image (UEFI)", install_uefi,
+                 needs=(install_boot,)),) if firmware.uefi_path else ()
     return Pipeline("oci-to-qcow2", (
         Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
         Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
@@ -286,6 +325,7 @@ def pipeline(finish: str = "keep") -> Pipeline[BuildRecord]:
             Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(choose_kernel,)),
             Step("install-boot", "installing kernel, initramfs and bootloader", install_boot,
                  needs=(choose_kernel, add_imgconv_files)),
+            *uefi,
         ), needs=(create_disk,)),
         Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(create_disk,)),
         Step("publish", "publishing", publish_disk, needs=(FINISHED, install_boot)),
@@ -294,5 +334,5 @@ def pipeline(finish: str = "keep") -> Pipeline[BuildRecord]:
 
 def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord:
     finish = "convert" if options.format is not DiskFormat.QCOW2 or options.compress else "keep"
-    return pipeline(finish).run(monitor, source=source, options=options)
+    return pipeline(finish, options.firmware).run(monitor, source=source, options=options)
 

@@ -28,6 +28,35 @@ class DiskPlan:
     inodes: int  # for mke2fs -N
 
 
+ESP_MIN = 64 * MiB  # a UKI of a distribution kernel and imgconv's initramfs is ~20 MiB; FAT16 at this size
+ESP_FIRST_SECTOR = 2048  # 1 MiB aligned, as parted aligns
+
+
+@dataclass(frozen=True)
+class PartitionLayout:
+    """The partition table and where the filesystems go: MBR with the root filesystem alone (BIOS, as every
+    earlier disk), or GPT with an EFI system partition first and the root filesystem second (UEFI)."""
+
+    table: str  # "mbr" | "gpt"
+    root_device: str
+    esp_device: str = ""
+    esp_bytes: int = 0
+
+    @property
+    def esp_sectors(self) -> tuple[int, int]:
+        """First and last sector of the EFI system partition."""
+        return ESP_FIRST_SECTOR, ESP_FIRST_SECTOR + self.esp_bytes // 512 - 1
+
+
+def partition_layout(uefi: bool, device: str, boot_files: int = 0) -> PartitionLayout:
+    """The layout for a disk at *device*; with *uefi*, an EFI system partition big enough for *boot_files*
+    (bytes of a --kernel and --initrd given; 0 when they come later) with room to spare."""
+    if not uefi:
+        return PartitionLayout("mbr", f"{device}1")
+    esp = max(ESP_MIN, -(-(boot_files + boot_files // 4 + 16 * MiB) // MiB) * MiB)
+    return PartitionLayout("gpt", f"{device}2", f"{device}1", esp)
+
+
 def run_spec(image: Image, hostname: str) -> InitSpec:
     """What `docker run IMAGE` would start: argv = Entrypoint + Cmd, Docker's env, cwd and user."""
     config = image.config

@@ -1,0 +1,268 @@
+"""UEFI boot: a GPT disk whose EFI system partition holds one unified kernel image (UKI), and which firmware a
+disk wants when it is booted.
+
+A UKI is systemd's EFI stub (Debian's ``systemd-boot-efi``: ``linuxx64.efi.stub``) with the kernel, the
+initramfs and the kernel command line added as PE sections (``.linux``, ``.initrd``, ``.cmdline``, plus
+``.osrel``). Placed at the removable-media path ``EFI/BOOT/BOOTX64.EFI``, any UEFI firmware boots it with no
+boot entry in its NVRAM and no bootloader configuration. Bookworm's systemd 252 has no ``ukify``, so the
+sections are added with ``objcopy``; their addresses are computed here from the stub's own PE headers (read
+in Python: ``objdump`` is left to the tests as an independent judge), each after the previous one, aligned,
+none overlapping. The kernel's span is its in-memory size (``init_size`` from the bzImage header) when that
+is larger than the file, so the kernel decompressing in place cannot overwrite the initramfs after it.
+
+``--firmware both`` keeps the BIOS path on the same GPT disk: syslinux's ``gptmbr.bin`` in the protective
+MBR boots the partition marked legacy-BIOS-bootable (the root filesystem, where extlinux is installed).
+
+This module does not import libguestfs: ``imgconv boot`` uses :func:`disk_firmware` and
+:func:`firmware_args` without an appliance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from converter import __version__
+from converter.errors import DiskError, ImageError, MissingToolError, ToolError
+from converter.run import run
+
+if TYPE_CHECKING:
+    from converter.disk.appliance import Appliance
+    from converter.disk.plan import PartitionLayout
+    from converter.disk.safety import SafeDisk
+
+STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+GPT_MBR_CODE = Path("/usr/lib/syslinux/mbr/gptmbr.bin")
+MBR_CODE_BYTES = 440  # the rest of the first sector is the (protective) partition table
+REMOVABLE_PATH = "/EFI/BOOT/BOOTX64.EFI"  # what UEFI firmware boots from a disk with no boot entry for it
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LEGACY_BIOS_BOOTABLE = 1 << 2  # GPT attribute bit 2: gptmbr.bin boots the partition that has it
+PAGE = 4096
+SECTOR = 512
+HEAD_SECTORS = 34  # protective MBR, GPT header, 128 entries of 128 bytes
+OBJCOPY_TIMEOUT = 300.0
+
+
+class Firmware(StrEnum):
+    """What a disk is made to boot under: SeaBIOS-style BIOS, UEFI, or both from one GPT disk."""
+
+    BIOS = "bios"
+    UEFI = "uefi"
+    BOTH = "both"
+
+    @property
+    def bios_path(self) -> bool:
+        return self is not Firmware.UEFI
+
+    @property
+    def uefi_path(self) -> bool:
+        return self is not Firmware.BIOS
+
+
+def check_tools(firmware: Firmware) -> None:
+    """Fail before anything is built when a file the firmware needs is not installed (exit 4, with the package)."""
+    if not firmware.uefi_path:
+        return
+    if not STUB.is_file():
+        raise MissingToolError(f"{STUB} is required to build a UEFI disk (Debian package: systemd-boot-efi)")
+    if shutil.which("objcopy") is None:
+        raise MissingToolError("objcopy is required to build a UEFI disk (Debian package: binutils)")
+    if firmware.bios_path and not GPT_MBR_CODE.is_file():
+        raise MissingToolError(f"{GPT_MBR_CODE} is required for --firmware both (Debian package: syslinux-common)")
+
+
+# -- the stub's PE headers and the sections' addresses ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeImage:
+    """What the UKI's layout needs of the stub: where its image ends in memory and how sections are aligned."""
+
+    image_base: int
+    section_alignment: int
+    end: int  # relative virtual address just past its last section
+    sections: tuple[str, ...]
+
+
+def read_pe(data: bytes, what: str) -> PeImage:
+    """The PE32+ headers of *data* (the EFI stub); a file that is not one is refused in one line."""
+    try:
+        if data[:2] != b"MZ":
+            raise ValueError("no MZ header")
+        pe = struct.unpack_from("<I", data, 0x3C)[0]
+        if data[pe:pe + 4] != b"PE\0\0":
+            raise ValueError("no PE signature")
+        count = struct.unpack_from("<H", data, pe + 6)[0]
+        optional_size = struct.unpack_from("<H", data, pe + 20)[0]
+        optional = pe + 24
+        if struct.unpack_from("<H", data, optional)[0] != 0x20B:
+            raise ValueError("not PE32+")
+        image_base, alignment = struct.unpack_from("<QI", data, optional + 24)
+        names, end = [], 0
+        for i in range(count):
+            at = optional + optional_size + 40 * i
+            name, virtual_size, address, raw_size = struct.unpack_from("<8sIII", data, at)
+            names.append(name.rstrip(b"\0").decode("ascii", "replace"))
+            end = max(end, address + max(virtual_size, raw_size))
+    except (struct.error, ValueError) as exc:
+        raise MissingToolError(f"{what} is not an EFI stub ({exc}): reinstall systemd-boot-efi") from exc
+    return PeImage(image_base, alignment or PAGE, end, tuple(names))
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section added to the stub: its file, its address (absolute, as objcopy wants it) and its span."""
+
+    name: str
+    path: Path
+    vma: int
+    span: int  # bytes reserved in memory from vma (at least the file's size)
+
+
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def uki_layout(stub: PeImage, parts: Sequence[tuple[str, Path, int]]) -> tuple[Section, ...]:
+    """Addresses for *parts* ``(name, file, span)``: in order after the stub's own sections, each aligned to the
+    stub's section alignment (at least a page), none overlapping another or the stub."""
+    align = max(stub.section_alignment, PAGE)
+    at, placed = _round_up(stub.end, align), []
+    for name, path, span in parts:
+        placed.append(Section(name, path, stub.image_base + at, span))
+        at = _round_up(at + max(span, 1), align)
+    return tuple(placed)
+
+
+def kernel_span(kernel: Path) -> int:
+    """Bytes the kernel needs in memory where it is loaded: its file, or its setup header's ``init_size``
+    (boot protocol 2.10+) if larger, since it may decompress in place."""
+    size = kernel.stat().st_size
+    with kernel.open("rb") as f:
+        header = f.read(0x264)
+    if len(header) == 0x264 and header[0x202:0x206] == b"HdrS" and struct.unpack_from("<H", header, 0x206)[0] >= 0x20A:
+        init_size: int = struct.unpack_from("<I", header, 0x260)[0]
+        return max(size, init_size)
+    return size
+
+
+def os_release() -> str:
+    """The UKI's ``.osrel``: what boot menus show for it. imgconv's own words: nothing from the image."""
+    return f'NAME="imgconv"\nID=imgconv\nVERSION_ID="{__version__}"\nPRETTY_NAME="imgconv disk"\n'
+
+
+def objcopy(args: Sequence[str | Path], purpose: str) -> None:
+    """objcopy, its absence and its failures as imgconv's one-line errors (MissingToolError, ToolError)."""
+    if shutil.which("objcopy") is None:
+        raise MissingToolError(f"objcopy is required to {purpose} (Debian package: binutils)")
+    run(["objcopy", *args], purpose=purpose, timeout=OBJCOPY_TIMEOUT)
+
+
+def build_uki(kernel: Path, initrd: Path, cmdline: str, out: Path, stub: Path = STUB) -> tuple[Section, ...]:
+    """Write the UKI booting *kernel* with *initrd* and *cmdline* to *out*; return the sections it added."""
+    osrel, cmdline_file = out.with_name(out.name + ".osrel"), out.with_name(out.name + ".cmdline")
+    osrel.write_text(os_release())
+    cmdline_file.write_text(cmdline)
+    layout = uki_layout(read_pe(stub.read_bytes(), str(stub)), [
+        (".osrel", osrel, osrel.stat().st_size), (".cmdline", cmdline_file, cmdline_file.stat().st_size),
+        (".linux", kernel, kernel_span(kernel)), (".initrd", initrd, initrd.stat().st_size),
+    ])
+    args: list[str | Path] = []
+    for section in layout:
+        args += ["--add-section", f"{section.name}={section.path}",
+                 "--change-section-vma", f"{section.name}={section.vma:#x}"]
+    objcopy([*args, stub, out], "build the unified kernel image (UEFI)")
+    return layout
+
+
+# -- the disk: GPT, the EFI system partition, the UKI in it -------------------------------------------------------
+
+
+def partition_gpt(app: Appliance, device: str, layout: PartitionLayout, firmware: Firmware) -> None:
+    """GPT with the EFI system partition (FAT) first and the root partition after it, to the end of the disk."""
+    g = app.g
+    esp_first, esp_last = layout.esp_sectors
+    app.call("create the GPT partition table", g.part_init, device, "gpt")
+    app.call("create the EFI system partition", g.part_add, device, "p", esp_first, esp_last)
+    app.call("create the root partition", g.part_add, device, "p", esp_last + 1, -HEAD_SECTORS)
+    app.call("mark the EFI system partition", g.part_set_gpt_type, device, 1, ESP_TYPE)
+    if firmware.bios_path:
+        app.call("mark the root partition legacy-BIOS-bootable", g.part_set_gpt_attributes, device, 2,
+                 LEGACY_BIOS_BOOTABLE)
+    app.call("create the EFI system partition's filesystem", g.mkfs, "vfat", layout.esp_device, label="ESP")
+
+
+def install_uki(app: Appliance, uki: Path, layout: PartitionLayout) -> None:
+    """The UKI at the removable-media path of the ESP. The root filesystem is unmounted for it (its work is
+    done by now): the ESP is mounted at the appliance's guest root, so nothing is added to the image's tree."""
+    room = layout.esp_bytes - layout.esp_bytes // 16  # FAT tables, root directory, slack
+    if uki.stat().st_size > room:
+        raise ImageError(f"the unified kernel image ({uki.stat().st_size >> 20} MiB: kernel + initramfs) does not "
+                         f"fit the {layout.esp_bytes >> 20} MiB EFI system partition")
+    g = app.g
+    app.call("unmount the root filesystem", g.umount, "/")
+    app.call("mount the EFI system partition", g.mount, layout.esp_device, "/")
+    app.call("create /EFI/BOOT on the EFI system partition", g.mkdir_p, str(Path(REMOVABLE_PATH).parent))
+    app.call("copy the unified kernel image in", g.upload, str(uki), REMOVABLE_PATH)
+
+
+def write_gpt_mbr_code(app: Appliance, device: str) -> None:
+    """syslinux's GPT-aware MBR code in the protective MBR (its partition entry left as it is)."""
+    app.call("write the GPT MBR boot code", app.g.pwrite_device, device,
+             GPT_MBR_CODE.read_bytes()[:MBR_CODE_BYTES], 0)
+
+
+# -- which firmware a disk wants ------------------------------------------------------------------------------------
+
+
+def firmware_of_head(head: bytes) -> Firmware:
+    """What the first sectors of a disk say it boots under: a GPT with an EFI system partition is UEFI, and
+    BOTH when the MBR also has boot code (a BIOS path); anything else (MBR disks: every disk imgconv made
+    before UEFI) is BIOS."""
+    if len(head) < 2 * SECTOR or head[SECTOR:SECTOR + 8] != b"EFI PART":
+        return Firmware.BIOS
+    first_lba, count, size = struct.unpack_from("<QII", head, SECTOR + 72)
+    esp = uuid.UUID(ESP_TYPE).bytes_le
+    has_esp = False
+    if size >= 128 and first_lba < len(head) // SECTOR:
+        for i in range(min(count, 128)):
+            at = first_lba * SECTOR + i * size
+            if head[at:at + 16] == esp:
+                has_esp = True
+                break
+    if not has_esp:
+        return Firmware.BIOS
+    return Firmware.BOTH if any(head[:MBR_CODE_BYTES]) else Firmware.UEFI
+
+
+def disk_firmware(disk: SafeDisk, filename: Path, scratch: Path) -> Firmware:
+    """The firmware *disk* wants (:func:`firmware_of_head`), read from *filename* (:func:`pinned`'s name for the
+    checked file) by ``qemu-img dd`` with the checked format and ``"backing": null``, as qemu will open it."""
+    from converter.disk.safety import INFO_TIMEOUT, blockdev_node
+
+    head = scratch / "disk-head.bin"
+    node = blockdev_node(disk, filename, "head")
+    try:
+        run(["qemu-img", "dd", "-f", disk.format, f"if=json:{json.dumps(node)}", f"of={head}", f"bs={SECTOR}",
+             f"count={HEAD_SECTORS}"], purpose=f"read the partition table of {disk.path}", timeout=INFO_TIMEOUT)
+    except ToolError as exc:
+        raise DiskError(f"{disk.path}: its partition table cannot be read: {exc}") from exc
+    return firmware_of_head(head.read_bytes())
+
+
+def firmware_args(firmware: Firmware) -> list[str]:
+    """qemu's arguments for *firmware*: OVMF for a UEFI-only disk; SeaBIOS (qemu's default) otherwise, which
+    boots faster than OVMF under TCG, so a disk with both paths boots through BIOS."""
+    if firmware is not Firmware.UEFI:
+        return []
+    if not OVMF.is_file():
+        raise MissingToolError(f"{OVMF} is required to boot a UEFI disk (Debian package: ovmf)")
+    return ["-bios", str(OVMF)]
