@@ -351,6 +351,45 @@ StopTimeoutOpt = Annotated[float, typer.Option(
                                               "guest), power the VM off when this expires (exit 137), as Docker.")]
 
 
+InteractiveOpt = Annotated[bool, typer.Option(
+    "--interactive", "-i", help="Forward stdin to the workload, byte for byte; its end reaches the workload.")]
+TtyOpt = Annotated[bool, typer.Option(
+    "--tty", "-t", help="Give the workload a terminal (with -i: this terminal goes raw, Ctrl-C reaches the "
+                        "workload; the size follows).")]
+
+VolumeOpt = Annotated[list[str] | None, typer.Option(
+    "--volume", "-v", metavar="HOSTDIR:GUESTDIR[:ro|:rw]",
+    help="Share a host directory with the guest (virtiofs; needs root), read-only with :ro; files the guest "
+         "creates get its uid/gid, as with Docker. HOSTDIR must exist (Docker would create it; imgconv "
+         "refuses), a relative one is taken from the current directory; GUESTDIR is absolute, created when "
+         "missing. Repeatable.")]
+
+
+def _check_boot_numbers(memory: int, cpus: int, timeout: float | None, stop_timeout: float) -> None:
+    if memory < 64:
+        raise UsageError("--memory must be at least 64 (MiB)")
+    if cpus < 1:
+        raise UsageError("--cpus must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    if stop_timeout < 0:
+        raise UsageError("--stop-timeout must not be negative")
+
+
+def _stdio_flags(overrides: RunOverrides, interactive: bool, tty: bool) -> RunOverrides:
+    """-i and -t as Docker takes them: -it needs a terminal on stdin."""
+    import dataclasses
+
+    from converter.boot.streams import window_size
+
+    if interactive and tty and not sys.stdin.isatty():
+        raise UsageError("the input device is not a TTY (-t with -i needs a terminal on stdin; "
+                         "drop -t to pipe input)")
+    size = window_size()
+    tty_size = (size[0] << 8 | size[1], size[2] << 8 | size[3]) if tty else None
+    return dataclasses.replace(overrides, interactive=interactive, tty_size=tty_size)
+
+
 def _run_overrides(command: list[str] | None, entrypoint: str | None, env: list[str] | None,
                    env_file: list[Path] | None, workdir: str | None, user: str | None,
                    hostname: str | None) -> RunOverrides:
@@ -379,12 +418,8 @@ def boot(
                                                            "machine can connect unless you give 0.0.0.0.")] = None,
     entrypoint: EntrypointOpt = None, env: EnvOpt = None, env_file: EnvFileOpt = None, workdir: WorkdirOpt = None,
     user: UserOpt = None, hostname: HostnameOpt = None, state: StateOpt = None, stop_timeout: StopTimeoutOpt = 10.0,
-    volume: Annotated[list[str] | None, typer.Option(
-        "--volume", "-v", metavar="HOSTDIR:GUESTDIR[:ro|:rw]",
-        help="Share a host directory with the guest (virtiofs; needs root), read-only with :ro; files the guest "
-             "creates get its uid/gid, as with Docker. HOSTDIR must exist (Docker would create it; imgconv "
-             "refuses), a relative one is taken from the current directory; GUESTDIR is absolute, created when "
-             "missing. Repeatable.")] = None,
+    interactive: InteractiveOpt = False, tty: TtyOpt = False,
+    volume: VolumeOpt = None,
     command: CommandArg = None,
 ) -> None:
     """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
@@ -403,15 +438,9 @@ def boot(
 
     from converter.boot.qemu import boot as boot_disk
 
-    if memory < 64:
-        raise UsageError("--memory must be at least 64 (MiB)")
-    if cpus < 1:
-        raise UsageError("--cpus must be at least 1")
-    if timeout is not None and timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    if stop_timeout < 0:
-        raise UsageError("--stop-timeout must not be negative")
-    overrides = _run_overrides(command, entrypoint, env, env_file, workdir, user, hostname)
+    _check_boot_numbers(memory, cpus, timeout, stop_timeout)
+    overrides = _stdio_flags(_run_overrides(command, entrypoint, env, env_file, workdir, user, hostname),
+                             interactive, tty)
     from converter.boot.network import parse_network
 
     guest_network = parse_network(network, publish or [])
@@ -425,6 +454,7 @@ def boot(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
                        verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network,
+                       stdin=sys.stdin.fileno() if interactive else None,
                        overrides=overrides, state=state, stop_grace=stop_timeout, volumes=volumes)
     sys.stdout.flush()
     if result.message:

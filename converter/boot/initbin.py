@@ -54,7 +54,8 @@ def init_binary() -> Path:
     compiler = find_compiler()
     version = run([compiler, "--version"], purpose=_PURPOSE).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (*(name.encode() + b"\0" + data for name, data in sources.items()), compiler.encode(), *version, *(flag.encode() for flag in CFLAGS)):
+    named = (name.encode() + b"\0" + data for name, data in sources.items())
+    for part in (*named, compiler.encode(), *version, *(flag.encode() for flag in CFLAGS)):
         key.update(part)
         key.update(b"\0")
     target = cache_dir() / f"init-{key.hexdigest()[:32]}"

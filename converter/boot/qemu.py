@@ -30,7 +30,9 @@ Exit statuses (:attr:`BootResult.status`), never above 255:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import json
 import logging
 import shlex
@@ -50,6 +52,7 @@ from converter.boot.qmp import QmpLink
 from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
 from converter.boot.runspec import RUN_SPEC_FW_CFG, RunOverrides, encode_overrides
 from converter.boot.state import open_state
+from converter.boot.streams import PORT_NAME, STREAM_FW_CFG, Stdio, StreamLink, host_terminal
 from converter.boot.supervise import Limits, Outcome, supervise
 from converter.boot.volumes import Volume
 from converter.boot.volumes import serve as serve_volumes
@@ -97,8 +100,9 @@ class BootRequest:
     network: Network = USER_NETWORK
     overrides: RunOverrides = field(default_factory=RunOverrides)  # docker run's flags (converter.boot.runspec)
     state: Path | None = None  # --state FILE (converter.boot.state)
-    firmware: Firmware | None = None  # None: what the disk's partition table says (converter.disk.uefi)
     volumes: tuple[Volume, ...] = ()  # -v (converter.boot.volumes)
+    stdin: int | None = None  # -i: this descriptor is the workload's stdin (converter.boot.streams)
+    firmware: Firmware | None = None  # None: what the disk's partition table says (converter.disk.uefi)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ class Scratch:
     qmp_socket: Path
     resolv_conf: Path
     network_conf: Path | None = None  # opt/imgconv/network for the guest init; None without a NIC
+    stream_socket: Path | None = None  # the stream port's socket (converter.boot.streams)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class GuestRun:
 class RunningVm:
     proc: subprocess.Popen[bytes]
     control: QmpLink
+    stream: StreamLink | None
 
 
 # ------------------------------------------------------------------------------- command line --
@@ -154,13 +160,15 @@ def qemu_argv(
     network: Network | None = None,
     network_conf: Path | None = None,
     run_spec: Path | None = None,
+    stream_socket: Path | None = None,
     volumes: Sequence[str] = (),
     firmware: Sequence[str] = (),
 ) -> list[str]:
     """The qemu command line; *drive* are the disk's arguments (:func:`drive_args`). Console on stdio (the
     serial port). *resolv_conf* is given to the guest as the firmware config file ``opt/imgconv/resolv.conf``.
     *network* adds its NIC (none without it: ``-nodefaults``), and *network_conf* is its settings for the guest
-    init, the firmware config file ``opt/imgconv/network`` (:mod:`converter.boot.network`).
+    init, the firmware config file ``opt/imgconv/network`` (:mod:`converter.boot.network`). *stream_socket* is the
+    host end of the workload's stdio port (:mod:`converter.boot.streams`; qemu connects to it).
     """
     argv = [
         QEMU,
@@ -179,6 +187,11 @@ def qemu_argv(
         argv += ["-fw_cfg", f"name={RESOLV_CONF_FW_CFG},file={_opt(resolv_conf)}"]
     if run_spec is not None:  # docker run's overrides: data in a file, never on the kernel command line
         argv += ["-fw_cfg", f"name={RUN_SPEC_FW_CFG},file={_opt(run_spec)}"]
+    if stream_socket is not None:
+        argv += ["-device", "virtio-serial-pci,id=imgconv-serial",
+                 "-chardev", f"socket,id=imgconv-stream,path={_opt(stream_socket)}",
+                 "-device", f"virtserialport,bus=imgconv-serial.0,chardev=imgconv-stream,name={PORT_NAME}",
+                 "-fw_cfg", f"name={STREAM_FW_CFG},string={PORT_NAME}"]
     if network is not None:
         argv += network.qemu_args()
     if network_conf is not None:
@@ -230,7 +243,7 @@ def prepare_overlay(ctx: Context) -> Scratch:
     if guest_network is not None:
         network_conf = tmp / "network"
         network_conf.write_bytes(guest_network)
-    return Scratch(overlay, tmp / "qmp.sock", resolv_conf, network_conf)
+    return Scratch(overlay, tmp / "qmp.sock", resolv_conf, network_conf, tmp / "stream.sock")
 
 
 def prepare_run(ctx: Context) -> GuestRun:
@@ -277,25 +290,67 @@ def start_vm(ctx: Context) -> RunningVm:
         accel=accel, drive=drive_args(disk, checked, _top(ctx, guest)), firmware=firmware,
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
-        run_spec=guest.run_spec,
+        run_spec=guest.run_spec, stream_socket=scratch.stream_socket,
         volumes=ctx.enter(serve_volumes(request.volumes, scratch.qmp_socket.parent, request.memory_mib))
         if request.volumes else (),
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
         _print_command(request, accel, disk, firmware)
-    listener = ctx.enter(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-    listener.bind(str(scratch.qmp_socket))
-    listener.listen(1)
+    qmp = _listen(ctx, scratch.qmp_socket)
+    stream = ctx.enter(contextlib.closing(StreamLink(_listen(ctx, scratch.stream_socket), _stdio(request))))
     proc = ctx.enter(_qemu_process(argv))
-    return RunningVm(proc, ctx.enter(contextlib.closing(QmpLink(listener))))
+    return RunningVm(proc, ctx.enter(contextlib.closing(QmpLink(qmp))), stream)
+
+
+def _listen(ctx: Context, path: Path | None) -> socket.socket:
+    """A unix socket qemu connects to (``-chardev socket,path=...``): ours, so no other process can take it."""
+    listener = ctx.enter(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    listener.bind(str(path))
+    listener.listen(1)
+    return listener
+
+
+class _TextBytes(io.RawIOBase):
+    """Bytes onto a text stream (a caller's ``io.StringIO`` for stderr), decoded as they come."""
+
+    def __init__(self, text: TextIO) -> None:
+        super().__init__()
+        self._text = text
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._text.write(self._decoder.decode(bytes(data)))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
+
+
+def _stdio(request: BootRequest) -> Stdio:
+    """The workload's streams: stdout as given, stderr as bytes onto the caller's stderr."""
+    stderr: BinaryIO = getattr(request.stderr, "buffer", None) or io.BufferedWriter(_TextBytes(request.stderr))
+    return Stdio(request.stdout, stderr, request.stdin, request.overrides.tty_size is not None)
 
 
 def run_workload(ctx: Context) -> BootResult:
     request, vm = ctx[REQUEST], ctx[start_vm]
     console = ConsoleSink(request.stdout, request.stderr, request.verbose)
-    outcome = supervise(vm.proc, vm.control, console, request.limits, request.stderr if request.verbose else None)
-    return _result(outcome, console, request.limits.timeout)
+    with host_terminal(vm.stream, request.overrides.interactive):
+        outcome = supervise(vm.proc, vm.control, console, request.limits,
+                            request.stderr if request.verbose else None, vm.stream)
+    request.stderr.flush()
+    result = _result(outcome, console, request.limits.timeout)
+    wanted = [flag for flag, on in (("-i", request.overrides.interactive),
+                                    ("-t", request.overrides.tty_size is not None)) if on]
+    if wanted and vm.stream is not None and not vm.stream.hello and console.decoder.started:
+        return BootResult(EXIT_NO_STATUS, result.workload_status, message=(
+            f"{' and '.join(wanted)} need a disk made by a newer imgconv (its init relays stdio over a port); "
+            "convert the image again"))
+    return result
 
 
 BOOT: Pipeline[BootResult] = Pipeline(
@@ -328,6 +383,7 @@ def boot(
     state: Path | None = None,
     network: Network | None = None,
     volumes: Sequence[Volume] = (),
+    stdin: int | None = None,
     firmware: Firmware | None = None,
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
@@ -347,12 +403,14 @@ def boot(
     *network* is the guest's (:mod:`converter.boot.network`); by default QEMU's user network, as Docker's
     default bridge.
     *volumes* are ``-v``'s shared host directories (:mod:`converter.boot.volumes`).
+    The workload's stdout and stderr reach *stdout* and *stderr* apart, byte-exact, over a virtio-serial port
+    (:mod:`converter.boot.streams`); with *stdin* (a descriptor: ``-i``) its stdin is that.
     *firmware* is SeaBIOS or OVMF (:mod:`converter.disk.uefi`); by default what the disk's partition table says.
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
                           direct_kernel, network if network is not None else USER_NETWORK)
     request = replace(request, overrides=overrides or RunOverrides(), state=state, volumes=tuple(volumes),
-                      firmware=firmware)
+                      stdin=stdin, firmware=firmware)
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:

@@ -1,5 +1,5 @@
 """``imgconv boot``'s ``docker run`` overrides: command, ``--entrypoint``, ``-e``/``--env-file``, ``-w``, ``-u``,
-``--hostname``, handed to the guest at boot as the QEMU firmware config file ``opt/imgconv/run.spec``.
+``--hostname``, ``-i``, ``-t``, handed to the guest at boot as the QEMU firmware config file ``opt/imgconv/run.spec``.
 
 Why the guest init merges, not the host: Docker's rules need the image's Entrypoint, Cmd and Env separately
 (arguments replace Cmd but keep Entrypoint; ``-e`` replaces the image's entries of the same key; ``--hostname``
@@ -14,7 +14,8 @@ environment (an image-set ``HOSTNAME`` is then lost).
 Format: the init spec's (``key\\0value\\0`` pairs, first ``version``/``1``); a key present is an override:
 ``entrypoint`` (once; empty clears it), ``cmd`` (repeated: the arguments after DISK), ``env`` (repeated, in
 Docker's order: ``--env-file`` lines, then ``-e``; ``KEY`` alone unsets, as Docker passes it when the host has
-no such variable), ``cwd``, ``user``, ``hostname``. Values are data: nothing parses them with a shell.
+no such variable), ``cwd``, ``user``, ``hostname``, ``interactive`` (``1``: stdin comes from the host), ``tty``
+(``ROWS COLS``: the workload gets a terminal of that size). Values are data: nothing parses them with a shell.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class RunOverrides:
     cwd: str | None = None
     user: str | None = None
     hostname: str | None = None
+    interactive: bool = False  # -i: stdin from the host (converter.boot.streams)
+    tty_size: tuple[int, int] | None = None  # -t: a terminal of (rows, columns); None: pipes
 
     @property
     def empty(self) -> bool:
@@ -110,6 +113,8 @@ def build_overrides(
     user: str | None,
     hostname: str | None,
     environ: Mapping[str, str] | None = None,
+    interactive: bool = False,
+    tty_size: tuple[int, int] | None = None,
 ) -> RunOverrides:
     """The overrides from the command line, checked (usage errors are one line). Env files come first, then
     ``-e``, as the docker CLI orders them."""
@@ -122,7 +127,7 @@ def build_overrides(
         raise UsageError(f"the working directory {workdir!r} is invalid, it needs to be an absolute path")
     if user is not None and not user:
         raise UsageError("--user must not be empty")
-    overrides = RunOverrides(tuple(cmd), entrypoint, tuple(entries), workdir, user, hostname)
+    overrides = RunOverrides(tuple(cmd), entrypoint, tuple(entries), workdir, user, hostname, interactive, tty_size)
     encode_overrides(overrides)  # refuses NUL bytes and absurd sizes now, as a usage error
     return overrides
 
@@ -132,6 +137,10 @@ def encode_overrides(o: RunOverrides) -> bytes:
     pairs: list[tuple[str, str | None, str]] = [("version", "1", "version")]
     pairs += [("entrypoint", o.entrypoint, "--entrypoint"), ("cwd", o.cwd, "--workdir"),
               ("user", o.user, "--user"), ("hostname", o.hostname, "--hostname")]
+    if o.interactive:
+        pairs.append(("interactive", "1", "-i"))
+    if o.tty_size is not None:
+        pairs.append(("tty", f"{o.tty_size[0]} {o.tty_size[1]}", "-t"))
     pairs += [("cmd", arg, "an argument after DISK") for arg in o.cmd]
     pairs += [("env", entry, "an environment variable") for entry in o.env]
     out = bytearray()

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import selectors
+import socket
 import subprocess
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import IO, Any, Protocol, TextIO
 
 from converter.boot.console import ConsoleSink
 from converter.boot.qmp import CTRL_ALT_DELETE
+from converter.boot.streams import StreamLink
 
 log = logging.getLogger("imgconv.boot.supervise")
 
@@ -164,16 +166,20 @@ class Supervisor:
 
 
 class _Pipes:
-    """qemu's stdout (the serial console) and stderr, read without blocking as they come, until both close."""
+    """qemu's stdout (the serial console) and stderr, read without blocking as they come, until both close; and
+    the stream port's socket (:mod:`converter.boot.streams`), accepted when qemu connects, read until it closes."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], stream: StreamLink | None) -> None:
         self._selector = selectors.DefaultSelector()
-        self._streams: dict[int, IO[bytes]] = {}
-        for name, stream in (("console", proc.stdout), ("qemu", proc.stderr)):
-            assert stream is not None  # Popen(stdout=PIPE, stderr=PIPE)
-            os.set_blocking(stream.fileno(), False)
-            self._selector.register(stream, selectors.EVENT_READ, name)
-            self._streams[stream.fileno()] = stream
+        self._streams: dict[int, IO[bytes] | socket.socket] = {}
+        self._stream = stream
+        for name, pipe in (("console", proc.stdout), ("qemu", proc.stderr)):
+            assert pipe is not None  # Popen(stdout=PIPE, stderr=PIPE)
+            os.set_blocking(pipe.fileno(), False)
+            self._selector.register(pipe, selectors.EVENT_READ, name)
+            self._streams[pipe.fileno()] = pipe
+        if stream is not None:
+            self._selector.register(stream, selectors.EVENT_READ, "listener")
 
     @property
     def open(self) -> bool:
@@ -181,7 +187,17 @@ class _Pipes:
 
     def read(self, wait: float) -> Iterator[tuple[str, bytes]]:
         for key, _ in self._selector.select(wait):
-            data = os.read(key.fd, 65536)
+            if key.data == "listener":
+                assert self._stream is not None
+                self._selector.unregister(self._stream)
+                conn = self._stream.accept()
+                self._selector.register(conn, selectors.EVENT_READ, "stream")
+                self._streams[conn.fileno()] = conn
+                continue
+            try:
+                data = os.read(key.fd, 65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 self._selector.unregister(self._streams.pop(key.fd))
             else:
@@ -192,17 +208,24 @@ class _Pipes:
 
 
 def supervise(proc: subprocess.Popen[bytes], control: Control, console: ConsoleSink, limits: Limits,
-              verbose_to: TextIO | None) -> Outcome:
-    """Run *proc* (qemu) to its end, its console into *console*, its stderr kept (and copied to *verbose_to*)."""
+              verbose_to: TextIO | None, stream: StreamLink | None = None) -> Outcome:
+    """Run *proc* (qemu) to its end, its console into *console*, its stderr kept (and copied to *verbose_to*),
+    the workload's stdio through *stream*."""
     supervisor = Supervisor(console, control, proc.kill, limits, time.monotonic())
     outcome = supervisor.outcome
-    pipes = _Pipes(proc)
+    pipes = _Pipes(proc, stream)
     try:
         while pipes.open:
             try:
                 now = time.monotonic()
                 supervisor.tick(now)
+                if stream is not None:
+                    stream.tick()
                 for name, data in pipes.read(supervisor.wait_time(now)):
+                    if name == "stream":
+                        assert stream is not None
+                        stream.data(data)
+                        continue
                     if name == "console":
                         supervisor.console_data(data, time.monotonic())
                         continue

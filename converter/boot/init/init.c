@@ -14,7 +14,8 @@
  *     read the run spec written by imgconv (imgconv.spec=, default /.imgconv/init.spec),
  *     resolve the user exactly as runc's libcontainer/user does, provide docker's generated
  *     /etc/hostname, /etc/hosts and /etc/resolv.conf, start the workload with its stdout and
- *     stderr on pipes, relay them to the console, forward signals, and power the VM off when
+ *     stderr on pipes (or a terminal, -t), relay them to the host (the stream port of stream.h,
+ *     or the console), stdin from the host with -i, forward signals, and power the VM off when
  *     the workload exits.
  *
  * The workload runs as in a container: PID 1 of its own PID namespace, with a private mount
@@ -1077,6 +1078,10 @@ struct spec {
 	int has_image;
 	char **img_ep, **img_cmd, **img_env;
 	size_t img_epc, img_cmdc, img_envc;
+	/* docker run's -i and -t, from the host's run spec: stdin from the stream port; a terminal
+	 * (its first size: rows, cols, big-endian 16 bits each). */
+	int interactive, tty;
+	unsigned char winsize[4];
 };
 
 /* Checks a key\0value\0 spec (version 1) and says how many strings it holds. */
@@ -1152,7 +1157,8 @@ static void read_spec(const char *path, struct spec *s)
 #define MAX_RUN_SPEC_BYTES (2u << 20)
 
 struct overrides {
-	const char *entrypoint, *cwd, *user, *hostname;
+	const char *entrypoint, *cwd, *user, *hostname, *tty;
+	int interactive;
 	char **cmd, **env;
 	size_t cmdc, envc;
 };
@@ -1279,10 +1285,22 @@ static void apply_overrides(struct spec *s)
 			o.user = val;
 		else if (strcmp(key, "hostname") == 0)
 			o.hostname = val;
+		else if (strcmp(key, "interactive") == 0)
+			o.interactive = strcmp(val, "1") == 0;
+		else if (strcmp(key, "tty") == 0)
+			o.tty = val;
 	}
 	debug("overrides from %s: %zu arguments, %zu env entries", FW_CFG_RUN_SPEC, o.cmdc, o.envc);
 	if (o.hostname)
 		s->hostname = o.hostname;
+	s->interactive = o.interactive;
+	unsigned rows = 0, cols = 0;
+	if (o.tty && sscanf(o.tty, "%u %u", &rows, &cols) == 2 && rows < 65536 && cols < 65536) {
+		s->tty = 1;
+		unsigned char ws[4] = {(unsigned char)(rows >> 8), (unsigned char)rows, (unsigned char)(cols >> 8),
+				       (unsigned char)cols};
+		memcpy(s->winsize, ws, sizeof ws);
+	}
 	if (o.cwd)
 		s->cwd = o.cwd;
 	if (o.user)
@@ -1673,18 +1691,17 @@ static void own_proc(void)
 		child_fail(125, "cannot mount /proc: %s", strerror(errno));
 }
 
-__attribute__((noreturn)) static void run_child(struct spec *s, const struct exec_user *u, int out,
-						int errfd, const gid_t *groups, size_t ngroups, int pidns)
+#include "stream.h"
+
+__attribute__((noreturn)) static void run_child(struct spec *s, const struct exec_user *u,
+						const struct child_io *io, const gid_t *groups, size_t ngroups,
+						int pidns)
 {
 	if (pidns)
 		own_proc();
 	setsid();
-	int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-	if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(errfd, 2) < 0)
-		child_fail(125, "cannot set up stdio: %s", strerror(errno));
 	/* Like runc's fixStdioPermissions: /dev/stdout opened by a non-root user must work. */
-	if (fchown(1, (uid_t)u->uid, (gid_t)u->gid) < 0 || fchown(2, (uid_t)u->uid, (gid_t)u->gid) < 0)
-		child_fail(125, "cannot hand stdio to the user: %s", strerror(errno));
+	child_stdio(io, (uid_t)u->uid, (gid_t)u->gid);
 
 	struct sigaction dfl;
 	memset(&dfl, 0, sizeof dfl);
@@ -1705,20 +1722,6 @@ __attribute__((noreturn)) static void run_child(struct spec *s, const struct exe
 	exec_workload(s->argv, s->env);
 }
 
-/* ------------------------------------------------------------- relay -- */
-
-static int relay(int from, int to)
-{
-	char buf[65536];
-	ssize_t n = read(from, buf, sizeof buf);
-	if (n < 0)
-		return errno == EINTR || errno == EAGAIN ? 1 : 0;
-	if (n == 0)
-		return 0;
-	put(to, buf, (size_t)n);
-	return 1;
-}
-
 static int wait_status(int st)
 {
 	if (WIFEXITED(st))
@@ -1726,6 +1729,72 @@ static int wait_status(int st)
 	if (WIFSIGNALED(st))
 		return 128 + WTERMSIG(st);
 	return 125;
+}
+
+/* Relay the workload's output (and the host's stdin, with -i) until it has exited and its output is
+ * drained; forward the signals this init gets to it. Returns its status as docker reports it. */
+static int relay_until_exit(struct stream *st, int sfd, pid_t main_pid, int out_r, int err_r)
+{
+	enum { SIG, OUT, ERR, PORT, INPUT, NFDS };
+	struct pollfd fds[NFDS] = {{sfd, POLLIN, 0}, {out_r, POLLIN, 0}, {err_r, POLLIN, 0}, {-1, POLLIN, 0},
+				   {-1, POLLOUT, 0}};
+	int status = 125, main_done = 0, killed = 0;
+	double drain_deadline = 0;
+	while (!main_done || fds[OUT].fd >= 0 || fds[ERR].fd >= 0) {
+		int timeout = -1;
+		if (main_done && !killed) {
+			/* Like docker when a container's main process exits: everyone else goes. The
+			 * kernel did that already when the workload was PID 1 of its namespace. */
+			kill(-1, SIGKILL);
+			killed = 1;
+			close_input(st);
+			drain_deadline = now() + DRAIN_SECONDS;
+		}
+		if (killed) {
+			double left = drain_deadline - now();
+			if (left <= 0)
+				break; /* something unkillable holds a pipe; do not wait forever */
+			timeout = (int)(left * 1000) + 1;
+		}
+		/* The port is read only when the last stdin bytes are taken, so a workload that does not
+		 * read its stdin holds the host's back, as a full pipe does. */
+		fds[PORT].fd = st->port >= 0 && !st->host_gone && st->pendlen == 0 ? st->port : -1;
+		fds[INPUT].fd = st->pendlen > 0 ? st->input : -1;
+		if (poll(fds, NFDS, timeout) < 0) {
+			if (errno == EINTR)
+				continue;
+			fatal("poll: %s", strerror(errno));
+		}
+		if (fds[SIG].revents & POLLIN) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+				int sig = (int)si.ssi_signo;
+				if (sig == SIGCHLD) {
+					int ws;
+					pid_t p;
+					while ((p = waitpid(-1, &ws, WNOHANG)) > 0)
+						if (p == main_pid) {
+							status = wait_status(ws);
+							main_done = 1;
+						}
+				} else if (!main_done) {
+					debug("forwarding signal %d", sig == SIGINT ? SIGTERM : sig);
+					kill(main_pid, sig == SIGINT ? SIGTERM : sig);
+				}
+			}
+		}
+		if (fds[PORT].fd >= 0 && fds[PORT].revents & (POLLHUP | POLLERR) && !(fds[PORT].revents & POLLIN))
+			st->host_gone = 1;
+		else if (fds[PORT].fd >= 0 && fds[PORT].revents)
+			stream_read(st);
+		stream_feed(st);
+		for (int i = OUT; i <= ERR; i++)
+			if (fds[i].fd >= 0 && fds[i].revents && !relay_output(st, fds[i].fd, i)) {
+				close(fds[i].fd);
+				fds[i].fd = -1; /* poll ignores negative fds */
+			}
+	}
+	return status;
 }
 
 #include "volumes.h"
@@ -1795,9 +1864,11 @@ __attribute__((noreturn)) static void stage2(void)
 	if (s.argc == 0)
 		fatal("no command specified");
 
-	int out[2], err[2];
-	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0)
-		fatal("pipe: %s", strerror(errno));
+	struct stream st;
+	stream_open(&st);
+	struct child_io io;
+	int out_r, err_r;
+	make_stdio(&s, &st, &io, &out_r, &err_r);
 	/* The next child, the workload, is PID 1 of a new PID namespace. Without PID namespaces
 	 * (a kernel built without them) it runs beside this init, as before. */
 	int pidns = unshare(CLONE_NEWPID) == 0;
@@ -1808,60 +1879,13 @@ __attribute__((noreturn)) static void stage2(void)
 	if (main_pid < 0)
 		fatal("fork: %s", strerror(errno));
 	if (main_pid == 0)
-		run_child(&s, &u, out[1], err[1], groups, ngroups, pidns);
-	close(out[1]);
-	close(err[1]);
-
-	struct pollfd fds[3] = {{sfd, POLLIN, 0}, {out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
-	int status = 125, main_done = 0, killed = 0;
-	double drain_deadline = 0;
-	while (!main_done || fds[1].fd >= 0 || fds[2].fd >= 0) {
-		int timeout = -1;
-		if (main_done && !killed) {
-			/* Like docker when a container's main process exits: everyone else goes. The
-			 * kernel did that already when the workload was PID 1 of its namespace. */
-			kill(-1, SIGKILL);
-			killed = 1;
-			drain_deadline = now() + DRAIN_SECONDS;
-		}
-		if (killed) {
-			double left = drain_deadline - now();
-			if (left <= 0)
-				break; /* something unkillable holds a pipe; do not wait forever */
-			timeout = (int)(left * 1000) + 1;
-		}
-		if (poll(fds, 3, timeout) < 0) {
-			if (errno == EINTR)
-				continue;
-			fatal("poll: %s", strerror(errno));
-		}
-		if (fds[0].revents & POLLIN) {
-			struct signalfd_siginfo si;
-			while (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
-				int sig = (int)si.ssi_signo;
-				if (sig == SIGCHLD) {
-					int st;
-					pid_t p;
-					while ((p = waitpid(-1, &st, WNOHANG)) > 0)
-						if (p == main_pid) {
-							status = wait_status(st);
-							main_done = 1;
-						}
-				} else if (!main_done) {
-					debug("forwarding signal %d", sig == SIGINT ? SIGTERM : sig);
-					kill(main_pid, sig == SIGINT ? SIGTERM : sig);
-				}
-			}
-		}
-		for (int i = 1; i <= 2; i++)
-			if (fds[i].fd >= 0 && fds[i].revents && !relay(fds[i].fd, i)) {
-				close(fds[i].fd);
-				fds[i].fd = -1; /* poll ignores negative fds */
-			}
-	}
+		run_child(&s, &u, &io, groups, ngroups, pidns);
+	close_child_io(&io);
+	int status = relay_until_exit(&st, sfd, main_pid, out_r, err_r);
 	while (waitpid(-1, NULL, WNOHANG) > 0)
 		;
 	debug("workload exited with status %d", status);
+	stream_exit(&st, status);
 	emit_exit(status);
 	power_off();
 }
