@@ -169,13 +169,13 @@ def plan(ctx: Context) -> Plan:
     modules = explicit.host_modules if explicit else _host_modules()
     modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
     content = content_bytes(image)
-    layout = _layout(options)
+    layout = plan_layout(options)
     disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES + layout.esp_bytes,
                      modules_entries + IMGCONV_ENTRIES)
     return Plan(run_spec(image, options.hostname), disk, volume_uuid(image), content, layout)
 
 
-def _layout(options: BuildOptions) -> PartitionLayout:
+def plan_layout(options: BuildOptions) -> PartitionLayout:
     """MBR for BIOS only; GPT with an EFI system partition sized for a --kernel/--initrd given (else the
     default fits the host's or an image's kernel with imgconv's initramfs)."""
     given = sum(path.stat().st_size for path in (options.kernel, options.initrd) if path is not None)
