@@ -21,8 +21,8 @@ mount namespace of its own where HOSTDIR is bind-mounted over itself and made re
 on the host, as in a ``:ro`` container. The guest mounts it read-only too, so the error comes at once.
 
 HOSTDIR must exist: Docker creates a missing one (as root, empty), which turns a typo into a new empty folder;
-imgconv refuses it instead (exit 2, before qemu starts). A relative HOSTDIR is taken from the current directory
-(there are no named volumes). GUESTDIR must be absolute; it is created in the guest when missing, with its
+imgconv refuses it instead (exit 2, before qemu starts). A relative HOSTDIR (starting with '.', as the docker
+CLI wants) is taken from the current directory; a bare name, a named volume to Docker, is refused. GUESTDIR must be absolute; it is created in the guest when missing, with its
 parents, as Docker does. Volumes are mounted parents first (as Docker sorts them), so one may sit inside another.
 
 virtiofsd never outlives imgconv: it is started with a parent-death signal (SIGKILL when imgconv goes, however it
@@ -90,7 +90,12 @@ def _guest_path(text: str, spec: str) -> str:
 
 
 def _host_dir(text: str, spec: str, cwd: Path) -> Path:
-    """HOSTDIR as an absolute path with its symlinks resolved; it must be an existing directory (module docstring)."""
+    """HOSTDIR as an absolute path with its symlinks resolved; it must be an existing directory (module docstring).
+    A relative one starts with '.', as the docker CLI wants it: a bare name is a named volume there, which imgconv
+    does not have, so it is refused rather than taken as a directory of that name."""
+    if not text.startswith(("/", ".")):
+        raise UsageError(f"-v {spec!r}: {text!r} would be a named volume in Docker, which imgconv does not have; "
+                         f"give a directory (./{text} for one in the current directory)")
     path = Path(os.path.realpath(cwd / text))
     try:
         st = path.stat()

@@ -43,7 +43,8 @@ def test_specs(tmp_path: Path) -> None:
     assert parse_volume(f"{real}:/data:ro") == Volume(real, "/data", True)
     assert parse_volume(f"{real}:/data:ro").mode == "ro"
     # relative HOSTDIR: from the current directory (no named volumes); symlinks resolved
-    assert parse_volume("real:/a", cwd=tmp_path).host == real
+    assert parse_volume("./real:/a", cwd=tmp_path).host == real
+    assert parse_volume("../real:/a", cwd=tmp_path / "link").host == real
     assert parse_volume("./link/:/a", cwd=tmp_path).host == real
     assert parse_volume(".:/a", cwd=real).host == real
     # GUESTDIR is cleaned as Docker cleans it
@@ -54,18 +55,22 @@ def test_specs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("spec", "message"), [
     ("", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not ''"),
     ("real", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not 'real'"),
+    ("real:/x", "-v 'real:/x': 'real' would be a named volume in Docker, which imgconv does not have; give a "
+                "directory (./real for one in the current directory)"),
+    ("real/sub:/x", "-v 'real/sub:/x': 'real/sub' would be a named volume in Docker, which imgconv does not have; "
+                    "give a directory (./real/sub for one in the current directory)"),
     (":/x", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not ':/x'"),
     ("real:", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not 'real:'"),
-    ("real:/x:ro:z", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not 'real:/x:ro:z'"),
-    ("real:/x:z", "-v 'real:/x:z': the mode is ro or rw, not 'z'"),
-    ("real:/x:", "-v 'real:/x:': the mode is ro or rw, not ''"),
-    ("real:x", "-v 'real:x': GUESTDIR 'x' must be an absolute path"),
-    ("real:./x", "-v 'real:./x': GUESTDIR './x' must be an absolute path"),
-    ("real:/", "-v 'real:/': GUESTDIR cannot be '/'"),
-    ("real:/a/..", "-v 'real:/a/..': GUESTDIR cannot be '/'"),
-    ("missing:/x", "-v 'missing:/x': HOSTDIR {tmp}/missing does not exist (imgconv does not create it, unlike "
+    ("./real:/x:ro:z", "-v takes HOSTDIR:GUESTDIR[:ro|:rw], not './real:/x:ro:z'"),
+    ("./real:/x:z", "-v './real:/x:z': the mode is ro or rw, not 'z'"),
+    ("./real:/x:", "-v './real:/x:': the mode is ro or rw, not ''"),
+    ("./real:x", "-v './real:x': GUESTDIR 'x' must be an absolute path"),
+    ("./real:./x", "-v './real:./x': GUESTDIR './x' must be an absolute path"),
+    ("./real:/", "-v './real:/': GUESTDIR cannot be '/'"),
+    ("./real:/a/..", "-v './real:/a/..': GUESTDIR cannot be '/'"),
+    ("./missing:/x", "-v './missing:/x': HOSTDIR {tmp}/missing does not exist (imgconv does not create it, unlike "
                    "docker: create it first)"),
-    ("file:/x", "-v 'file:/x': HOSTDIR {tmp}/file is not a directory (virtiofs shares directories only)"),
+    ("./file:/x", "-v './file:/x': HOSTDIR {tmp}/file is not a directory (virtiofs shares directories only)"),
 ])  # fmt: skip
 def test_bad_specs_are_one_line_usage_errors(spec: str, message: str, tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
