@@ -22,8 +22,9 @@ on the host, as in a ``:ro`` container. The guest mounts it read-only too, so th
 
 HOSTDIR must exist: Docker creates a missing one (as root, empty), which turns a typo into a new empty folder;
 imgconv refuses it instead (exit 2, before qemu starts). A relative HOSTDIR (starting with '.', as the docker
-CLI wants) is taken from the current directory; a bare name, a named volume to Docker, is refused. GUESTDIR must be absolute; it is created in the guest when missing, with its
-parents, as Docker does. Volumes are mounted parents first (as Docker sorts them), so one may sit inside another.
+CLI 23+ wants) is taken from the current directory; a bare name, a named volume to Docker, is refused. GUESTDIR
+must be absolute; it is created in the guest when missing, with its parents, as Docker does. Volumes are
+mounted parents first (as Docker sorts them), so one may sit inside another.
 
 virtiofsd never outlives imgconv: it is started with a parent-death signal (SIGKILL when imgconv goes, however it
 goes; its own inner process has SIGTERM for when it goes), in a session of its own (a terminal's Ctrl-C is for
