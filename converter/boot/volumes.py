@@ -3,9 +3,9 @@ bind mounts.
 
 Mechanism: virtiofs. Each volume is a ``vhost-user-fs-pci`` device served by its own ``virtiofsd`` (the C one
 qemu 7.2 ships as ``/usr/lib/qemu/virtiofsd``), and imgconv's guest init mounts it (``init/volumes.h``) before
-the workload starts, so ``-w`` may point inside a volume. virtiofs rather than 9p: it is what the Debian cloud
-kernel ships as a module (9p's virtio transport is there too, but slower, with weaker POSIX semantics: no
-coherent mmap, no correct ``O_APPEND`` from several writers), and it does what Docker's bind mounts do with
+the workload starts, so ``-w`` may point inside a volume. virtiofs rather than 9p: the Debian cloud kernel,
+the default guest kernel, has virtiofs as a module and no 9p at all (nor its virtio transport); virtiofs is also
+the faster of the two and closer to a local filesystem's semantics; and it does what Docker's bind mounts do with
 owners: virtiofsd runs as root and creates each file with the guest's uid/gid (fsuid/fsgid per request), so the
 host sees the guest user's numbers, as it sees a container's.
 
