@@ -1,21 +1,28 @@
 """`imgconv boot -v HOSTDIR:GUESTDIR[:ro|:rw]` judged by `docker run -v` of the same image on the test world's
 dockerd: the same output and exit code, and the same files with the same owners left in the host directories.
-Two boots: one judged by docker (two volumes, one read-only inside the other, -w inside a volume that creates
+Three boots: one judged by docker (two volumes, one read-only inside the other, -w inside a volume that creates
 it, a relative HOSTDIR, a user), one docker cannot judge (the guest's root remounts the read-only volume
-read-write and still cannot write: read-only is enforced on the host). A missing HOSTDIR is refused before
-qemu starts.
+read-write and still cannot write: read-only is enforced on the host), and one whose initramfs lacks virtiofs
+(refused by the init before the workload). A missing HOSTDIR is refused before qemu starts.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from converter.boot import initramfs
+from converter.boot.initbin import init_binary
+from converter.boot.network import NO_NETWORK
+from converter.boot.qemu import boot as qemu_boot
+from converter.boot.volumes import parse_volumes
 from tests.cli import Ran, assert_one_line_error
 from tests.integration.test_boot_run import boot, docker_run
+from tests.integration.test_guest_init import ROOT_UUID, Guest, _host_kernel, guest  # noqa: F401  (the init's disk)
 from tests.world import DockerWorld, FixtureImage
 
 pytestmark = [pytest.mark.boot, pytest.mark.appliance, pytest.mark.skipif(
@@ -92,3 +99,20 @@ def test_read_only_holds_against_the_guests_root(converted_disk: Callable[[str],
 
     missing = boot(converted_disk("busybox"), ["-v", f"{base}/nope:/x"])
     assert_one_line_error(missing, f"{base}/nope does not exist")
+
+
+def test_a_kernel_without_virtiofs_stops_the_init_before_the_workload(
+        guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """An initramfs without virtiofs (a kernel that lacks it): the init refuses -v in one line, the workload never
+    runs without its volume."""
+    monkeypatch.setattr(initramfs, "BOOT_MODULES", tuple(m for m in initramfs.BOOT_MODULES if m != "virtiofs"))
+    _kernel, release = _host_kernel()
+    initrd = tmp_path / "initramfs.img"
+    initrd.write_bytes(initramfs.build_initramfs(release, Path("/lib/modules") / release, init_binary()))
+    out, err = io.BytesIO(), io.StringIO()
+    append = f"console=ttyS0 root=UUID={ROOT_UUID} imgconv.spec=/.imgconv/specs/basics quiet panic=-1 no_timer_check"
+    result = qemu_boot(guest.disk, timeout=90, verbose=False, stdout=out, stderr=err, network=NO_NETWORK,
+                       direct_kernel=(guest.kernel, initrd, append), volumes=parse_volumes([f"{tmp_path}:/v"]))
+    assert (result.status, out.getvalue()) == (125, b""), result.message
+    assert result.message.startswith("the guest init failed before starting the workload: --volume needs the kernel's "
+                                     "virtiofs filesystem")
