@@ -35,6 +35,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shlex
 import socket
 import subprocess
@@ -47,6 +48,7 @@ from typing import BinaryIO, TextIO
 
 from converter.boot.accel import QEMU, Accel, choose_accel
 from converter.boot.console import ConsoleSink
+from converter.boot.lifeline import die_with
 from converter.boot.network import NETWORK_FW_CFG, USER_NETWORK, Network
 from converter.boot.qmp import QmpLink
 from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
@@ -247,8 +249,7 @@ def prepare_overlay(ctx: Context) -> Scratch:
 
 
 def prepare_run(ctx: Context) -> GuestRun:
-    """The overrides as the guest init reads them, and the --state file checked (or created): part of
-    ``start-vm``, as what the VM is started with."""
+    """The overrides as the guest init reads them, and the --state file checked (or created)."""
     request, scratch = ctx[REQUEST], ctx[prepare_overlay]
     run_spec = None
     if not request.overrides.empty:
@@ -261,9 +262,10 @@ def prepare_run(ctx: Context) -> GuestRun:
 @contextlib.contextmanager
 def _qemu_process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     log.debug("run: %s", shlex.join(argv))
-    # A session of its own: a terminal's ctrl-C reaches us, and we stop the guest properly.
+    # A session of its own: a terminal's ctrl-C reaches us, and we stop the guest properly. It dies with us, even
+    # when we are SIGKILLed (converter.boot.lifeline).
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with(os.getpid()))
     try:
         yield proc
     finally:
@@ -283,7 +285,7 @@ def _top(ctx: Context, guest: GuestRun) -> Path:
 def start_vm(ctx: Context) -> RunningVm:
     request, disk, scratch = ctx[REQUEST], ctx[open_safely], ctx[prepare_overlay]
     accel = choose_accel()
-    guest = prepare_run(ctx)
+    guest = ctx[prepare_run]
     checked = ctx.enter(pinned(disk))
     firmware = firmware_args(request.firmware or disk_firmware(disk, checked, scratch.qmp_socket.parent))
     argv = qemu_argv(
@@ -291,8 +293,7 @@ def start_vm(ctx: Context) -> RunningVm:
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
         run_spec=guest.run_spec, stream_socket=scratch.stream_socket,
-        volumes=ctx.enter(serve_volumes(request.volumes, scratch.qmp_socket.parent, request.memory_mib))
-        if request.volumes else (),
+        volumes=ctx[share_volumes],
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
     if request.verbose:
@@ -301,6 +302,14 @@ def start_vm(ctx: Context) -> RunningVm:
     stream = ctx.enter(contextlib.closing(StreamLink(_listen(ctx, scratch.stream_socket), _stdio(request))))
     proc = ctx.enter(_qemu_process(argv))
     return RunningVm(proc, ctx.enter(contextlib.closing(QmpLink(qmp))), stream)
+
+
+def share_volumes(ctx: Context) -> list[str]:
+    """``-v``: a virtiofsd per volume, listening before qemu starts; qemu's arguments for them (none without)."""
+    request, scratch = ctx[REQUEST], ctx[prepare_overlay]
+    if not request.volumes:
+        return []
+    return ctx.enter(serve_volumes(request.volumes, scratch.qmp_socket.parent, request.memory_mib))
 
 
 def _listen(ctx: Context, path: Path | None) -> socket.socket:
@@ -345,10 +354,12 @@ def run_workload(ctx: Context) -> BootResult:
     request.stderr.flush()
     result = _result(outcome, console, request.limits.timeout)
     wanted = [flag for flag, on in (("-i", request.overrides.interactive),
-                                    ("-t", request.overrides.tty_size is not None)) if on]
+                                    ("-t", request.overrides.tty_size is not None),
+                                    ("-v", bool(request.volumes))) if on]  # an init without the hello lacks volumes.h
     if wanted and vm.stream is not None and not vm.stream.hello and console.decoder.started:
         return BootResult(EXIT_NO_STATUS, result.workload_status, message=(
-            f"{' and '.join(wanted)} need a disk made by a newer imgconv (its init relays stdio over a port); "
+            f"{' and '.join(wanted)} need a disk made by a newer imgconv (its init relays stdio over a port and "
+            "mounts volumes); "
             "convert the image again"))
     return result
 
@@ -358,7 +369,11 @@ BOOT: Pipeline[BootResult] = Pipeline(
     (
         Step("open-disk", "checking the disk", open_safely, needs=(REQUEST,)),
         Step("prepare-overlay", "preparing a throwaway overlay", prepare_overlay, needs=(REQUEST, open_safely)),
-        Step("start-vm", "starting the VM", start_vm, needs=(REQUEST, open_safely, prepare_overlay)),
+        Step("prepare-run", "preparing the run's options and state", prepare_run,
+             needs=(REQUEST, open_safely, prepare_overlay)),
+        Step("share-volumes", "sharing the volumes", share_volumes, needs=(REQUEST, prepare_overlay)),
+        Step("start-vm", "starting the VM", start_vm,
+             needs=(REQUEST, open_safely, prepare_overlay, prepare_run, share_volumes)),
         Step("run-workload", "running the workload", run_workload, needs=(REQUEST, start_vm)),
     ),
     result=run_workload,

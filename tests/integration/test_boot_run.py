@@ -6,6 +6,7 @@ disk's, and the disk is never written. One converted disk per image for the sess
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -152,3 +153,35 @@ def test_stop_timeout_powers_off_a_workload_that_ignores_sigterm(converted_disk:
         proc.communicate()
     assert code in (130, 137)
     assert took < 6, f"stopped {took:.1f} s after SIGINT; --stop-timeout 1"
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found.add(int(child))
+                    todo.append(int(child))
+    return found
+
+
+def test_no_qemu_outlives_a_killed_imgconv(converted_disk: Callable[[str], Path]) -> None:
+    """SIGKILL leaves imgconv no chance to clean up: qemu (started with a parent-death signal) goes with it."""
+    proc = start("boot", "--network", "none", "--entrypoint", "/bin/sh", str(converted_disk("busybox")),
+                 "-c", "echo ready; while :; do sleep 0.1; done")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        children = _descendants(proc.pid)
+        assert any(Path(f"/proc/{pid}/exe").resolve().name.startswith("qemu") for pid in children), children
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while (alive := {pid for pid in children if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"still running after imgconv was killed: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
