@@ -168,10 +168,15 @@ def qemu_args(sockets: Sequence[Path], memory_mib: int, config: Path) -> list[st
     return [*argv, "-fw_cfg", f"name={VOLUMES_FW_CFG},file={_opt(config)}"]
 
 
+def _fuse_opt(value: Path) -> str:
+    """A value inside virtiofsd's ``-o`` list (libfuse's fuse_opt): commas and backslashes are escaped."""
+    return str(value).replace("\\", "\\\\").replace(",", "\\,")
+
+
 def virtiofsd_argv(volume: Volume, sock: Path) -> list[str]:
     """virtiofsd for one volume: sandboxed in namespaces, pivot_rooted into HOSTDIR (module docstring)."""
-    return [str(VIRTIOFSD), f"--socket-path={sock}", "-o", f"source={volume.host}", "-o", "sandbox=namespace",
-            "-o", "cache=auto", "-o", "log_level=info"]
+    return [str(VIRTIOFSD), f"--socket-path={sock}", "-o", f"source={_fuse_opt(volume.host)}",
+            "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "log_level=info"]
 
 
 def check_host() -> None:

@@ -27,6 +27,7 @@ from converter.boot.volumes import (
     qemu_args,
     serve,
     tag,
+    virtiofsd_argv,
 )
 from converter.errors import EXIT_USAGE, UsageError
 from tests.cli import assert_one_line_error, imgconv
@@ -106,6 +107,13 @@ def test_guest_list_and_qemu_arguments(tmp_path: Path) -> None:
         "-device", "vhost-user-fs-pci,chardev=imgconv-vol1,tag=imgconv1",
         "-fw_cfg", "name=opt/imgconv/volumes,file=/t/volumes",
     ]  # fmt: skip
+
+
+def test_virtiofsd_arguments_escape_its_option_list() -> None:
+    """HOSTDIR goes inside virtiofsd's comma-separated -o list: a comma in it must not start another option."""
+    argv = virtiofsd_argv(Volume(Path("/a,b\\c"), "/x"), Path("/t/s.sock"))
+    assert argv[:4] == [str(VIRTIOFSD), "--socket-path=/t/s.sock", "-o", "source=/a\\,b\\\\c"]
+    assert "sandbox=namespace" in argv
 
 
 def test_a_boot_without_volumes_is_unchanged() -> None:
