@@ -43,7 +43,6 @@ import contextlib
 import ctypes
 import os
 import posixpath
-import signal
 import stat
 import struct
 import subprocess
@@ -52,6 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from converter.boot.lifeline import die_with, libc
 from converter.errors import MissingToolError, ToolError, UsageError, one_line
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -100,9 +100,9 @@ def _host_dir(text: str, spec: str, cwd: Path) -> Path:
     path = Path(os.path.realpath(cwd / text))
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise UsageError(f"-v {spec!r}: HOSTDIR {path} does not exist (imgconv does not create it, unlike docker: "
-                         "create it first)") from None
+                         "create it first)") from exc
     except OSError as exc:
         raise UsageError(f"-v {spec!r}: cannot use HOSTDIR {path}: {exc.strerror}") from exc
     if not stat.S_ISDIR(st.st_mode):
@@ -191,7 +191,6 @@ def check_host() -> None:
 
 # ------------------------------------------------------------------------------------------ virtiofsd --
 
-_PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 1 << 18
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture
@@ -199,16 +198,13 @@ _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _child_setup(parent: int, read_only: Path | None) -> Callable[[], None]:
     """What virtiofsd's process does between fork and exec (everything resolved beforehand: after a fork only
     this thread exists). Dies with imgconv; for a read-only volume, a private mount namespace where HOSTDIR is a
     read-only bind of itself. A failure is written to the log (stderr is already there) and ends the child."""
-    libc = _libc()
-    prctl, unshare, mount, syscall = libc.prctl, libc.unshare, libc.mount, libc.syscall
+    arm = die_with(parent)
+    c = libc()
+    unshare, mount, syscall = c.unshare, c.mount, c.syscall
     source = None if read_only is None else os.fsencode(read_only)
     attr = ctypes.create_string_buffer(struct.pack("=QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0), 32)
 
@@ -217,10 +213,7 @@ def _child_setup(parent: int, read_only: Path | None) -> Callable[[], None]:
         os._exit(126)
 
     def setup() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            fail("cannot tie virtiofsd to imgconv (prctl)")
-        if os.getppid() != parent:  # imgconv went before the signal was armed
-            os._exit(126)
+        arm()
         if source is None:
             return
         if unshare(_CLONE_NEWNS) != 0:
