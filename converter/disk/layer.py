@@ -20,6 +20,7 @@ from converter.disk.inspect import Opened, exclude_patterns
 from converter.errors import DiskError, LayerError
 from converter.guest import BOOT_TREES, RESERVED, RUNTIME_DIRS
 from converter.oci.flatten import whiteout_of
+from converter.oci.tarread import TarReader
 from converter.oci.tarutil import (
     clean_header,
     forget_members,
@@ -66,7 +67,7 @@ def filter_for(opened: Opened, keep_boot: bool) -> Filter:
     return result
 
 
-def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+def tar_members(stream: BinaryIO) -> Iterator[tuple[tarfile.TarInfo, TarReader]]:
     """The disk's tar-out stream, bounded as layers are (special headers, name lengths): the disk is untrusted."""
     try:
         tar = open_reader(stream)

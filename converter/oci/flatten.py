@@ -33,10 +33,14 @@ from typing import IO, BinaryIO, Protocol, cast
 
 from converter.errors import LayerError
 from converter.oci.image import LayerInput
+from converter.oci.tarread import Entry, TarReader
 from converter.oci.tarutil import check_header, clean_header, normalize_name, parents, read_members
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+
+# What sparse files' holes may add to the output beyond a quarter of the layer bytes read (see Flattener._content).
+SPARSE_SLACK = 1 << 20
 
 DIR = "dir"
 NONDIR = "nondir"
@@ -123,6 +127,8 @@ class Flattener:
     def __init__(self, out: TarSink, on_bytes: Callable[[int], None] | None = None) -> None:
         self.out = out
         self.on_bytes = on_bytes
+        self.read_bytes = 0  # of layer, both reads
+        self.holes = 0  # bytes of sparse files' holes written out
         self.tree = FlatTree()
         self.explicit: dict[str, str] = {}  # path -> kind, kept from newer layers
         self.whiteouts: set[str] = set()
@@ -163,8 +169,32 @@ class Flattener:
         return self.tree
 
     def _members(self, stream: BinaryIO, what: str, *, count: bool = True
-                 ) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-        return read_members(cast(BinaryIO, _Counting(stream, self.on_bytes if count else None)), what)
+                 ) -> Iterator[tuple[tarfile.TarInfo, TarReader]]:
+        return read_members(cast(BinaryIO, _Counting(stream, self._counted if count else self._recounted)), what)
+
+    def _counted(self, n: int) -> None:
+        self.read_bytes += n
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def _recounted(self, n: int) -> None:
+        self.read_bytes += n  # a second read costs like the first: it earns its sparse files' holes too
+
+    def _content(self, tar: TarReader, member: tarfile.TarInfo, what: str, path: str) -> IO[bytes] | None:
+        """The data of a regular file; a sparse file's holes are spent from the budget (SPARSE_SLACK, and a
+        quarter of the layer bytes read so far): the disk is sized from the layers, and holes take disk, time
+        and output that the layer does not."""
+        if not member.isreg():
+            return None
+        if isinstance(member, Entry) and member.runs is not None:
+            holes = member.size - member.stored
+            budget = self.read_bytes // 4 + SPARSE_SLACK - self.holes
+            if holes > budget:
+                raise LayerError(f"{what}: the sparse file {path!r} has {holes} bytes of holes; imgconv expands "
+                                 f"holes up to a quarter of the layer bytes read before them plus "
+                                 f"{SPARSE_SLACK >> 20} MiB ({budget} bytes left)")
+            self.holes += holes
+        return cast(IO[bytes], _Content(tar.extractfile(member), member.size, what, path))
 
     def _layer(self, layer: LayerInput) -> None:
         state = _Layer(layer.what)
@@ -179,7 +209,7 @@ class Flattener:
             self._reread_for_links(layer, state)
         self._merge(state)
 
-    def _entry(self, state: _Layer, member: tarfile.TarInfo, tar: tarfile.TarFile, ordinal: int) -> None:
+    def _entry(self, state: _Layer, member: tarfile.TarInfo, tar: TarReader, ordinal: int) -> None:
         what = state.what
         path = normalize_name(member.name, what)
         if not path:
@@ -262,7 +292,7 @@ class Flattener:
         if superseded is not None:
             superseded.cancelled = True  # an earlier link of this layer at path: this entry replaces it
 
-    def _write(self, state: _Layer, member: tarfile.TarInfo, path: str, tar: tarfile.TarFile) -> None:
+    def _write(self, state: _Layer, member: tarfile.TarInfo, path: str, tar: TarReader) -> None:
         check_header(member, path, state.what)
         info = clean_header(member, path)
         self._keep(state, path, _kind(member))
@@ -274,7 +304,7 @@ class Flattener:
             self.tree.dirs[path] = info
         else:
             self.tree.dirs.pop(path, None)
-        self._add(info, _content(tar, member, state.what, path))
+        self._add(info, self._content(tar, member, state.what, path))
 
     def _add(self, info: tarfile.TarInfo, data: IO[bytes] | None) -> None:
         self.out.addfile(info, data)
@@ -395,7 +425,7 @@ class Flattener:
                 links = state.waiting.pop(ordinal, None)
                 if links:
                     path = normalize_name(member.name, layer.what)
-                    self._emit_copies(links, member, _content(tar, member, layer.what, path))
+                    self._emit_copies(links, member, self._content(tar, member, layer.what, path))
                 if not state.waiting:
                     break
         if state.waiting:
@@ -423,13 +453,6 @@ class Flattener:
                 self.beneath[path] = state.what
         self.whiteouts |= state.whiteouts
         self.opaque |= state.opaque
-
-
-def _content(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str, path: str) -> IO[bytes] | None:
-    if not member.isreg():
-        return None
-    data = tar.extractfile(member)
-    return cast(IO[bytes], _Content(data, member.size, what, path)) if data is not None else None
 
 
 class _Content(io.RawIOBase):

@@ -11,9 +11,9 @@ layers `vm-to-oci` writes.
 - Extended attributes travel as ``SCHILY.xattr.`` PAX records, escaped as GNU tar (the appliance's
   tar) expects them.
 - Streams are written and read without keeping every header: memory does not grow with file count.
-- Reading is bounded whatever the headers declare: one entry's special headers (PAX records, GNU long
-  names, sparse maps) at 1 MiB each and 2 MiB together (Go's archive/tar caps each at 1 MiB), names and
-  link targets at PATH_MAX.
+- Reading follows Go's archive/tar (:mod:`converter.oci.tarread`), which Docker parses layers with, and is
+  bounded whatever the headers declare: one entry's special headers (PAX records, GNU long names, sparse
+  maps) at 1 MiB each and 2 MiB together, names and link targets at PATH_MAX, name components at NAME_MAX.
 """
 
 from __future__ import annotations
@@ -23,27 +23,31 @@ import re
 import tarfile
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from _typeshed import SupportsRead
 
 from converter.errors import LayerError
-
-# tarfile's block size for streams: large reads keep the per-call overhead small.
-BUFSIZE = 1 << 20
+from converter.oci.tarread import (  # noqa: F401  (HeaderLimitError: for callers that tell bounds apart)
+    BUFSIZE,
+    MAX_SPECIAL_HEADER,
+    Entry,
+    HeaderLimitError,
+    TarFormatError,
+    TarReader,
+)
 
 MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
+MAX_ID = 2**32 - 1  # uid_t and gid_t are 32 bits
 
-# What one entry's special headers (PAX records, GNU long names, sparse maps) may hold: Go's archive/tar
-# refuses special headers over 1 MiB too. Without a bound tarfile reads them whole, whatever they declare.
-MAX_SPECIAL_HEADER = 1 << 20
 PATH_MAX = 4096  # Linux's: no name or link target in a layer can be longer and still be extracted
+NAME_MAX = 255  # Linux's: no file name (a path component) can be longer
 
 
-def forget_members(tar: tarfile.TarFile) -> None:
+def forget_members(tar: tarfile.TarFile | TarReader) -> None:
     """Drop the headers ``TarFile`` keeps for listing, so memory does not grow with the file count."""
-    tar.members.clear()  # type: ignore[attr-defined]  # (undeclared in typeshed, public in CPython)
+    tar.members.clear()  # type: ignore[union-attr]  # (undeclared in typeshed for TarFile, public in CPython)
 
 
 class StreamingTarFile(tarfile.TarFile):
@@ -68,97 +72,9 @@ def abandon_output(tar: tarfile.TarFile) -> None:
     tar.closed = True  # type: ignore[attr-defined]  # TarFile's own flag, set by close()
 
 
-class HeaderLimitError(tarfile.TarError):
-    """A tar header imgconv will not read: its size, or the number of headers before one entry, is out of bounds."""
-
-
-_SPECIAL = {tarfile.GNUTYPE_LONGNAME: "GNU long name", tarfile.GNUTYPE_LONGLINK: "GNU long link name",
-            tarfile.XHDTYPE: "PAX", tarfile.XGLTYPE: "global PAX", tarfile.SOLARIS_XHDTYPE: "PAX"}
-# All the header bytes one entry may cost (a PAX record and a long name at their largest, and their blocks),
-# and how many headers may precede it (tarfile follows a chain of them by recursion).
-_ENTRY_BUDGET = 2 * MAX_SPECIAL_HEADER + 64 * tarfile.BLOCKSIZE
-_MAX_CHAIN = 32
-
-
-class _Guard:
-    """The stream under a tar reader. While a header is parsed, reads are counted against a budget and a read
-    beyond it is refused before it happens (tarfile would allocate the whole declared size first)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.budget: int | None = None
-        self.headers = 0
-        self.globals_read = False
-
-    def __getattr__(self, name: str) -> Any:  # tell, seek, close: the stream's own
-        return getattr(self.inner, name)
-
-    def seek(self, pos: int) -> int:
-        """Skip forward to *pos* by reading, as tarfile's stream does, but stop at the end of the data: tarfile
-        would go on asking for one block per MiB an entry declares (a size of 2**63 on a whiteout: days)."""
-        here: int = self.inner.tell()
-        if pos <= here:
-            return int(self.inner.seek(pos))
-        while here < pos:
-            chunk = self.inner.read(min(pos - here, BUFSIZE))
-            if not chunk:
-                raise tarfile.ReadError("unexpected end of data")
-            here += len(chunk)
-        return here
-
-    def read(self, size: int) -> bytes:
-        if self.budget is not None:
-            if size < 0 or size > self.budget:
-                raise HeaderLimitError(f"the headers of one entry take more than {_ENTRY_BUDGET >> 20} MiB")
-            self.budget -= size
-        data: bytes = self.inner.read(size)
-        return data
-
-
-class _BoundedInfo(tarfile.TarInfo):
-    """Refuses a special header by its declared size, before tarfile reads its contents whole."""
-
-    @classmethod
-    def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
-        guard = cast(_Guard, archive.fileobj)
-        guard.headers += 1
-        if guard.headers > _MAX_CHAIN:
-            raise HeaderLimitError(f"more than {_MAX_CHAIN} headers for one entry")
-        return super().fromtarfile(archive)
-
-    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
-        kind = _SPECIAL.get(self.type)
-        if kind is not None and not 0 <= self.size <= MAX_SPECIAL_HEADER:
-            raise HeaderLimitError(f"a {kind} header of {self.size} bytes; "
-                                   f"imgconv reads special headers of at most {MAX_SPECIAL_HEADER >> 20} MiB")
-        if self.type == tarfile.XGLTYPE:
-            cast(_Guard, archive.fileobj).globals_read = True
-        member: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]  # (not in typeshed)
-        return member
-
-
-class _BoundedReader(tarfile.TarFile):
-    """A tar reader whose memory does not follow what headers declare (see :class:`_Guard`)."""
-
-    tarinfo = _BoundedInfo
-
-    def next(self) -> tarfile.TarInfo | None:
-        guard = self.fileobj
-        if not isinstance(guard, _Guard):
-            guard = self.fileobj = _Guard(guard)
-        guard.budget, guard.headers, guard.globals_read = _ENTRY_BUDGET, 0, False
-        try:
-            member = super().next()
-        finally:
-            guard.budget = None
-        if guard.globals_read and sum(len(k) + len(v) for k, v in self.pax_headers.items()) > MAX_SPECIAL_HEADER:
-            raise HeaderLimitError(f"global PAX headers of more than {MAX_SPECIAL_HEADER >> 20} MiB")
-        return member
-
-
 def _byte_length(text: str) -> int:
     try:
-        return len(text.encode("utf-8", "surrogateescape"))  # tarfile's own decoding, undone
+        return len(text.encode("utf-8", "surrogateescape"))  # the reader's own decoding, undone
     except UnicodeEncodeError:
         return len(text.encode("utf-8", "surrogatepass"))
 
@@ -167,43 +83,39 @@ def _check_names(member: tarfile.TarInfo, what: str) -> None:
     for kind, name in (("name", member.name), ("link target", member.linkname)):
         if _byte_length(name) > PATH_MAX:
             raise LayerError(f"{what}: the {kind} {name[:48]!r}... is longer than {PATH_MAX} bytes (PATH_MAX)")
+    for part in member.name.split("/"):
+        if _byte_length(part) > NAME_MAX:
+            raise LayerError(f"{what}: the name {member.name[:48]!r}... has a component longer than {NAME_MAX} bytes "
+                             "(NAME_MAX): no Linux filesystem can hold it")
 
 
-def open_reader(stream: BinaryIO) -> tarfile.TarFile:
-    """A streaming tar reader bounded as :class:`_BoundedReader` is; errors are :class:`tarfile.TarError`
-    (:class:`HeaderLimitError` for what exceeds a bound), for callers that map them to their own."""
-    return _BoundedReader.open(fileobj=stream, mode="r|", bufsize=BUFSIZE)
+def open_reader(stream: BinaryIO, size: int | None = None) -> TarReader:
+    """A streaming tar reader that reads as Go's archive/tar does, in bounded memory (:mod:`converter.oci.tarread`);
+    errors are :class:`tarfile.TarError` (:class:`HeaderLimitError` for what exceeds a bound), for callers that map
+    them to their own."""
+    return TarReader(stream, size)
 
 
-def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[Entry, TarReader]]:
     """Each member of the tar *stream* with the reader its data comes from, in bounded memory.
 
-    A zero-length stream is an empty archive; anything tarfile cannot parse, special headers beyond
-    :data:`MAX_SPECIAL_HEADER` and names beyond :data:`PATH_MAX` are a :class:`LayerError` naming *what*.
+    A zero-length stream is an empty archive; what Go's archive/tar refuses, special headers beyond
+    :data:`MAX_SPECIAL_HEADER`, names beyond :data:`PATH_MAX` and components beyond :data:`NAME_MAX` are a
+    :class:`LayerError` naming *what*.
     """
-    try:
-        tar = open_reader(stream)
-    except HeaderLimitError as exc:
-        raise LayerError(f"{what}: {exc}") from exc
-    except (tarfile.TarError, EOFError, ValueError) as exc:  # tarfile lets some ValueErrors out
-        if "empty file" in str(exc):
-            return  # a zero-length layer is an empty layer
-        raise LayerError(f"{what}: not a tar archive: {exc}") from exc
-    try:
-        while True:
-            try:
-                member = tar.next()
-            except HeaderLimitError as exc:
-                raise LayerError(f"{what}: {exc}") from exc
-            except (tarfile.TarError, EOFError, ValueError) as exc:
-                raise LayerError(f"{what}: malformed tar: {exc}") from exc
-            if member is None:
-                break
-            _check_names(member, what)
-            yield member, tar
-            forget_members(tar)
-    finally:
-        tar.close()
+    tar = open_reader(stream)
+    read = 0
+    while True:
+        try:
+            member = tar.next()
+        except TarFormatError as exc:
+            first = not read and str(exc).startswith("invalid tar header at byte 0:")
+            raise LayerError(f"{what}: {'not a tar archive: ' if first else ''}{exc}") from exc
+        if member is None:
+            return
+        read += 1
+        _check_names(member, what)
+        yield member, tar
 
 
 # -- names ---------------------------------------------------------------------------------------------
@@ -322,6 +234,15 @@ def check_header(member: tarfile.TarInfo, path: str, what: str) -> None:
     """Values a tar header can hold but an extractor would refuse (or tarfile could not write)."""
     if member.uid < 0 or member.gid < 0:
         raise LayerError(f"{what}: {path!r} has a negative owner ({member.uid}:{member.gid})")
+    if member.uid > MAX_ID or member.gid > MAX_ID:  # Docker's chown would truncate them, GNU tar refuses them
+        raise LayerError(f"{what}: {path!r} has an owner no Linux file can have ({member.uid}:{member.gid})")
+    for key in member.pax_headers:
+        if key.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) and not key.isascii():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise LayerError(f"{what}: {path!r} has an extended attribute whose name is not UTF-8 "
+                                 f"({key[:60]!r}); imgconv cannot write it into a PAX header") from exc
     if (member.ischr() or member.isblk()) and not (
             0 <= member.devmajor <= MAX_DEVICE and 0 <= member.devminor <= MAX_DEVICE):
         raise LayerError(f"{what}: device {path!r} has out-of-range numbers {member.devmajor},{member.devminor}")

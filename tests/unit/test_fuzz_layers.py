@@ -25,7 +25,6 @@ capped: see tests/builders/fuzzing.py. HYPOTHESIS_PROFILE=fuzz (`make fuzz`) run
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,7 +41,6 @@ from tests.builders.flattening import Node, NotExtractable, extract, inputs
 from tests.builders.fuzzing import (
     CappedSink,
     Outcome,
-    OutputTooLarge,
     Unbounded,
     bounded,
     examples,
@@ -345,14 +343,6 @@ def _owned(key: str, value: int) -> Op:
     return _file(**{key: value}, invalid=invalid)
 
 
-def _python_int(text: str) -> int:
-    """What tarfile makes of a PAX number: Python's int(), 0 where that fails."""
-    try:
-        return int(text)
-    except ValueError:
-        return 0
-
-
 def _go_int(text: str) -> int | None:
     """What Go's strconv.ParseInt(text, 10, 64) makes of it (None: an error, so archive/tar's ErrHeader)."""
     body = text[1:] if text[:1] in "+-" else text
@@ -364,34 +354,6 @@ def _go_int(text: str) -> int | None:
 
 _NUMBER_TEXTS = ["abc", "", " 7", "7 ", "7_0", "\u0667", "0x7", "7.0", "+7", "-1", "99999999999999999999",
                  "4294967296", "1000"]
-
-
-def _raised(types: tuple[type[BaseException], ...], needle: str) -> Callable[[Outcome], bool]:
-    def check(outcome: Outcome) -> bool:
-        return isinstance(outcome.error, types) and needle in str(outcome.error)
-
-    return check
-
-
-def _unextractable(needle: str) -> Callable[[Outcome], bool]:
-    def check(outcome: Outcome) -> bool:
-        if outcome.error is not None:
-            return False
-        try:
-            extract(outcome.value[0])
-        except NotExtractable as exc:
-            return needle in str(exc)
-        return False
-
-    return check
-
-
-def _target_cut_at_nul(outcome: Outcome) -> bool:
-    """The symlink `h -> t\\0x` came out as `h -> t` (while flatten's summary keeps `t\\0x`)."""
-    if outcome.error is not None:
-        return False
-    node = extract(outcome.value[0])[0].get("h")
-    return node is None or (node.kind, node.linkname) == ("symlink", "t")
 
 
 @st.composite
@@ -421,8 +383,7 @@ def hostile_names(draw: st.DrawFn) -> Hostile:
     if choice == "component":  # Linux's NAME_MAX: no filesystem can hold a longer name, Docker's extraction fails
         name = ("c" * 256).encode()
         return Hostile(choice, _bytes(Member(name, data=b"xyz"), draw(encodings)), (REFUSED,),
-                       bug="test_a_name_component_longer_than_name_max_is_refused",
-                       buggy=(means(_file(name.decode())),))
+                       )
     if choice == "whiteout-dot":
         name = draw(st.sampled_from([b".wh..", b".wh...", b"a/.wh..", b"a/.wh..."]))
         return Hostile(choice, _bytes(Member(name)), (REFUSED,))
@@ -435,8 +396,7 @@ def hostile_names(draw: st.DrawFn) -> Hostile:
         name = draw(st.sampled_from([b"user.\xff", b"user.\x80x", b"\xffuser.a"]))
         data = _with_pax(Member(b"h", data=b"xyz"), (b"SCHILY.xattr." + name, b"v"))
         meant = _file(xattrs=((name.decode("utf-8", "surrogateescape"), "v"),))
-        return Hostile(choice, data, (REFUSED, means(meant)), bug="test_an_xattr_name_that_is_not_utf8_is_not_a_crash",
-                       buggy_outcome=_raised((UnicodeEncodeError,), "surrogates not allowed"))
+        return Hostile(choice, data, (REFUSED, means(meant)))
     # a regular file whose PAX path ends in a slash is still that file (tarfile and Go both drop the slash)
     return Hostile(choice, _with_pax(Member(b"h", data=b"xyz"), (b"path", b"h/")), (means(_file("h")),))
 
@@ -450,28 +410,19 @@ def hostile_numbers(draw: st.DrawFn) -> Hostile:
         data = _with_pax(Member(b"h", data=b"xyz"), (b"size", text.encode()))
         go = _go_int(text) if text else 3  # Go keeps the ustar size for an empty record
         correct = (means(_file()),) if go == 3 else (REFUSED,)
-        py = _python_int(text)
-        if py == go:
-            return Hostile(choice, data, correct)
-        wrong = means(_file()) if py == 3 else means(_file(content=b""), truncates=True)
-        return Hostile(choice, data, correct, bug="test_a_pax_size_that_is_not_a_number_is_refused", buggy=(wrong,))
+        return Hostile(choice, data, correct)
     if choice == "negative-size":
         size = -draw(st.sampled_from([1, 2, 511, 512, 2**40]))
         member = header({"name": b"h", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                          "size": base256(size, 12), "mtime": octal(MTIME, 12), "type": tarfile.REGTYPE,
                          "magic": GNU_MAGIC}) + pad(b"xyz")
-        # Today: the copy of a kept file raises OSError (-1); a hidden one's data is not skipped (-1 to -511 round
-        # to no blocks), so its data is read as the next header, which ends the layer silently.
-        return Hostile(choice, member, (REFUSED,), bug="test_a_negative_size_is_a_layer_error",
-                       buggy_outcome=_raised((OSError,), "unexpected end of data"),
-                       buggy=(means(truncates=True), means(_file(), truncates=True)))
-    if choice == "huge-size":  # the data ends long before: refused when read, the layer ends there when not
+        return Hostile(choice, member, (REFUSED,))
+    if choice == "huge-size":  # the data ends long before: refused, whether the data is read or skipped
         # (skipping the data of an entry the flattener does not read stops at the end of the stream, however much
         # it declares: test_a_huge_size_on_an_entry_that_is_not_read_is_refused_at_once)
         size = draw(st.sampled_from([10**10, 10**12, 2**63 - 1]))
         data = _with_pax(Member(b"h", data=b"xyz"), (b"size", str(size).encode()))
-        return Hostile(choice, data, (REFUSED,), bug="test_a_layer_cut_short_is_refused",
-                       buggy=(means(truncates=True), means(_file(), truncates=True)))
+        return Hostile(choice, data, (REFUSED,))
     if choice == "pax-owner":
         key = draw(st.sampled_from(["uid", "gid"]))
         text = draw(st.sampled_from(_NUMBER_TEXTS))
@@ -480,37 +431,20 @@ def hostile_numbers(draw: st.DrawFn) -> Hostile:
         data = _with_pax(member, (key.encode(), text.encode()))
         go = _go_int(text) if text else ustar
         correct = REFUSED if go is None else means(_owned(key, go))
-        py = _python_int(text)
-        if go == py and py < 2**32:  # (a negative one is refused where it is written, as it should)
-            return Hostile(choice, data, (correct,))
-        bug = ("test_a_pax_owner_of_4294967296_or_more_is_refused" if go is not None
-               else "test_a_pax_uid_that_is_not_a_number_is_refused")
-        return Hostile(choice, data, (correct,), bug=bug, buggy=(means(_file(**{key: py})),))
+        return Hostile(choice, data, (correct,))
     if choice == "ustar-owner":
         value = draw(st.sampled_from([-1, -(2**40), 2**32, 2**40, 2**32 - 2]))
         member = header({"name": b"h", "mode": octal(0o644, 8), "uid": base256(value, 8), "gid": octal(0, 8),
                          "size": octal(3, 12), "mtime": octal(MTIME, 12), "type": tarfile.REGTYPE,
                          "magic": GNU_MAGIC}) + pad(b"xyz")
-        if value < 2**32:
-            return Hostile(choice, member, (means(_owned("uid", value)),))
-        return Hostile(choice, member, (means(_owned("uid", value)),),
-                       bug="test_a_pax_owner_of_4294967296_or_more_is_refused", buggy=(means(_file(uid=value)),))
+        return Hostile(choice, member, (means(_owned("uid", value)),))
     if choice == "pax-mtime":
         text = draw(st.sampled_from(["abc", "inf", "-inf", "nan", "1e999", "1e30", ".5", "1_600_000_000",
                                      " 1600000000", "0x10", "1600000000.5", "-1.25", "+5", "5.", "7"]))
         data = _with_pax(Member(b"h", data=b"xyz"), (b"mtime", text.encode()))
         if _go_time(text):
             return Hostile(choice, data, (means(_file(mtime=text)),))
-        bug = "test_a_pax_mtime_that_is_not_a_decimal_is_refused"
-        try:
-            value = float(text)
-        except ValueError:
-            return Hostile(choice, data, (REFUSED,), bug=bug, buggy=(means(_file(mtime=0)),))
-        if value != value or value in (float("inf"), float("-inf")):
-            # (a crash where the entry is written; where a newer layer hides it, its mtime is never looked at)
-            return Hostile(choice, data, (REFUSED,), bug="test_an_infinite_or_nan_pax_mtime_is_a_layer_error",
-                           buggy_outcome=_raised((OverflowError, ValueError), "float"), buggy=(means(_file()),))
-        return Hostile(choice, data, (REFUSED,), bug=bug, buggy=(means(_file(mtime=text)),))
+        return Hostile(choice, data, (REFUSED,))
     # device numbers beyond what the ustar fields can hold again (base-256), or negative
     major = draw(st.sampled_from([8**7, 2**40, -1]))
     member = header({"name": b"h", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
@@ -534,9 +468,7 @@ def hostile_types(draw: st.DrawFn) -> Hostile:
         member = header({"name": b"h", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                          "size": octal(len(data), 12), "mtime": octal(MTIME, 12), "type": type_,
                          "magic": GNU_MAGIC}) + pad(data)
-        # (written as it is where it is kept; hidden by a newer layer, it is a non-directory like any other)
-        return Hostile(choice, member, (REFUSED,), bug="test_an_entry_of_unknown_type_is_refused",
-                       buggy_outcome=_unextractable(f"unexpected type {type_!r}"), buggy=(means(Op("fifo", "h")),))
+        return Hostile(choice, member, (REFUSED,))  # wherever it is: Docker applies every layer whole
     if choice == "contiguous":  # POSIX: read as a regular file; Docker refuses the type
         return Hostile(choice, _bytes(Member(b"h", type=tarfile.CONTTYPE, data=b"xyz")), (REFUSED, means(_file())))
     if choice == "old-gnu-sparse":  # GNU tar and Go read it; Docker's extraction refuses the type
@@ -551,10 +483,7 @@ def hostile_types(draw: st.DrawFn) -> Hostile:
     member = header({"name": b"h", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                      "size": octal(3, 12), "mtime": octal(MTIME, 12), "type": type_, "linkname": b"t",
                      "magic": GNU_MAGIC}) + pad(b"xyz")
-    kind = {tarfile.SYMTYPE: "symlink", tarfile.DIRTYPE: "dir", tarfile.FIFOTYPE: "fifo", tarfile.CHRTYPE: "char"}
-    op = Op(kind[type_], "h", target="t" if type_ == tarfile.SYMTYPE else "")
-    return Hostile(choice, member, (REFUSED,), bug="test_an_invalid_header_after_the_first_is_refused",
-                   buggy=(means(op, truncates=True),))
+    return Hostile(choice, member, (REFUSED,))
 
 
 @st.composite
@@ -575,27 +504,26 @@ def hostile_structure(draw: st.DrawFn) -> Hostile:
                                         [(b"SCHILY.xattr.user.g", b"v")]]))
         return Hostile(choice, special(tarfile.XGLTYPE, pax_records(records), b"pax_global_header") + after,
                        (ANYTHING,))
-    wrong = dict(bug="test_an_invalid_header_after_the_first_is_refused", buggy=(means(truncates=True),))
     if choice == "garbage":
         block = draw(st.binary(min_size=BLOCK, max_size=BLOCK).filter(lambda b: any(b)))
-        return Hostile(choice, block + after, (REFUSED,), **wrong)  # type: ignore[arg-type]
+        return Hostile(choice, block + after, (REFUSED,))
     if choice == "bad-number":
         key = draw(st.sampled_from(["size", "uid", "mode", "mtime"]))
         fields = {"name": b"h", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                   "size": octal(3, 12), "mtime": octal(MTIME, 12), "type": tarfile.REGTYPE, "magic": GNU_MAGIC}
         fields[key] = draw(st.sampled_from([b"zzzz", b"12 34", b"9", b"0x1f"]))
-        return Hostile(choice, header(fields) + pad(b"xyz") + after, (REFUSED,), **wrong)  # type: ignore[arg-type]
+        return Hostile(choice, header(fields) + pad(b"xyz") + after, (REFUSED,))
     if choice == "bad-checksum":
         block = bytearray(_bytes(Member(b"h", data=b"xyz"))[:BLOCK])
         block[148:156] = draw(st.sampled_from([b"0000000\0", b"zzzzzz\0 ", b"\0" * 8]))
-        return Hostile(choice, bytes(block) + pad(b"xyz") + after, (REFUSED,), **wrong)  # type: ignore[arg-type]
+        return Hostile(choice, bytes(block) + pad(b"xyz") + after, (REFUSED,))
     if choice == "lone-zero":  # GNU tar reads on after one zero block, Go refuses, tarfile stops
         return Hostile(choice, bytes(BLOCK) + after, (REFUSED, means(_file()), means(truncates=True)))
     if choice == "bad-pax-record":
         body = draw(st.sampled_from([b"99 path=x\n", b"5 path=x\n", b"9 pathx\n", b"10 path=x", b"x path=y\n",
                                      b"0 path=x\n", b"12 =value\n"]))
         data = special(tarfile.XHDTYPE, body) + after
-        return Hostile(choice, data, (REFUSED,), **wrong)  # type: ignore[arg-type]
+        return Hostile(choice, data, (REFUSED,))
     if choice == "dangling":  # a special header and then the end
         type_ = draw(st.sampled_from([tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK]))
         body = pax_records([(b"path", b"x")]) if type_ == tarfile.XHDTYPE else b"x\0"
@@ -619,13 +547,11 @@ def hostile_sparse(draw: st.DrawFn) -> Hostile:
         sparse_map = pad(f"1\n{realsize - 3}\n3\n".encode())
         data = special(tarfile.XHDTYPE, pax_records(records)) + _bytes(
             Member(b"GNUSparseFile.0/h", data=sparse_map + b"xyz"))
-        return Hostile(choice, data, (REFUSED, ANYTHING), bug="test_a_huge_sparse_file_is_not_expanded_in_full",
-                       buggy_outcome=lambda outcome: isinstance(outcome.error, OutputTooLarge))
+        return Hostile(choice, data, (REFUSED, ANYTHING))
     if choice == "records-on-plain-file":  # without a sparse version or map, Go ignores GNU.sparse.* records
         record = draw(st.sampled_from([(b"GNU.sparse.name", b"renamed"), (b"GNU.sparse.size", b"3"),
                                        (b"GNU.sparse.realsize", b"700"), (b"GNU.sparse.realsize", b"5")]))
-        return Hostile(choice, _with_pax(Member(b"h", data=b"xyz"), record), (means(_file()),),
-                       bug="test_gnu_sparse_records_on_a_plain_file_change_nothing", buggy=(ANYTHING,))
+        return Hostile(choice, _with_pax(Member(b"h", data=b"xyz"), record), (means(_file()),))
     runs = {"overlap": ((0, 4), (2, 4)), "beyond": ((0, 2), (10, 2)), "unsorted": ((4, 2), (0, 2)),
             "odd-map": ((0, 2), (4, 2)), "not-a-number": ((0, 2),)}[choice]
     member = Member(b"h", data=b"abcdefgh", runs=runs)
@@ -638,10 +564,7 @@ def hostile_sparse(draw: st.DrawFn) -> Hostile:
         return Hostile(choice, data, (REFUSED,))
     else:
         data = _bytes(member, enc)
-    if enc.sparse == "oldgnu" and choice != "odd-map":
-        return Hostile(choice, data, (REFUSED,), bug="test_a_sparse_map_go_refuses_is_refused",
-                       buggy=(ANYTHING,))
-    return Hostile(choice, data, (REFUSED,), bug="test_a_sparse_map_go_refuses_is_refused", buggy=(ANYTHING,))
+    return Hostile(choice, data, (REFUSED,))
 
 
 @st.composite
@@ -650,8 +573,7 @@ def hostile_links(draw: st.DrawFn) -> Hostile:
                                    "long-target"]))
     if choice == "nul-linkpath":
         data = _with_pax(Member(b"h", type=tarfile.SYMTYPE, linkname=b"t"), (b"linkpath", b"t\0x"))
-        return Hostile(choice, data, (REFUSED,), bug="test_a_nul_in_a_pax_linkpath_is_refused",
-                       buggy_outcome=_target_cut_at_nul)
+        return Hostile(choice, data, (REFUSED,))
     if choice == "empty-symlink":  # no system can create it; nothing says who refuses
         data = _bytes(Member(b"h", type=tarfile.SYMTYPE, linkname=b""))
         return Hostile(choice, data, (REFUSED, means(Op("symlink", "h", target=""))))
@@ -680,11 +602,7 @@ def hostile_cuts(draw: st.DrawFn) -> Hostile:
     where = "cut-in-data" if cut > data_at else "cut-in-header"
     if cut == data_at:  # every header is whole, no data: Go reads a truncated file; tarfile the same
         where = "cut-before-data"
-    if where == "cut-in-data" or where == "cut-before-data":
-        return Hostile(where, whole[:cut], (REFUSED,), bug="test_a_layer_cut_short_is_refused",
-                       buggy=(means(truncates=True), means(op, truncates=True)))
-    return Hostile(where, whole[:cut], (REFUSED,), bug="test_a_layer_cut_short_is_refused",
-                   buggy=(means(truncates=True),))
+    return Hostile(where, whole[:cut], (REFUSED,))
 
 
 HOSTILES = st.one_of(hostile_names(), hostile_numbers(), hostile_types(), hostile_structure(), hostile_sparse(),
@@ -770,21 +688,6 @@ def test_hostile_headers_are_refused_or_mean_what_docker_reads(case: tuple[Stack
 # -- property 3: corrupted bytes -------------------------------------------------------------------------------------
 
 
-def _tolerated(outcome: Outcome) -> str:
-    """A known bug the corruption may have hit (see the regression tests below), or ""."""
-    if isinstance(outcome.error, (OverflowError, ValueError)) and "float" in str(outcome.error):
-        return "test_an_infinite_or_nan_pax_mtime_is_a_layer_error"
-    if isinstance(outcome.error, UnicodeEncodeError) and "surrogates not allowed" in str(outcome.error):
-        return "test_an_xattr_name_that_is_not_utf8_is_not_a_crash"
-    if isinstance(outcome.error, OSError) and "unexpected end of data" in str(outcome.error):
-        return "test_a_negative_size_is_a_layer_error"
-    if outcome.error is None:
-        with tarfile.open(fileobj=io.BytesIO(outcome.value[0])) as tar:
-            if any(m.type not in tarfile.SUPPORTED_TYPES for m in tar):
-                return "test_an_entry_of_unknown_type_is_refused"
-    return ""
-
-
 @examples()
 @given(stacks(max_layers=2), st.data())
 def test_corrupted_layers_are_refused_or_extractable(stack: Stack, data: st.DataObject) -> None:
@@ -797,17 +700,7 @@ def test_corrupted_layers_are_refused_or_extractable(stack: Stack, data: st.Data
     if data.draw(st.booleans()):
         blob = blob[: data.draw(st.integers(0, len(blob)))]
     blobs[index] = bytes(blob)
-    try:
-        outcome = run(blobs)
-    except Unbounded as exc:
-        if "output" in str(exc):  # a corrupted sparse size: see test_a_huge_sparse_file_is_not_expanded_in_full
-            event("known bug: test_a_huge_sparse_file_is_not_expanded_in_full")
-            return
-        raise
-    known = _tolerated(outcome)
-    if known:
-        event(f"known bug: {known}")
-        return
+    outcome = run(blobs)
     if outcome.error is not None:
         one_line_error(outcome.error)
         return
@@ -816,7 +709,7 @@ def test_corrupted_layers_are_refused_or_extractable(stack: Stack, data: st.Data
     check_summary(flat, tree)
 
 
-# -- regression tests for what the fuzz found (each fails today: strict xfail) -------------------------------------
+# -- regression tests for what the fuzz found (each failed before its fix; a new finding is pinned as a strict xfail) -
 
 
 # What a regression test may fail with (anything else, a NameError say, is the test's own bug and must not pass).
@@ -832,39 +725,36 @@ def _one(member: bytes) -> bytes:
     return member + _bytes(Member(b"after", data=b"after")) + END
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "tarfile reads a PAX uid it cannot parse as 0 (and ' 7', '7_0', Arabic digits as 7 / 70): the file is flattened"
-    " root-owned; Go's archive/tar (Docker) refuses the layer"))
 @pytest.mark.parametrize("text", ["abc", "0x7", " 7", "\u0667", "7_0"])
 def test_a_pax_uid_that_is_not_a_number_is_refused(text: str) -> None:
+    """Fuzz finding (was a strict xfail): tarfile reads a PAX uid it cannot parse as 0 (and ' 7', '7_0', Arabic
+    digits as 7 / 70): the file was flattened root-owned; Go's archive/tar (Docker) refuses the layer."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz", uid=1000), (b"uid", text.encode())))
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "an empty PAX uid record means 'keep the ustar value' (POSIX; Go keeps it), but tarfile reads it as 0: a file "
-    "of uid 1000 comes out root-owned"))
 def test_an_empty_pax_uid_keeps_the_ustar_uid() -> None:
+    """Fuzz finding (was a strict xfail): an empty PAX uid record means 'keep the ustar value' (POSIX; Go keeps it),
+    but tarfile reads it as 0: a file of uid 1000 comes out root-owned."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz", uid=1000), (b"uid", b"")))
     outcome = run([layer])
     assert outcome.error is not None or _flatten(layer)["a"].uid == 1000
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a regular file of size -1 (a base-256 ustar size) makes tarfile's copy raise OSError('unexpected end of data')"
-    " out of flatten: a traceback, not a LayerError"))
 def test_a_negative_size_is_a_layer_error() -> None:
+    """Fuzz finding (was a strict xfail): a regular file of size -1 (a base-256 ustar size) makes tarfile's copy raise
+    OSError('unexpected end of data') out of flatten: a traceback, not a LayerError."""
     member = header({"name": b"a", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                      "size": base256(-1, 12), "mtime": octal(MTIME, 12), "type": tarfile.REGTYPE, "magic": GNU_MAGIC})
     outcome = run([member + pad(b"xyz") + END])
     assert isinstance(outcome.error, LayerError), repr(outcome.error)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a PAX xattr record whose name is not UTF-8 (SCHILY.xattr.user.\\xff) is kept by the flattener, and tarfile's "
-    "writer cannot encode it: UnicodeEncodeError escapes flatten (a traceback); Go keeps the name's bytes"))
 def test_an_xattr_name_that_is_not_utf8_is_not_a_crash() -> None:
+    """Fuzz finding (was a strict xfail): a PAX xattr record whose name is not UTF-8 (SCHILY.xattr.user.\\xff) is kept
+    by the flattener, and tarfile's writer cannot encode it: UnicodeEncodeError escapes flatten (a traceback); Go
+    keeps the name's bytes."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz"), (b"SCHILY.xattr.user.\xff", b"v")))
     outcome = run([layer])
     if outcome.error is not None:
@@ -873,11 +763,10 @@ def test_an_xattr_name_that_is_not_utf8_is_not_a_crash() -> None:
     assert _flatten(layer)["a"].xattrs == {"SCHILY.xattr.user.\udcff": "v"}
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "tarfile reads a PAX size it cannot parse as 0: the file's content is lost and its data is then read as the "
-    "next header, which ends the layer silently; Go refuses"))
 @pytest.mark.parametrize("text", ["abc", "3.0", ""])
 def test_a_pax_size_that_is_not_a_number_is_refused(text: str) -> None:
+    """Fuzz finding (was a strict xfail): tarfile reads a PAX size it cannot parse as 0: the file's content is lost and
+    its data is then read as the next header, which ends the layer silently; Go refuses."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz"), (b"size", text.encode())))
     if text == "":  # Go keeps the ustar size: the right tree is the layer's
         tree = _flatten(layer)
@@ -887,44 +776,40 @@ def test_a_pax_size_that_is_not_a_number_is_refused(text: str) -> None:
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, ValueError), reason=(
-    "a PAX mtime of inf/nan/1e999 escapes flatten as OverflowError/ValueError (tarfile's writer cannot round it): a"
-    " traceback instead of a one-line LayerError"))
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e999"])
 def test_an_infinite_or_nan_pax_mtime_is_a_layer_error(text: str) -> None:
+    """Fuzz finding (was a strict xfail): a PAX mtime of inf/nan/1e999 escapes flatten as OverflowError/ValueError
+    (tarfile's writer cannot round it): a traceback instead of a one-line LayerError."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz"), (b"mtime", text.encode())))
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "tarfile reads a PAX mtime with float(): 'abc' becomes 0, '1e30', ' 5', '1_0', '.5' are taken; Go's archive/tar"
-    " accepts only [-]digits[.digits] and refuses the layer"))
 @pytest.mark.parametrize("text", ["abc", "1e30", ".5", "1_600_000_000"])
 def test_a_pax_mtime_that_is_not_a_decimal_is_refused(text: str) -> None:
+    """Fuzz finding (was a strict xfail): tarfile reads a PAX mtime with float(): 'abc' becomes 0, '1e30', ' 5', '1_0',
+    '.5' are taken; Go's archive/tar accepts only [-]digits[.digits] and refuses the layer."""
     layer = _one(_with_pax(Member(b"a", data=b"xyz"), (b"mtime", text.encode())))
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "an entry of unknown type ('Z', GNU 'V'/'D'/'M'/'N'...) is written to the output as it is: no extractor knows "
-    "what to make of it (GNU tar makes an empty regular file); Docker refuses the layer ('unhandled tar header "
-    "type')"))
 @pytest.mark.parametrize("type_", [b"Z", b"V", b"D"])
 def test_an_entry_of_unknown_type_is_refused(type_: bytes) -> None:
+    """Fuzz finding (was a strict xfail): an entry of unknown type ('Z', GNU 'V'/'D'/'M'/'N'...) is written to the
+    output as it is: no extractor knows what to make of it (GNU tar makes an empty regular file); Docker refuses the
+    layer ('unhandled tar header type')."""
     member = header({"name": b"a", "mode": octal(0o644, 8), "uid": octal(0, 8), "gid": octal(0, 8),
                      "size": octal(3, 12), "mtime": octal(MTIME, 12), "type": type_, "magic": GNU_MAGIC})
     with pytest.raises(LayerError):
         _flatten(_one(member + pad(b"xyz")))
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "tarfile takes an invalid header after the first member (bad checksum, non-octal field, malformed PAX record, "
-    "data after a header-only type) for the end of the archive: every later entry is dropped silently; Go's "
-    "archive/tar refuses (ErrHeader)"))
 @pytest.mark.parametrize("bad", ["garbage", "checksum", "number", "pax-record", "sized-symlink"])
 def test_an_invalid_header_after_the_first_is_refused(bad: str) -> None:
+    """Fuzz finding (was a strict xfail): tarfile takes an invalid header after the first member (bad checksum, non-
+    octal field, malformed PAX record, data after a header-only type) for the end of the archive: every later entry
+    is dropped silently; Go's archive/tar refuses (ErrHeader)."""
     member = _bytes(Member(b"b", data=b"xyz"))
     if bad == "garbage":
         member = b"\x01" * BLOCK + member
@@ -943,21 +828,20 @@ def test_an_invalid_header_after_the_first_is_refused(bad: str) -> None:
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a layer whose bytes end inside a header (or inside the data of an entry a newer layer hides) is read as ending"
-    " before it; Go reports io.ErrUnexpectedEOF"))
 @pytest.mark.parametrize("cut", [100, 511])
 def test_a_layer_cut_short_is_refused(cut: int) -> None:
+    """Fuzz finding (was a strict xfail): a layer whose bytes end inside a header (or inside the data of an entry a
+    newer layer hides) is read as ending before it; Go reports io.ErrUnexpectedEOF."""
     layer = _bytes(Member(b"a", data=b"first")) + _bytes(Member(b"b", data=b"second"))[:cut]
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "uids and gids of 2**32 or more (base-256 or PAX) are written to the output as they are: no Linux file can have"
-    " them (GNU tar in the appliance refuses them, Docker's chown truncates them); they should be a LayerError"))
 @pytest.mark.parametrize("how", ["pax", "base256"])
 def test_a_pax_owner_of_4294967296_or_more_is_refused(how: str) -> None:
+    """Fuzz finding (was a strict xfail): uids and gids of 2**32 or more (base-256 or PAX) are written to the output as
+    they are: no Linux file can have them (GNU tar in the appliance refuses them, Docker's chown truncates them);
+    they should be a LayerError."""
     if how == "pax":
         member = _with_pax(Member(b"a", data=b"xyz"), (b"uid", b"4294967296"))
     else:
@@ -968,11 +852,10 @@ def test_a_pax_owner_of_4294967296_or_more_is_refused(how: str) -> None:
         _flatten(_one(member))
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a GNU sparse file is expanded in full: 2 KiB of layer declaring a 16 GiB real size make 16 GiB of zeros in the"
-    " flattened stream (time and scratch unbounded by the input); it should stay sparse in the output or be refused"
-    " past a bound"))
 def test_a_huge_sparse_file_is_not_expanded_in_full() -> None:
+    """Fuzz finding (was a strict xfail): a GNU sparse file is expanded in full: 2 KiB of layer declaring a 16 GiB real
+    size make 16 GiB of zeros in the flattened stream (time and scratch unbounded by the input); it should stay
+    sparse in the output or be refused past a bound."""
     realsize = 1 << 34
     records = [(b"GNU.sparse.major", b"1"), (b"GNU.sparse.minor", b"0"), (b"GNU.sparse.name", b"a"),
                (b"GNU.sparse.realsize", str(realsize).encode())]
@@ -986,40 +869,37 @@ def test_a_huge_sparse_file_is_not_expanded_in_full() -> None:
     assert outcome.error is None or isinstance(outcome.error, LayerError)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "GNU.sparse.name/size/realsize records on a file that declares no sparse version or map are applied by tarfile "
-    "(a rename, a file of zeros, a size read past the data); Go's archive/tar ignores them and reads the plain file"))
 @pytest.mark.parametrize("record", [(b"GNU.sparse.name", b"renamed"), (b"GNU.sparse.size", b"3"),
                                     (b"GNU.sparse.realsize", b"5")])
 def test_gnu_sparse_records_on_a_plain_file_change_nothing(record: tuple[bytes, bytes]) -> None:
+    """Fuzz finding (was a strict xfail): GNU.sparse.name/size/realsize records on a file that declares no sparse
+    version or map are applied by tarfile (a rename, a file of zeros, a size read past the data); Go's archive/tar
+    ignores them and reads the plain file."""
     tree = _flatten(_one(_with_pax(Member(b"a", data=b"xyz"), record)))
     assert sorted(tree) == ["a", "after"] and tree["a"].content == b"xyz"
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "sparse maps Go's archive/tar refuses (overlapping, unsorted, or past the real size) are read by tarfile, with "
-    "content that is none of the file's"))
 @pytest.mark.parametrize("runs", [((0, 4), (2, 4)), ((4, 2), (0, 2)), ((0, 2), (10, 2))],
                          ids=["overlapping", "unsorted", "beyond"])
 def test_a_sparse_map_go_refuses_is_refused(runs: tuple[tuple[int, int], ...]) -> None:
+    """Fuzz finding (was a strict xfail): sparse maps Go's archive/tar refuses (overlapping, unsorted, or past the real
+    size) are read by tarfile, with content that is none of the file's."""
     layer = _one(_bytes(Member(b"a", data=b"abcdefgh", runs=runs)))
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a NUL in a PAX linkpath cuts a symlink's target short silently (t\\0x becomes t); Go's archive/tar refuses a "
-    "NUL in PAX path and linkpath records"))
 def test_a_nul_in_a_pax_linkpath_is_refused() -> None:
+    """Fuzz finding (was a strict xfail): a NUL in a PAX linkpath cuts a symlink's target short silently (t\\0x becomes
+    t); Go's archive/tar refuses a NUL in PAX path and linkpath records."""
     layer = _one(_with_pax(Member(b"s", type=tarfile.SYMTYPE, linkname=b"t"), (b"linkpath", b"t\0x")))
     with pytest.raises(LayerError):
         _flatten(layer)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a path component longer than NAME_MAX (255 bytes) is flattened; no Linux filesystem can hold it, so extraction"
-    " fails later (ENAMETOOLONG) instead of a LayerError"))
 def test_a_name_component_longer_than_name_max_is_refused() -> None:
+    """Fuzz finding (was a strict xfail): a path component longer than NAME_MAX (255 bytes) is flattened; no Linux
+    filesystem can hold it, so extraction fails later (ENAMETOOLONG) instead of a LayerError."""
     with pytest.raises(LayerError):
         _flatten(_one(_bytes(Member(b"c" * 256, data=b"xyz"))))
 

@@ -1,6 +1,7 @@
 """Malformed pax headers in a layer: each one is either refused with a one-line LayerError naming the layer, or
-flattened to exactly the tree the layer's ustar header describes. Which of the two is decided per input below,
-so that a change in either direction (a traceback, a silent new tree, a newly refused harmless header) fails.
+flattened to exactly the tree the layer's ustar header describes. Which of the two is decided per input below
+(as Go's archive/tar, which Docker reads layers with, decides), so that a change in either direction (a
+traceback, a silent new tree, a newly refused harmless header) fails.
 
 Replaces test_flatten.py's `test_malformed_pax_headers_are_layer_errors_or_harmless`, which suppressed the
 error and asserted nothing.
@@ -22,13 +23,17 @@ def _layer_with(pax: dict[str, str]) -> bytes:
 
 
 @pytest.mark.parametrize(("pax", "needle"), [
-    # tarfile cannot parse the sparse map: the layer is not a tar archive a reader can trust.
-    ({"GNU.sparse.map": "abc", "GNU.sparse.size": "3"}, "not a tar archive"),
+    # A sparse map or size that does not parse: Go refuses the layer (ErrHeader).
+    ({"GNU.sparse.map": "abc", "GNU.sparse.size": "3"}, "'a': its sparse map"),
     ({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "a", "GNU.sparse.realsize": "x"},
-     "not a tar archive"),
+     "'a': its sparse size 'x' is not a number"),
     # A negative size cannot be read: the file it names is the one refused.
-    ({"size": "-5"}, "cannot read 'a'"),
-], ids=["sparse-map", "sparse-1.0", "size"])
+    ({"size": "-5"}, "'a' declares a negative size"),
+    # Numbers Go's ParseInt refuses (tarfile read them as 0: a root-owned file).
+    ({"uid": "abc", "path": "a"}, "'a': its PAX uid 'abc' is not a number"),
+    ({"gid": " 7"}, "'a': its PAX gid ' 7' is not a number"),
+    ({"mtime": "1e9"}, "'a': its PAX mtime '1e9' is not a time"),
+], ids=["sparse-map", "sparse-1.0", "size", "uid", "gid", "mtime"])
 def test_malformed_pax_headers_that_cannot_be_read_are_layer_errors(pax: dict[str, str], needle: str) -> None:
     with pytest.raises(LayerError) as caught:
         flatten_bytes(_layer_with(pax))
@@ -38,10 +43,10 @@ def test_malformed_pax_headers_that_cannot_be_read_are_layer_errors(pax: dict[st
     assert needle in message, message
 
 
-def test_an_unparsable_pax_uid_over_a_root_ustar_header_flattens_to_the_header_s_file() -> None:
-    # The pax uid "abc" is not a number; the ustar header says uid 0 and the pax path repeats the name, so the
-    # layer means one root-owned file `a`, and that is exactly what comes out.
-    tree = flat(_layer_with({"uid": "abc", "path": "a"}))
-    assert list(tree) == ["a"]
-    node = tree["a"]
-    assert (node.kind, node.content, node.mode, node.uid, node.gid, node.xattrs) == ("file", b"xyz", 0o644, 0, 0, {})
+def test_an_empty_pax_uid_keeps_the_ustar_uid() -> None:
+    # POSIX and Go: an empty record means the header's own value (tarfile read it as 0, a root-owned file).
+    info, _ = f("a", "xyz")
+    info.uid = 1000
+    info.pax_headers = {"uid": ""}
+    node = flat(layer((info, b"xyz")))["a"]
+    assert (node.kind, node.content, node.uid) == ("file", b"xyz", 1000)
