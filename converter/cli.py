@@ -361,8 +361,8 @@ VolumeOpt = Annotated[list[str] | None, typer.Option(
     "--volume", "-v", metavar="HOSTDIR:GUESTDIR[:ro|:rw]",
     help="Share a host directory with the guest (virtiofs; needs root), read-only with :ro; files the guest "
          "creates get its uid/gid, as with Docker. HOSTDIR must exist (Docker would create it; imgconv "
-         "refuses), a relative one is taken from the current directory; GUESTDIR is absolute, created when "
-         "missing. Repeatable.")]
+         "refuses); a relative one starts with '.' (a bare name would be a Docker named volume); GUESTDIR is "
+         "absolute, created when missing. Repeatable.")]
 
 
 def _check_boot_numbers(memory: int, cpus: int, timeout: float | None, stop_timeout: float) -> None:
