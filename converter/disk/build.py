@@ -204,7 +204,7 @@ def partition(ctx: Context) -> None:
     app, plan_ = ctx[APPLIANCE], ctx[plan]
     root = plan_.layout.root_device
     if plan_.layout.table == "gpt":
-        partition_gpt(app, DEVICE, plan_.layout, ctx[OPTIONS].firmware)
+        partition_gpt(app, DEVICE, plan_.layout, plan_.disk.size, plan_.uuid, ctx[OPTIONS].firmware)
     else:
         # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
         app.call("create the partition table", app.g.part_disk, DEVICE, "mbr")

@@ -5,9 +5,11 @@ the ESP's place, and the errors. The integration tests boot such disks: tests/in
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import struct
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,6 +174,32 @@ def test_boot_reads_the_partition_table_of_the_checked_disk(fmt: str, tmp_path: 
         assert disk_firmware(disk, name, tmp_path) is Firmware.UEFI
     assert uefi.firmware_args(Firmware.UEFI) == ["-bios", str(uefi.OVMF)]
     assert uefi.firmware_args(Firmware.BOTH) == uefi.firmware_args(Firmware.BIOS) == []
+
+
+def test_the_gpt_imgconv_writes_is_what_partitioners_read(tmp_path: Path) -> None:
+    sectors = 600 * 2048 + 7  # not a whole MiB: the backup GPT is still in the very last sectors
+    esp = uefi.GptPartition(2048, 2048 + 131071, uefi.ESP_TYPE, uuid.UUID(int=2), "EFI system partition")
+    root = uefi.GptPartition(133120, uefi._aligned_end(sectors), uefi.LINUX_TYPE, uuid.UUID(int=3), "root",
+                             uefi.LEGACY_BIOS_BOOTABLE)
+    primary, backup = uefi.gpt(sectors, uuid.UUID(int=1), [esp, root])
+    assert len(primary) == 34 * 512 and len(backup) == 33 * 512
+    raw = tmp_path / "disk.img"
+    with raw.open("wb") as f:
+        f.truncate(sectors * 512)
+        f.write(primary)
+        f.seek((sectors - 33) * 512)
+        f.write(backup)
+    verified = subprocess.run(["sgdisk", "--verify", str(raw)], capture_output=True, text=True)
+    assert "No problems found" in verified.stdout, verified.stdout + verified.stderr
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert (table["label"], table["id"], table["lastlba"]) == ("gpt", str(uuid.UUID(int=1)).upper(), sectors - 34)
+    got = [(p["start"], p["size"], p["type"], p["uuid"], p["name"], p.get("attrs")) for p in table["partitions"]]
+    assert got == [(2048, 131072, uefi.ESP_TYPE, str(uuid.UUID(int=2)).upper(), "EFI system partition", None),
+                   (133120, root.last - 133120 + 1, uefi.LINUX_TYPE, str(uuid.UUID(int=3)).upper(), "root",
+                    "LegacyBIOSBootable")]
+    assert (root.last + 1) % 2048 == 0 and root.last <= sectors - 34
+    assert firmware_of_head(primary) is Firmware.UEFI
 
 
 # -- the disk's layout and the pipeline -----------------------------------------------------------------------------
