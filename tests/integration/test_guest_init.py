@@ -356,7 +356,7 @@ def test_argv_env_cwd_mounts_and_exit_code(booted: Callable[[str], Boot]) -> Non
 
 
 def test_named_user_gets_groups_home_and_usable_stdio(booted: Callable[[str], Boot]) -> None:
-    result, output, _, _ = booted("alice")
+    result, output, err, _ = booted("alice")
     assert result.status == 0
     assert output == (
         # the kernel keeps supplementary groups sorted, as under docker
@@ -364,10 +364,10 @@ def test_named_user_gets_groups_home_and_usable_stdio(booted: Callable[[str], Bo
         b"HOME=/home/alice\n"
         b"umask=0022\n"
         b"to-stdout\n"
-        b"to-stderr\n"
         b"alice alice 644\n"
         b"/home/alice\n"
     )
+    assert err == "to-stderr\n"  # apart from stdout, as docker keeps them
 
 
 def test_uid_and_group_name_no_supplementary_groups_env_home_kept(booted: Callable[[str], Boot]) -> None:
@@ -389,9 +389,10 @@ def test_unknown_user_fails_before_the_workload(booted: Callable[[str], Boot]) -
 
 
 def test_command_not_found(booted: Callable[[str], Boot]) -> None:
-    result, output, _, _ = booted("notfound")
+    result, output, err, _ = booted("notfound")
     assert result.status == 127
-    assert output == b'imgconv-init: exec: "no-such-command": executable file not found in $PATH\n'
+    assert output == b""
+    assert err == 'imgconv-init: exec: "no-such-command": executable file not found in $PATH\n'
 
 
 def test_no_shell_involved(booted: Callable[[str], Boot]) -> None:
