@@ -9,7 +9,7 @@ APT_PACKAGES := \
 	libguestfs-tools python3-guestfs qemu-system-x86 qemu-utils linux-image-cloud-amd64 \
 	extlinux syslinux-common busybox-static docker.io skopeo umoci mmdebstrap docker-registry \
 	ovmf python3-venv gcc libc6-dev musl-tools zstd e2fsprogs xfsprogs lvm2 iproute2 ca-certificates \
-	systemd-boot-efi binutils dosfstools mtools
+	systemd-boot-efi binutils dosfstools mtools gdisk
 
 .PHONY: setup demo test lint bench fuzz clean
 

@@ -8,6 +8,7 @@ image that `vm-to-oci` exports again. Boots are few: each costs 5-10 s under TCG
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from converter.boot.initramfs import BOOT_MODULES, needed_modules
+from converter.boot.kernel import host_kernel
 from converter.disk.uefi import ESP_TYPE, GPT_MBR_CODE, OVMF
 from fixtures import BuiltFixture, busybox
+from tests.builders import Layout, config_json, d, f, layer, sym
 from tests.cli import imgconv
 from tests.integration.judge import umoci_tree
 from tests.treecmp import diff_trees
@@ -136,3 +140,29 @@ def test_vm_to_oci_of_a_uefi_disk_is_the_original(disk: Callable[[str], Path],
     original = umoci_tree(image.oci_dir, image.tag, tmp_path)
     assert diff_trees(original, exported, hardlinks=True) == []
     assert len(original) >= 7
+
+
+def test_an_images_own_kernel_is_read_back_out_of_the_disk_into_the_uki(tmp_path: Path) -> None:
+    """The image ships its kernel (the host's bytes, at /boot/vmlinuz-RELEASE) and the modules the initramfs needs:
+    the UKI is built from the kernel file read back out of the disk, and boots under OVMF."""
+    kernel = host_kernel()
+    assert kernel.host_path is not None and kernel.host_modules is not None
+    modules = kernel.host_modules
+    tree = f"lib/modules/{kernel.release}"
+    needed = needed_modules(modules, BOOT_MODULES)
+    specs = [d("bin"), f("bin/busybox", Path("/bin/busybox").read_bytes(), 0o755), sym("bin/sh", "busybox"),
+             sym("bin/uname", "busybox"), d("boot"), f(f"boot/vmlinuz-{kernel.release}", kernel.host_path.read_bytes()),
+             d("lib"), d("lib/modules"), d(tree)]
+    specs += [f(f"{tree}/{name}", (modules / name).read_bytes()) for name in ("modules.dep", "modules.builtin")]
+    specs += [d(f"{tree}/{'/'.join(Path(rel).parts[:i])}") for rel in needed for i in range(1, len(Path(rel).parts))]
+    specs += [f(f"{tree}/{rel}", (modules / rel).read_bytes()) for rel in needed]
+    unique = list({info.name: (info, data) for info, data in specs}.values())
+    tar = layer(*unique)
+    layout = tmp_path / "layout"
+    Layout(layout).image([tar], config=config_json(["sha256:" + hashlib.sha256(tar).hexdigest()], config={
+        "Entrypoint": ["/bin/sh", "-c", "echo own kernel; uname -r"]}))
+    out = tmp_path / "own.qcow2"
+    imgconv("oci-to-qcow2", "--quiet", "--firmware", "uefi", f"oci:{layout}", str(out)).ok()
+    assert json.loads(Path(f"{out}.json").read_text())["kernel"] == {"release": kernel.release, "origin": "image"}
+    booted = imgconv("boot", "--timeout", "240", str(out), timeout=300)
+    assert (booted.stdout, booted.code) == (f"own kernel\n{kernel.release}\n", 0), booted.stderr[-2000:]
