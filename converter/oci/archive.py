@@ -8,10 +8,11 @@ verifier checks.
 
 The archive is untrusted, and read so that it cannot make imgconv loop, hang or fill memory or disk:
 
-* Only a regular file is opened (a FIFO would block), and every member header is checked as tarfile
-  parses it, before tarfile acts on it: a negative size (CVE-2025-8194: tarfile would step back and
-  loop for ever) and pax or GNU long-name headers over SPECIAL_HEADER_MAX are refused; so is an
-  archive of more than MAX_MEMBERS members (their headers are kept in memory).
+* Only a regular file is opened (a FIFO would block), and its members are read by the reader layers are
+  read with (:mod:`converter.oci.tarread`: Go's archive/tar's rules, which `docker load` follows, and
+  its bounds): a negative size (CVE-2025-8194: tarfile would step back and loop for ever), special
+  headers over 1 MiB and a member declaring more than the file holds are refused; so is an archive
+  of more than MAX_MEMBERS members (their headers are kept in memory).
 * A plain archive is read in place: its headers once, its blobs on demand (no copy).
 * A compressed one (`docker save | gzip`, which `docker load` accepts) is read as one stream, and
   its members are copied into a plain tar in scratch space for random access. Which members the
@@ -22,6 +23,10 @@ The archive is untrusted, and read so that it cannot make imgconv loop, hang or 
   member declaring more than is left of that is refused at its header, before its data is read,
   and the stream is cut off when it goes past it. Scratch space and time are so bounded by the
   input's size; a tar of zeros is an empty archive, found at its first block.
+
+`manifest.json` and the config are JSON documents parsed whole: each is read only if it is no larger than
+the archive file itself (or 64 KiB) and than its cap, and only if its count of JSON values is plausible for
+its size, so a small compressed archive cannot make either take hundreds of MiB once parsed.
 
 Writing produces an archive that is both: an OCI layout with a `manifest.json` beside it.
 """
@@ -40,7 +45,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Self
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from converter.errors import BlobError, ImageError, ReferenceError_, ToolError, UsageError
 from converter.oci.blobs import sniff_compression
@@ -54,6 +59,7 @@ from converter.oci.model import (
     load_json,
 )
 from converter.oci.reference import DockerName, Reference, parse_docker_name
+from converter.oci.tarread import Entry, TarFormatError, TarReader
 from converter.scratch import scratch_dir
 
 if TYPE_CHECKING:
@@ -68,9 +74,9 @@ _MAX_LINK_HOPS = 16
 MAX_RATIO = 1032
 _RATIO_SLACK = 1 << 20  # the headers and end-of-archive padding of a tiny archive
 MAX_MEMBERS = 100_000  # docker save writes a few per layer and image
-SPECIAL_HEADER_MAX = 1 << 20  # pax and GNU long-name headers, as Go's archive/tar bounds them
-_SPECIAL_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                  tarfile.GNUTYPE_LONGLINK)
+MANIFEST_MAX = 16 << 20
+CONFIG_MAX = 64 << 20
+_JSON_SMALL = 64 << 10  # a JSON document this small is read from any archive, however small
 # What the known writers (docker save, skopeo, go-containerregistry) add for other readers; no manifest names it.
 _BOOKKEEPING = re.compile(r"(?:repositories|oci-layout|index\.json|[^/]+/(?:json|VERSION))\Z")
 _BUFSIZE = 1 << 20
@@ -82,13 +88,14 @@ _LAYER_TYPE = {"none": MediaType.DOCKER_LAYER, "gzip": MediaType.DOCKER_LAYER_GZ
 class ArchiveStore:
     """Blobs are tar members; the synthesised digests map to member names."""
 
-    def __init__(self, path: Path, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> None:
+    def __init__(self, path: Path, file: BinaryIO, members: dict[str, Entry]) -> None:
         self.path = path
-        self.tar = tar
+        self.file = file
         self.members = members
+        self.input_size = 0  # of the archive as given (compressed, if it is): what bounds its JSON documents
         self.by_digest: dict[str, str] = {}
 
-    def resolve(self, name: str) -> tarfile.TarInfo:
+    def resolve(self, name: str) -> Entry:
         """The member *name* leads to, through symlinks and hard links (Docker dedups identical layers so)."""
         info = self.members.get(name)
         current = name
@@ -103,10 +110,10 @@ class ArchiveStore:
         raise BlobError(f"{name} in {self.path} is a loop of links")
 
     def member_stream(self, name: str) -> BinaryIO:
-        stream = self.tar.extractfile(self.resolve(name))
-        if stream is None:
+        info = self.resolve(name)
+        if not info.isreg():
             raise BlobError(f"{name} in {self.path} is not a regular file")
-        return stream  # type: ignore[return-value]
+        return _Slice(self.file.fileno(), info.offset_data, info.size)  # type: ignore[return-value]
 
     def open_blob(self, digest: str) -> BinaryIO:
         name = self.by_digest.get(digest)
@@ -186,13 +193,16 @@ def _opened(path: Path, scratch: Path) -> Iterator[ArchiveStore]:
     with _open_file(path) as source:
         compression = sniff_compression(source.read(4))
         source.seek(0)
+        input_size = os.fstat(source.fileno()).st_size
         if compression == "none":
             with _indexed(source, path) as store:
+                store.input_size = input_size
                 yield store
             return
         kept = scratch / "kept.tar"
         _keep_members(source, compression, path, kept)
         with kept.open("rb") as plain, _indexed(plain, path) as store:
+            store.input_size = input_size
             yield store
 
 
@@ -210,47 +220,28 @@ def _open_file(path: Path) -> BinaryIO:
 @contextmanager
 def _indexed(plain: BinaryIO, path: Path) -> Iterator[ArchiveStore]:
     """Every member header of a plain archive, read once (seeking past the data); blobs are read on demand."""
-    with _reading(plain, path, streamed=False) as tar:
-        members = {_normal(m.name): m for m in _members(tar, path)}
-        yield ArchiveStore(path, tar, members)
+    reader = TarReader(plain, os.fstat(plain.fileno()).st_size)
+    members = {_normal(m.name): m for m in _members(reader, path)}
+    yield ArchiveStore(path, plain, members)
 
 
-@contextmanager
-def _reading(fileobj: BinaryIO | io.RawIOBase, path: Path, *, streamed: bool) -> Iterator[tarfile.TarFile]:
-    try:
-        if streamed:
-            tar = tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_CheckedTarInfo, bufsize=_BUFSIZE)
-        else:
-            tar = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_CheckedTarInfo)
-    except _HeaderRefused as exc:
-        raise ImageError(f"{path}: {exc}") from exc
-    except (tarfile.TarError, EOFError) as exc:
-        raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
-    try:
-        yield tar
-    finally:
-        tar.close()
+def _members(reader: TarReader, path: Path) -> Iterator[Entry]:
+    """The archive's members, at most MAX_MEMBERS of them, each refused if its header is (see tarread).
 
-
-def _members(tar: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
-    """The archive's members, at most MAX_MEMBERS of them, each refused if its header is (see _CheckedTarInfo).
-
-    A member is yielded before tarfile skips past its data, so a streamed reader can check the size it declares
-    first."""
+    A member is yielded before its data is skipped, so a streamed reader can check the size it declares first."""
     count = 0
     while True:
         try:
-            member = tar.next()
-        except _HeaderRefused as exc:
-            raise ImageError(f"{path}: {exc}") from exc
-        except (tarfile.TarError, EOFError) as exc:
+            member = reader.next()
+        except TarFormatError as exc:
             raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
         if member is None:
             return
         count += 1
         if count > MAX_MEMBERS:
             raise ImageError(f"{path} has more than {MAX_MEMBERS} members; no docker archive has that many")
-        tar.members.clear()  # type: ignore[attr-defined]  # tarfile's listing would grow with the archive
+        if member.runs is not None:
+            raise ImageError(f"{path}: member {member.name!r} is a sparse file; no docker archive holds one")
         yield member
 
 
@@ -262,14 +253,14 @@ def _keep_members(source: BinaryIO, compression: str, path: Path, kept: Path) ->
     """
     limit = os.fstat(source.fileno()).st_size * MAX_RATIO + _RATIO_SLACK
     plain = _Inflated(source, compression, limit, path)
-    with _reading(plain, path, streamed=True) as tar, kept.open("wb") as sink, \
-            tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as out:
-        for member in _members(tar, path):
-            if member.size > limit - plain.count:
-                raise ImageError(f"{path}: member {member.name!r} declares {member.size} bytes, more than the "
+    reader = TarReader(plain)  # type: ignore[arg-type]  # (a RawIOBase: read is all it needs)
+    with kept.open("wb") as sink, tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for member in _members(reader, path):
+            if member.stored > limit - plain.count:
+                raise ImageError(f"{path}: member {member.name!r} declares {member.stored} bytes, more than the "
                                  f"archive can hold at {MAX_RATIO} times its compressed size")
             if _wanted(member):
-                _keep(tar, member, out, path)
+                _keep(reader, member, out, path)
 
 
 def _wanted(member: tarfile.TarInfo) -> bool:
@@ -279,56 +270,50 @@ def _wanted(member: tarfile.TarInfo) -> bool:
     return not _BOOKKEEPING.match(_normal(member.name))
 
 
-def _keep(tar: tarfile.TarFile, member: tarfile.TarInfo, out: tarfile.TarFile, path: Path) -> None:
+def _keep(reader: TarReader, member: Entry, out: tarfile.TarFile, path: Path) -> None:
     # A fresh header with only what the store reads: name, type, link target, size.
     info = tarfile.TarInfo(member.name)
     info.type = tarfile.REGTYPE if member.isreg() else member.type
     info.linkname = member.linkname
     info.size = member.size if member.isreg() else 0
     try:
-        out.addfile(info, tar.extractfile(member) if member.isreg() else None)
-    except _HeaderRefused as exc:
-        raise ImageError(f"{path}: {exc}") from exc
-    except (tarfile.TarError, EOFError) as exc:
+        out.addfile(info, reader.extractfile(member) if member.isreg() else None)
+    except TarFormatError as exc:
         raise ImageError(f"{path} is not a readable tar archive: {exc}") from exc
     except OSError as exc:
-        if exc.errno is None:  # tarfile's "unexpected end of data": the stream ended inside the member
-            raise ImageError(f"{path} ends in the middle of {member.name!r}") from exc
         raise ToolError(f"cannot keep {member.name!r} of {path} in scratch space: {exc.strerror}") from exc
     out.members.clear()  # type: ignore[attr-defined]
 
 
-class _HeaderRefused(Exception):
-    """A member header that tarfile must not act on; reported as an ImageError naming the archive."""
+class _Slice(io.RawIOBase):
+    """A member's data in the archive file, read in place (pread: members share the file's descriptor)."""
 
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self.fd, self.start, self.size, self.pos = fd, start, size, 0
 
-class _CheckedTarInfo(tarfile.TarInfo):
-    """Member headers checked the moment tarfile has parsed them, before it moves by the size they declare.
+    def readable(self) -> bool:
+        return True
 
-    CPython's tarfile (CVE-2025-8194, unpatched in Debian 12's Python) steps *back* by a negative size, from a
-    base-256 ustar field or a pax `size` record, and reads the same headers for ever; and it reads a pax or GNU
-    long-name header whole into memory, whatever size it declares.
-    """
+    def seekable(self) -> bool:
+        return True
 
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        info = super().frombuf(buf, encoding, errors)
-        _check_size(info)
-        if info.type in _SPECIAL_TYPES and info.size > SPECIAL_HEADER_MAX:
-            raise _HeaderRefused(f"an extended tar header declares {info.size} bytes "
-                                 f"(more than {SPECIAL_HEADER_MAX})")
-        return info
+    def tell(self) -> int:
+        return self.pos
 
-    @classmethod
-    def fromtarfile(cls, tarfile: tarfile.TarFile) -> Self:
-        info = super().fromtarfile(tarfile)
-        _check_size(info)  # a pax `size` record is applied after frombuf
-        return info
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
 
-
-def _check_size(info: tarfile.TarInfo) -> None:
-    if info.size < 0:
-        raise _HeaderRefused(f"member {info.name!r} declares a negative size ({info.size})")
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self.fd, n, self.start + self.pos)
+        memoryview(buffer)[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 class _Inflated(io.RawIOBase):
@@ -369,7 +354,7 @@ def _image(store: ArchiveStore, name: DockerName | None, position: int | None, p
     path = store.path
     if "manifest.json" not in store.members:
         raise ImageError(f"{path} is not a docker archive (no manifest.json)")
-    raw = _read_member(store, "manifest.json", limit=16 << 20)
+    raw = _read_json_member(store, "manifest.json", MANIFEST_MAX)
     try:
         entries = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -381,11 +366,20 @@ def _image(store: ArchiveStore, name: DockerName | None, position: int | None, p
     return from_manifest(store, manifest, source, platform)
 
 
-def _read_member(store: ArchiveStore, name: str, limit: int) -> bytes:
-    if store.member_size(name) > limit:
-        raise ImageError(f"{store.path}: {name} is implausibly large")
+def _read_json_member(store: ArchiveStore, name: str, cap: int) -> bytes:
+    """A JSON document of the archive, read only if parsing it whole costs memory in proportion to the archive: no
+    larger than *cap* nor than the archive file (or 64 KiB), and with no more JSON values than a real document of
+    its size has (an empty object takes 3 bytes to write and about 25 times that once parsed)."""
+    size = store.member_size(name)
+    if size > cap or size > max(_JSON_SMALL, store.input_size):
+        raise ImageError(f"{store.path}: {name} is implausibly large ({size} bytes, in an archive of "
+                         f"{store.input_size})")
     with store.member_stream(name) as stream:
-        return stream.read()
+        raw = stream.read()
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > 4096 + len(raw) // 16:
+        raise ImageError(f"{store.path}: {name} holds implausibly many JSON values ({values} in {len(raw)} bytes)")
+    return raw
 
 
 def _select(entries: list[dict[str, Any]], name: DockerName | None, position: int | None, path: Path) -> dict[str, Any]:
@@ -424,7 +418,7 @@ def _synthesise(store: ArchiveStore, entry: dict[str, Any], path: Path) -> Manif
     config_name = _normal(config_name)
     if config_name not in store.members:
         raise BlobError(f"{path}: config {config_name} is missing")
-    config_raw = _read_member(store, config_name, limit=64 << 20)
+    config_raw = _read_json_member(store, config_name, CONFIG_MAX)
     named = _HEX_NAME.search(config_name)
     config_digest = f"sha256:{named.group(1)}" if named else None
     actual = "sha256:" + hashlib.sha256(config_raw).hexdigest()

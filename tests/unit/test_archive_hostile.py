@@ -201,5 +201,5 @@ def test_an_oversized_extended_header_is_refused_before_it_is_read(tmp_path: Pat
     record = "x" * (2 << 20)
     path = tmp_path / "pax.tar"
     path.write_bytes(member("manifest.json", b"[]", comment=record) + END)
-    assert_one_line_error(inspect(path), "pax.tar", "extended tar header")
+    assert_one_line_error(inspect(path), "pax.tar", "PAX header of", "at most 1 MiB")
 

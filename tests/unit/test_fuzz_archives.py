@@ -411,17 +411,7 @@ def test_a_docker_archive_opens_to_its_image_or_is_refused_in_one_line(data: st.
         path = tmp / "image.tar"
         path.write_bytes(blob)
         outcome = run(f"docker-archive:{path}", path)
-    if "size" in damage and _seek_past_the_end(outcome):
-        event("known bug: test_a_member_size_past_any_file_offset_is_an_image_error")
-        return
     check(outcome, core, must_open=not damage)
-
-
-def _seek_past_the_end(outcome: Outcome) -> bool:
-    """tarfile seeking a plain archive to a member's end at 2**62 or more (see the regression test below)."""
-    error = outcome.error
-    return (isinstance(error, OSError) and error.errno == 22) or (
-        isinstance(error, ValueError) and "offset-sized integer" in str(error))
 
 
 # -- OCI layouts -------------------------------------------------------------------------------------------------------
@@ -623,16 +613,12 @@ def test_an_oci_layout_opens_to_its_image_or_is_refused_in_one_line(data: st.Dat
     check(outcome, core, must_open=not damage, config=case.documents.get("config"))
 
 
-# -- regression tests for what the fuzz found (strict xfail: each fails today) ----------------------------------------
-
-_FAILS = (AssertionError, pytest.fail.Exception)
+# -- regression tests for what the fuzz found (each failed before its fix; a new finding is pinned as a strict xfail) --
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "manifest.json (up to 16 MiB) is parsed whole after inflating: a 6 KB zstd archive holding 4 MiB of "
-    "`[{},{},...]` makes open_image hold over 100 MiB (16 MiB in 21 KB: 420 MiB and 5 s); memory should follow the "
-    "archive's size"))
 def test_a_small_compressed_archive_cannot_make_manifest_json_take_hundreds_of_mib() -> None:
+    """Fuzz finding (was a strict xfail): manifest.json (up to 16 MiB) was parsed whole after inflating: a 6 KB zstd
+    archive holding 4 MiB of `[{},{},...]` made open_image hold over 100 MiB (16 MiB in 21 KB: 420 MiB and 5 s)."""
     body = b"[" + b"{}," * ((4 << 20) // 3) + b"{}]"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -649,12 +635,11 @@ def test_a_small_compressed_archive_cannot_make_manifest_json_take_hundreds_of_m
     one_line_error(outcome.error)
 
 
-@pytest.mark.xfail(strict=True, raises=_FAILS, reason=(
-    "a plain docker archive with a member declaring 2**62 bytes or more (base-256 size, or a PAX size of 2**63+) "
-    "makes tarfile seek past any file offset: OSError(EINVAL) or ValueError('cannot fit int into an offset-sized "
-    "integer') escapes open_image instead of an ImageError"))
 @pytest.mark.parametrize("size", ["base256", "pax"])
 def test_a_member_size_past_any_file_offset_is_an_image_error(size: str) -> None:
+    """Fuzz finding (was a strict xfail): a plain docker archive with a member declaring 2**62 bytes or more
+    (base-256 size, or a PAX size of 2**63+) made tarfile seek past any file offset: OSError(EINVAL) or
+    ValueError('cannot fit int into an offset-sized integer') escaped open_image instead of an ImageError."""
     if size == "base256":
         member = _size_header("huge", base256(2**62, 12), b"x")
     else:
