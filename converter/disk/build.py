@@ -59,7 +59,15 @@ from converter.disk.rootfs import (
     write_image_tree,
     write_imgconv_files,
 )
-from converter.disk.uefi import Firmware, build_uki, check_tools, install_uki, partition_gpt, write_gpt_mbr_code
+from converter.disk.uefi import (
+    Firmware,
+    build_uki,
+    check_efi_kernel,
+    check_tools,
+    install_uki,
+    partition_gpt,
+    write_gpt_mbr_code,
+)
 from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
 from converter.guest import ROOT_LABEL
@@ -146,6 +154,8 @@ def check_inputs(ctx: Context) -> Inputs:
     if options.firmware.bios_path and not MBR_CODE.is_file():
         raise UsageError(f"{MBR_CODE} is missing: install syslinux-common (the MBR boot code)")
     kernel = from_flag(options.kernel, options.initrd) if options.kernel else None
+    if options.kernel and options.firmware.uefi_path:
+        check_efi_kernel(options.kernel, f"--kernel {options.kernel}")
     if kernel is not None and kernel.host_initrd is None and kernel.host_modules is None:
         raise UsageError(f"--kernel {options.kernel}: there are no modules for it in /lib/modules/{kernel.release} "
                          "to build an initramfs from; pass --initrd")
@@ -271,6 +281,7 @@ def install_uefi(ctx: Context) -> None:
     """The kernel, initramfs and command line the BIOS path boots, as one UKI in the EFI system partition."""
     app, scratch, entry = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[install_boot]
     kernel, initrd = boot_files_on_host(app, ctx[choose_kernel], entry, scratch)
+    check_efi_kernel(kernel, ctx[choose_kernel].describe())
     uki = scratch / "BOOTX64.EFI"
     build_uki(kernel, initrd, entry.cmdline, uki)
     install_uki(app, uki, ctx[plan].layout)

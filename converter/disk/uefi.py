@@ -159,6 +159,17 @@ def kernel_span(kernel: Path) -> int:
     return size
 
 
+def check_efi_kernel(kernel: Path, what: str) -> None:
+    """Refuse a kernel built without an EFI stub (no PE header): the systemd stub starts the kernel as an EFI
+    image, so such a UKI would build and then hang at boot with nothing on the console."""
+    with kernel.open("rb") as f:
+        head = f.read(4096)
+    at = struct.unpack_from("<I", head, 0x3C)[0] if len(head) >= 0x40 else len(head)
+    if head[:2] != b"MZ" or head[at:at + 4] != b"PE\0\0":
+        raise ImageError(f"{what} has no EFI stub (CONFIG_EFI_STUB), so it cannot boot under UEFI; "
+                         "use --firmware bios or another kernel")
+
+
 def os_release() -> str:
     """The UKI's ``.osrel``: what boot menus show for it. imgconv's own words: nothing from the image."""
     return f'NAME="imgconv"\nID=imgconv\nVERSION_ID="{__version__}"\nPRETTY_NAME="imgconv disk"\n'

@@ -19,7 +19,7 @@ from converter.disk import build, uefi
 from converter.disk.plan import ESP_MIN, MiB, partition_layout
 from converter.disk.safety import open_disk, pinned
 from converter.disk.uefi import Firmware, PeImage, build_uki, disk_firmware, firmware_of_head, read_pe, uki_layout
-from converter.errors import MissingToolError, ToolError, UsageError
+from converter.errors import ImageError, MissingToolError, ToolError, UsageError
 from tests.cli import Ran
 
 CMDLINE = "root=UUID=01807575-bf51-4cf9-892d-6ffc29db4b53 rw console=ttyS0 init=/.imgconv/init quiet"
@@ -110,6 +110,21 @@ def test_the_layout_is_aligned_ordered_and_disjoint(alignment: int, tmp_path: Pa
     for a, b in itertools.pairwise(placed):
         assert a.vma + max(a.span, 1) <= b.vma
     assert all(s.vma % max(alignment, 4096) == 0 for s in placed)
+
+
+def test_a_kernel_without_an_efi_stub_is_refused(tmp_path: Path) -> None:
+    uefi.check_efi_kernel(host_kernel_file(), "the host's kernel")  # Debian's kernels have one
+    legacy = fake_kernel(tmp_path / "vmlinuz", 64 * 1024, init_size=0)
+    with pytest.raises(ImageError, match=r"^--kernel .*vmlinuz has no EFI stub .* use --firmware bios"):
+        uefi.check_efi_kernel(legacy, f"--kernel {legacy}")
+
+
+def host_kernel_file() -> Path:
+    from converter.boot.kernel import host_kernel
+
+    path = host_kernel().host_path
+    assert path is not None
+    return path
 
 
 def test_a_stub_that_is_not_pe_is_refused_in_one_line() -> None:
