@@ -13,8 +13,11 @@ is larger than the file, so the kernel decompressing in place cannot overwrite t
 ``--firmware both`` keeps the BIOS path on the same GPT disk: syslinux's ``gptmbr.bin`` in the protective
 MBR boots the partition marked legacy-BIOS-bootable (the root filesystem, where extlinux is installed).
 
-This module does not import libguestfs: ``imgconv boot`` uses :func:`disk_firmware` and
-:func:`firmware_args` without an appliance.
+The GPT is written by :func:`gpt` (bytes computed here, two writes in the appliance) rather than by parted,
+whose calls cost about a second each under TCG. ``imgconv boot`` reads the table back (:func:`disk_firmware`):
+a GPT disk with an EFI system partition and no MBR boot code boots under OVMF, every other disk (``both``, and
+every disk imgconv made before UEFI) under SeaBIOS, which starts faster. This module does not import libguestfs,
+so ``boot`` pays nothing for it.
 """
 
 from __future__ import annotations
