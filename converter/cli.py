@@ -50,9 +50,16 @@ def _global(
     debug: Annotated[bool, typer.Option("--debug", help="Log every external command and library call.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    store: Annotated[Path | None, typer.Option("--store", metavar="DIR",
+                                               help="The store of versions (store:NAME[:TAG]). Default: "
+                                                    "$IMGCONV_STORE, else $XDG_DATA_HOME/imgconv/store.")] = None,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="imgconv: %(message)s",
                         stream=sys.stderr)
+    if store is not None:
+        from converter.store.store import choose_root
+
+        choose_root(store)
 
 
 PlatformOpt = Annotated[
@@ -163,7 +170,8 @@ def parse_size(text: str) -> int:
 @app.command("oci-to-qcow2")
 def oci_to_qcow2(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="The image, e.g. docker-daemon:myapp:latest.")],
-    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="The disk file to create, e.g. myapp.qcow2.")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The disk file to create, e.g. myapp.qcow2, or "
+                                                                 "store:NAME[:TAG] (a new version; the tag moves).")],
     disk_format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
                                              help=f"Disk format: {FORMATS}.")] = "qcow2",
     compress: Annotated[bool, typer.Option("--compress", help="zstd-compress the qcow2 clusters.")] = False,
@@ -210,8 +218,12 @@ def oci_to_qcow2(
         raise UsageError("--initrd needs --kernel")
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} does not exist")
+    from converter.store.store import build_output
+
+    out_path, target = build_output(output)
     options = BuildOptions(
-        output=output, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
+        output=out_path, store=target, format=fmt, compress=compress, size=parse_size(size) if size else None,
+        force=force,
         kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname),
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
         kernel_modules=kernel_modules, firmware=Firmware(firmware),
@@ -225,7 +237,8 @@ def oci_to_qcow2(
 @app.command("vm-to-oci")
 def vm_to_oci(
     # readable=False: imgconv checks the disk itself and says what is wrong in one line
-    disk: Annotated[Path, typer.Argument(metavar="DISK", help="The VM disk: qcow2, raw, vmdk, vhdx, vpc or vdi.",
+    disk: Annotated[str, typer.Argument(metavar="DISK", help="The VM disk: qcow2, raw, vmdk, vhdx, vpc or vdi "
+                                                             "(or store:NAME[:TAG]).",
                                          readable=False)],
     dest: Annotated[str, typer.Argument(metavar="DEST",
                                         help="Where to write the image, e.g. oci:./out:latest or docker://host/name:tag.")],
@@ -273,7 +286,10 @@ def vm_to_oci(
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
         overrides=config_overrides(entrypoint, cmd, env or [], workdir, user, label or [], expose or []),
     )
-    record = export(disk, dest, options, monitor_for(json_output, quiet))
+    from converter.store.store import disk_input
+
+    with disk_input(disk) as disk_path:
+        record = export(disk_path, dest, options, monitor_for(json_output, quiet))
     if json_output or not quiet:
         image = record.identity
         _result(record, json_output, f"{image.source}: {len(image.layers)} layer(s), image {image.image_id}"
@@ -401,8 +417,8 @@ def _run_overrides(command: list[str] | None, entrypoint: str | None, env: list[
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def boot(
-    disk: Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format).",
-                                         readable=False)],
+    disk: Annotated[str, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format), or "
+                                                             "store:NAME[:TAG].")],
     timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
                                                   help="Stop the VM after this long (exit code 124).")] = None,
     memory: Annotated[int, typer.Option("--memory", "-m", metavar="MIB", help="Guest memory in MiB.")] = 512,
@@ -439,6 +455,9 @@ def boot(
     from converter.boot.qemu import boot as boot_disk
 
     _check_boot_numbers(memory, cpus, timeout, stop_timeout)
+    from converter.store.store import check_disk_reference
+
+    check_disk_reference(disk)
     overrides = _stdio_flags(_run_overrides(command, entrypoint, env, env_file, workdir, user, hostname),
                              interactive, tty)
     from converter.boot.network import parse_network
@@ -452,7 +471,7 @@ def boot(
     # qemu.boot turns KeyboardInterrupt into a graceful guest stop; let both signals arrive as one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    result = boot_disk(disk, timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
+    result = boot_disk(Path(disk), timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
                        verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network,
                        stdin=sys.stdin.fileno() if interactive else None,
                        overrides=overrides, state=state, stop_grace=stop_timeout, volumes=volumes)
@@ -460,6 +479,17 @@ def boot(
     if result.message:
         print(f"imgconv: {result.message}", file=sys.stderr)
     raise typer.Exit(result.status)
+
+
+def _store_commands() -> None:
+    """`imgconv commit` and the `imgconv store` sub-app (converter/store/cli.py)."""
+    from converter.store.cli import commit_command, store_app
+
+    app.command("commit")(commit_command)
+    app.add_typer(store_app, name="store")
+
+
+_store_commands()
 
 
 def validate_hostname(name: str) -> str:

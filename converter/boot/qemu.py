@@ -228,7 +228,9 @@ REQUEST: Slot[BootRequest] = Slot("request")
 def open_safely(ctx: Context) -> SafeDisk:
     require(QEMU, _PURPOSE)
     require("qemu-img", _PURPOSE)
-    return open_disk(ctx[REQUEST].disk)
+    from converter.store.store import disk_input  # store:NAME[:TAG]: the version's file, kept from gc meanwhile
+
+    return open_disk(ctx.enter(disk_input(ctx[REQUEST].disk)))
 
 
 def prepare_overlay(ctx: Context) -> Scratch:

@@ -89,6 +89,7 @@ from converter.records import (
 from converter.records import dumps as record_json
 from converter.run import run
 from converter.scratch import scratch_dir
+from converter.store.store import Target
 
 DEVICE = "/dev/sda"
 
@@ -115,11 +116,12 @@ class BuildOptions:
     tls_verify: bool = True
     kernel_modules: bool = True
     firmware: Firmware = Firmware.BIOS
+    store: Target | None = None  # OUTPUT store:NAME[:TAG]; output is then the store's work path
 
     def recorded(self) -> dict[str, Any]:
         """The options as the sidecar and origin record keep them (paths as text, no output or --force)."""
         doc = asdict(self)
-        for key in ("output", "force", "tls_verify"):
+        for key in ("output", "force", "tls_verify", "store"):
             del doc[key]
         return {key: str(value) if isinstance(value, Path | Platform | DiskFormat | Firmware) else value
                 for key, value in doc.items()}
@@ -301,7 +303,7 @@ def convert_format(ctx: Context) -> Path:
     return converted
 
 
-def publish_disk(ctx: Context) -> BuildRecord:
+def build_record(ctx: Context) -> BuildRecord:
     image, options, kernel, spec = ctx[read_image], ctx[OPTIONS], ctx[choose_kernel], ctx[plan].spec
     record = BuildRecord(
         imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest,
@@ -309,8 +311,22 @@ def publish_disk(ctx: Context) -> BuildRecord:
         virtual_size=ctx[plan].disk.size, options=options.recorded(), created=now_utc(),
         run=RunRecord(tuple(spec.argv), spec.user, spec.cwd), firmware=str(options.firmware),
     )
-    published = publish(ctx[FINISHED], options.output, to_json(record))
-    return replace(record, sha256=published["sha256"], size=published["size"], output=str(options.output))
+    return record
+
+
+def publish_disk(ctx: Context) -> BuildRecord:
+    record, output = build_record(ctx), ctx[OPTIONS].output
+    published = publish(ctx[FINISHED], output, to_json(record))
+    return replace(record, sha256=published["sha256"], size=published["size"], output=str(output))
+
+
+def publish_version(ctx: Context) -> BuildRecord:
+    """publish's twin for OUTPUT store:NAME[:TAG]: the disk becomes a version of the store and the tag moves."""
+    record, target = build_record(ctx), ctx[OPTIONS].store
+    if target is None:
+        raise LookupError("publish_version is chosen only for a store target")
+    published = target.publish(ctx[FINISHED], to_json(record))
+    return replace(record, sha256=published["sha256"], size=published["size"], output=str(target.ref))
 
 
 def _drives(ctx: Context) -> list[Drive]:
@@ -318,7 +334,7 @@ def _drives(ctx: Context) -> list[Drive]:
 
 
 @functools.cache
-def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS) -> Pipeline[BuildRecord]:
+def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False) -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
     *firmware* with a UEFI path adds ``install-uefi``."""
     finish_step = {"keep": keep_qcow2, "convert": convert_format}[finish]
@@ -339,11 +355,11 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS) -> Pipeli
             *uefi,
         ), needs=(create_disk,)),
         Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(create_disk,)),
-        Step("publish", "publishing", publish_disk, needs=(FINISHED, install_boot)),
-    ), result=publish_disk, given=(SOURCE, OPTIONS))
+        Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, install_boot)),
+    ), result=publish_version if store else publish_disk, given=(SOURCE, OPTIONS))
 
 
 def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord:
     finish = "convert" if options.format is not DiskFormat.QCOW2 or options.compress else "keep"
-    return pipeline(finish, options.firmware).run(monitor, source=source, options=options)
+    return pipeline(finish, options.firmware, options.store is not None).run(monitor, source=source, options=options)
 

@@ -5,7 +5,9 @@ the first time its path is met, and older entries are dropped when a newer layer
 the path, whited it out (``.wh.NAME``), made a directory opaque (``.wh..wh..opq``, wherever the
 marker sits in its tar), or replaced the path or an ancestor with something that is not a
 directory. Whiteouts and opaque markers apply to lower layers only (OCI image-spec). Memory holds
-one record per path (never file contents); nothing is extracted anywhere.
+one record per path (never file contents); nothing is extracted anywhere. The ancestors of a path are
+known by fixed-size keys (:func:`path_keys`), never as strings of their own: a path of n components
+costs O(n) memory and time, not the O(n^2) its ancestors' names would take (a 4 KiB path can have 2048).
 
 Names are normalised and confined by :mod:`converter.oci.tarutil` (absolute names and ``..`` are
 refused with a :class:`LayerError` naming the layer and the path); so are layers that
@@ -24,17 +26,18 @@ map names through *its* /etc/passwd.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO, Protocol, cast
 
 from converter.errors import LayerError
 from converter.oci.image import LayerInput
 from converter.oci.tarread import Entry, TarReader
-from converter.oci.tarutil import check_header, clean_header, normalize_name, parents, read_members
+from converter.oci.tarutil import check_header, clean_header, normalize_name, read_members
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -44,6 +47,72 @@ SPARSE_SLACK = 1 << 20
 
 DIR = "dir"
 NONDIR = "nondir"
+
+
+_ROOT = bytes(16)
+
+
+def path_keys(path: str) -> list[bytes]:
+    """A key for each prefix of the normalised *path*, shallowest first (the last is the path's own; none for the
+    root, whose key is _ROOT). Each key hashes its parent's key and one component (blake2b, 128 bits: distinct
+    paths never share one), so all of them cost O(len(path)) to compute and 16 bytes each to keep."""
+    keys = []
+    key = _ROOT
+    if path:
+        for part in path.split("/"):
+            key = hashlib.blake2b(key + part.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            keys.append(key)
+    return keys
+
+
+def path_key(path: str) -> bytes:
+    return path_keys(path)[-1] if path else _ROOT
+
+
+class PathKinds(MutableMapping[str, str]):
+    """path -> DIR | NONDIR for the paths set, and DIR for each of their ancestors (the implicit parents), which are
+    kept as keys: a deep path does not cost the names of all its ancestors."""
+
+    def __init__(self) -> None:
+        self.explicit: dict[str, str] = {}
+        self.implicit: set[bytes] = set()
+
+    def put(self, path: str, kind: str, keys: list[bytes]) -> None:
+        """Set *path* whose :func:`path_keys` are *keys*."""
+        self.explicit[path] = kind
+        self.implicit.update(keys[:-1])
+
+    def has(self, path: str, key: bytes) -> bool:
+        return path in self.explicit or key in self.implicit
+
+    def __getitem__(self, path: str) -> str:
+        kind = self.explicit.get(path)
+        if kind is not None:
+            return kind
+        if path and path_key(path) in self.implicit:
+            return DIR
+        raise KeyError(path)
+
+    def __setitem__(self, path: str, kind: str) -> None:
+        self.put(path, kind, path_keys(path))
+
+    def __delitem__(self, path: str) -> None:
+        del self.explicit[path]
+
+    def __iter__(self) -> Iterator[str]:
+        """The paths set, then their implicit parents (names made one at a time)."""
+        yield from self.explicit
+        seen: set[bytes] = set()
+        for path in list(self.explicit):
+            parts = path.split("/")
+            for i, key in enumerate(path_keys(path)[:-1]):
+                parent = "/".join(parts[:i + 1])
+                if key not in seen and parent not in self.explicit:
+                    seen.add(key)
+                    yield parent
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class TarSink(Protocol):
@@ -56,7 +125,7 @@ class TarSink(Protocol):
 class FlatTree:
     """What the flattened root filesystem holds, without contents: enough to place files into it."""
 
-    kinds: dict[str, str] = field(default_factory=dict)  # path -> DIR | NONDIR (implicit parents included)
+    kinds: PathKinds = field(default_factory=PathKinds)  # path -> DIR | NONDIR (implicit parents included)
     symlinks: dict[str, str] = field(default_factory=dict)  # path -> link target, for surviving symlinks
     dirs: dict[str, tarfile.TarInfo] = field(default_factory=dict)  # surviving explicit directory headers
     entries: int = 0
@@ -107,12 +176,15 @@ class _Layer:
         self.what = what
         self.kinds: dict[str, str] = {}  # every entry of the layer, kept or not: path -> DIR | NONDIR
         self.symlinks: set[str] = set()  # entries of the layer that are symlinks
-        self.ancestors: set[str] = set()  # proper ancestors of the layer's entries, markers included
-        self.beneath: set[str] = set()  # proper ancestors of the layer's entries, markers excluded
+        self.nondirs: set[bytes] = set()  # keys of the layer's non-directories
+        self.kind_keys: set[bytes] = set()  # keys of every entry of the layer (markers excluded)
+        self.keys: dict[str, list[bytes]] = {}  # path -> its path_keys (the key objects the sets share)
+        self.beneath: set[bytes] = set()  # keys of the proper ancestors of the layer's entries, markers excluded
+        self.marked: set[bytes] = set()  # keys of the proper ancestors of the layer's whiteouts and opaque markers
+        self.sources: list[str] = []  # the layer's entries with ancestors (to name them, see Flattener.implied)
         self.written: dict[str, str] = {}  # path -> kind, entries kept from this layer
-        self.implicit: set[str] = set()  # ancestors of kept entries
-        self.whiteouts: set[str] = set()  # `.wh.` targets and the layer's non-directories: hidden below
-        self.opaque: set[str] = set()  # "" for the root
+        self.whiteouts: set[bytes] = set()  # keys of `.wh.` targets and the layer's non-directories: hidden below
+        self.opaque: set[bytes] = set()  # keys of opaque directories (_ROOT for the root)
         self.inodes: dict[str, _Inode] = {}
         self.holders: dict[int, tuple[str, bool]] = {}  # entry ordinal -> (its path, kept?)
         self.linked: dict[int, deque[str]] = {}  # entry ordinal -> paths of links to it written to the output
@@ -130,27 +202,35 @@ class Flattener:
         self.read_bytes = 0  # of layer, both reads
         self.holes = 0  # bytes of sparse files' holes written out
         self.tree = FlatTree()
-        self.explicit: dict[str, str] = {}  # path -> kind, kept from newer layers
-        self.whiteouts: set[str] = set()
-        self.opaque: set[str] = set()
-        # Paths newer layers wrote beneath without an entry for them (nor any layer between): an
-        # older layer must have a directory there. Value: the newer layer, for the message.
-        self.beneath: dict[str, str] = {}
+        self.explicit: dict[bytes, str] = {}  # path key -> kind, kept from newer layers
+        self.whiteouts: set[bytes] = set()
+        self.opaque: set[bytes] = set()
+        # Keys of paths newer layers wrote beneath without an entry for them: an older layer must have a
+        # directory there, unless a layer between them settled the path (had an entry there, or removed it or
+        # an ancestor). Value: the nearest such newer layer (its index in the pass, its name for the message).
+        self.beneath: dict[bytes, int] = {}
+        self.names: list[str] = []  # of the layers, by index in the pass (newest first)
+        self.index = -1  # of the layer being read
+        self.settled: dict[bytes, int] = {}  # key -> the last layer with an entry or a whiteout at the path
+        self.cleared: dict[bytes, int] = {}  # key -> the last layer removing what is beneath the path
         self.pending: dict[str, list[_Pending]] = {}  # hard links whose target is in an older layer
-        # Directories layers imply by writing beneath them (Docker's MkdirAll): written at the end
-        # if nothing else in the output makes them exist (their contents were all removed later).
-        self.implied: set[str] = set()
+        # Keys of directories layers imply by writing beneath them (Docker's MkdirAll): written at the end
+        # if nothing else in the output makes them exist (their contents were all removed later), named
+        # from the entries beneath them (implied_sources).
+        self.implied: set[bytes] = set()
+        self.implied_sources: list[str] = []
 
     # -- visibility -------------------------------------------------------------------------
 
-    def _hidden(self, path: str) -> bool:
-        """Is an entry at *path* from the layer being read hidden by a newer layer?"""
-        if path in self.explicit or path in self.whiteouts or "" in self.opaque:
+    def _hidden(self, keys: list[bytes]) -> bool:
+        """Is an entry (whose :func:`path_keys` are *keys*) of the layer being read hidden by a newer layer?"""
+        own = keys[-1]
+        if own in self.explicit or own in self.whiteouts or _ROOT in self.opaque:
             return True
-        for parent in parents(path):
-            if parent in self.whiteouts or parent in self.opaque or self.explicit.get(parent) == NONDIR:
-                return True
-        return False
+        return any(self._hides_below(key) for key in keys[:-1])
+
+    def _hides_below(self, key: bytes) -> bool:
+        return key in self.whiteouts or key in self.opaque or self.explicit.get(key) == NONDIR
 
     # -- the pass ---------------------------------------------------------------------------
 
@@ -160,13 +240,23 @@ class Flattener:
         for target, links in self.pending.items():
             raise LayerError(f"{links[0].layer}: hard link {links[0].info.name!r} points to {target!r}, "
                              "which no layer provides")
-        for path in sorted(self.implied - self.tree.kinds.keys()):
-            info = tarfile.TarInfo(path)
-            info.type, info.mode, info.uname, info.gname = tarfile.DIRTYPE, 0o755, "", ""
-            self._add(info, None)
-            self.tree.kinds[path] = DIR
-            self.tree.dirs[path] = info
+        self._write_implied()
         return self.tree
+
+    def _write_implied(self) -> None:
+        """The implied directories nothing else in the output makes exist, shallowest first."""
+        for source in self.implied_sources:
+            parts = source.split("/")
+            keys = path_keys(source)
+            for i, key in enumerate(keys[:-1]):
+                path = "/".join(parts[:i + 1])
+                if key not in self.implied or self.tree.kinds.has(path, key):
+                    continue
+                info = tarfile.TarInfo(path)
+                info.type, info.mode, info.uname, info.gname = tarfile.DIRTYPE, 0o755, "", ""
+                self._add(info, None)
+                self.tree.kinds.put(path, DIR, keys[:i + 1])
+                self.tree.dirs[path] = info
 
     def _members(self, stream: BinaryIO, what: str, *, count: bool = True
                  ) -> Iterator[tuple[tarfile.TarInfo, TarReader]]:
@@ -197,6 +287,8 @@ class Flattener:
         return cast(IO[bytes], _Content(tar.extractfile(member), member.size, what, path))
 
     def _layer(self, layer: LayerInput) -> None:
+        self.index += 1
+        self.names.append(layer.what)
         state = _Layer(layer.what)
         with layer.open() as stream:
             try:
@@ -220,25 +312,26 @@ class Flattener:
         if any(part.startswith(WHITEOUT_PREFIX) for part in dirs):
             raise LayerError(f"{what}: {path!r} is beneath a whiteout; a whiteout is a marker, not a directory")
         marker = whiteout_of(path)
-        self._check_layer(state, member, path, marker is not None)
+        keys = path_keys(path)
+        self._check_layer(state, member, path, keys, marker is not None)
         if marker is not None:
             kind, target = marker
             if kind == "opaque":
-                state.opaque.add(target)
+                state.opaque.add(path_key(target))
             elif kind == "whiteout":
                 if target.rsplit("/", 1)[-1] in (".", ".."):
                     raise LayerError(f"{what}: whiteout {path!r} names '.' or '..' and could escape the root")
-                state.whiteouts.add(target)
+                state.whiteouts.add(path_key(target))
             return
         kind = _kind(member)
         if kind == NONDIR:
-            self._check_older(state, member, path)
-            state.whiteouts.add(path)  # whatever older layers have at or beneath path is gone
+            self._check_older(state, member, path, keys)
+            state.whiteouts.add(keys[-1])  # whatever older layers have at or beneath path is gone
         if member.islnk():
-            self._hardlink(state, member, path)
+            self._hardlink(state, member, path, keys)
             return
         state.inodes[path] = _DIR_INODE if kind == DIR else ordinal
-        kept = not self._hidden(path)
+        kept = not self._hidden(keys)
         if kind == NONDIR:
             state.holders[ordinal] = (path, kept)
             if member.issym():
@@ -246,37 +339,49 @@ class Flattener:
         if kept:
             self._write(state, member, path, tar)
 
-    def _check_layer(self, state: _Layer, member: tarfile.TarInfo, path: str, marker: bool) -> None:
+    def _check_layer(self, state: _Layer, member: tarfile.TarInfo, path: str, keys: list[bytes],
+                     marker: bool) -> None:
         """Refuse a layer that contradicts itself (its entries must describe one tree)."""
-        for parent in parents(path):
-            if state.kinds.get(parent) == NONDIR:
+        for i, key in enumerate(keys[:-1]):
+            if key in state.nondirs:
+                parent = "/".join(path.split("/")[:i + 1])
                 if parent in state.symlinks:
                     raise LayerError(f"{state.what}: {path!r} is beneath the symlink {parent!r}; "
                                      "imgconv refuses paths that go through symlinks")
                 raise LayerError(f"{state.what}: {path!r} is beneath {parent!r}, which the same layer has as a file")
         if marker:
-            state.ancestors.update(parents(path))
+            state.marked.update(keys[:-1])
             return
         kind = _kind(member)
         previous = state.kinds.get(path)
         if previous is not None and previous != kind:
             raise LayerError(f"{state.what}: {path!r} appears twice in the layer with different types")
-        if kind == NONDIR and path in state.ancestors:
+        if kind == NONDIR and (keys[-1] in state.beneath or keys[-1] in state.marked):
             raise LayerError(f"{state.what}: {path!r} appears as a directory and as a "
                              f"{'symlink' if member.issym() else 'file'} in the same layer")
         state.kinds[path] = kind
+        state.keys[path] = keys
+        state.kind_keys.add(keys[-1])
+        if kind == NONDIR:
+            state.nondirs.add(keys[-1])
         if member.issym():
             state.symlinks.add(path)
         else:
             state.symlinks.discard(path)
-        for parent in parents(path):
-            state.ancestors.add(parent)
-            state.beneath.add(parent)
+        if len(keys) > 1:
+            state.beneath.update(keys[:-1])
+            state.sources.append(path)
 
-    def _check_older(self, state: _Layer, member: tarfile.TarInfo, path: str) -> None:
-        """Refuse a non-directory that a newer layer wrote beneath (through a symlink, or into a file)."""
-        newer = self.beneath.get(path)
-        if newer is None:
+    def _check_older(self, state: _Layer, member: tarfile.TarInfo, path: str, keys: list[bytes]) -> None:
+        """Refuse a non-directory that a newer layer wrote beneath (through a symlink, or into a file), unless a
+        layer between them replaced or removed it."""
+        writer = self.beneath.get(keys[-1])
+        if writer is None:
+            return
+        newer = self.names[writer]
+        last = max([self.settled.get(keys[-1], -1), self.cleared.get(_ROOT, -1),
+                    *(self.cleared.get(key, -1) for key in keys[:-1])])
+        if last > writer:
             return
         if member.issym():
             raise LayerError(f"{newer} writes beneath {path!r}, which is a symlink in {state.what}; "
@@ -287,7 +392,6 @@ class Flattener:
         """Book-keeping for an entry about to be written under *path*."""
         state.written[path] = kind
         state.linked_at.pop(path, None)  # whatever link this path held in the output, the entry replaces it
-        state.implicit.update(parents(path))
         superseded = state.deferred.pop(path, None)
         if superseded is not None:
             superseded.cancelled = True  # an earlier link of this layer at path: this entry replaces it
@@ -314,7 +418,7 @@ class Flattener:
 
     # -- hard links --------------------------------------------------------------------------
 
-    def _hardlink(self, state: _Layer, member: tarfile.TarInfo, path: str) -> None:
+    def _hardlink(self, state: _Layer, member: tarfile.TarInfo, path: str, keys: list[bytes]) -> None:
         target = normalize_name(member.linkname, state.what, link=True)
         if not target or target == path:
             raise LayerError(f"{state.what}: hard link {path!r} has an invalid target {member.linkname!r}")
@@ -323,7 +427,7 @@ class Flattener:
             raise LayerError(f"{state.what}: hard link {path!r} points to {target!r}, which is a directory")
         held = self._holds(state, path, inode)  # before this link: does *path* hold the inode already?
         state.inodes[path] = inode
-        if self._hidden(path):
+        if self._hidden(keys):
             if isinstance(inode, str):  # not written, but a link to nothing is still a broken layer
                 state.older.setdefault(inode, []).append(_Pending(tarfile.TarInfo(path), state.what, cancelled=True))
             return
@@ -386,10 +490,11 @@ class Flattener:
         for target, links in self.pending.items():
             inode = state.inodes.get(target)
             if inode is None:
-                gone = (target in state.whiteouts or target in state.beneath or "" in state.opaque
-                        or any(p in state.whiteouts or p in state.opaque for p in parents(target)))
+                keys = path_keys(target)
+                gone = (keys[-1] in state.whiteouts or keys[-1] in state.beneath or _ROOT in state.opaque
+                        or any(k in state.whiteouts or k in state.opaque for k in keys[:-1]))
                 if gone:
-                    kind = "a directory" if target in state.beneath else "removed"
+                    kind = "a directory" if keys[-1] in state.beneath else "removed"
                     raise LayerError(f"{links[0].layer}: hard link {links[0].info.name!r} points to {target!r}, "
                                      f"which is {kind} in {state.what}")
                 carried.setdefault(target, []).extend(links)
@@ -435,24 +540,37 @@ class Flattener:
 
     def _merge(self, state: _Layer) -> None:
         for path, kind in state.written.items():
-            self.explicit[path] = kind
-            self.tree.kinds[path] = kind
-        for path in state.implicit:
-            self.tree.kinds.setdefault(path, DIR)
-        # Where this layer has an entry, or removes what was below, the older layers' entries no longer
-        # matter to what newer layers (this one included) wrote beneath.
-        def settled(path: str) -> bool:
-            return ("" in state.opaque or path in state.kinds or path in state.whiteouts
-                    or any(p in state.whiteouts or p in state.opaque for p in parents(path)))
-
-        self.implied.update(p for p in state.beneath if p not in state.kinds and not self._hidden(p))
-        for path in [p for p in self.beneath if settled(p)]:
-            del self.beneath[path]
-        for path in state.beneath:
-            if not settled(path):
-                self.beneath[path] = state.what
+            keys = state.keys[path]
+            self.explicit[keys[-1]] = kind
+            self.tree.kinds.put(path, kind, keys)
+        self._imply(state)
+        for key in state.kind_keys | state.whiteouts:
+            self.settled[key] = self.index
+        for key in state.whiteouts | state.opaque:
+            self.cleared[key] = self.index
         self.whiteouts |= state.whiteouts
         self.opaque |= state.opaque
+
+    def _imply(self, state: _Layer) -> None:
+        """What the layer's entries say of their ancestors. An ancestor without an entry of its own that no newer
+        layer hides is an implied directory; one the layer itself does not settle (an entry there, or a whiteout
+        there or above) must be a directory in older layers (self.beneath). Both are decided along each path from
+        the root down, in one pass (O(n) for n components)."""
+        for source in state.sources:
+            blocked = _ROOT in self.opaque
+            cleared = _ROOT in state.opaque
+            found = False
+            for key in state.keys[source][:-1]:
+                hidden = blocked or key in self.explicit or key in self.whiteouts
+                if not hidden and key not in state.kind_keys and key not in self.implied:
+                    self.implied.add(key)
+                    found = True
+                if not (cleared or key in state.kind_keys or key in state.whiteouts):
+                    self.beneath[key] = self.index
+                blocked = blocked or self._hides_below(key)
+                cleared = cleared or key in state.whiteouts or key in state.opaque
+            if found:
+                self.implied_sources.append(source)
 
 
 class _Content(io.RawIOBase):
