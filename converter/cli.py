@@ -19,6 +19,7 @@ import typer
 from converter import __version__
 from converter.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ImgconvError, Interrupted, UsageError, one_line
 from converter.progress import JsonMonitor, Monitor, NullMonitor, TextMonitor
+from converter.store.store import build_output, check_disk_reference, disk_input
 
 if TYPE_CHECKING:
     from converter.boot.runspec import RunOverrides
@@ -170,8 +171,7 @@ def parse_size(text: str) -> int:
 @app.command("oci-to-qcow2")
 def oci_to_qcow2(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="The image, e.g. docker-daemon:myapp:latest.")],
-    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The disk file to create, e.g. myapp.qcow2, or "
-                                                                 "store:NAME[:TAG] (a new version; the tag moves).")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The disk to create: myapp.qcow2, store:NAME[:TAG].")],
     disk_format: Annotated[str, typer.Option("--format", "-f", metavar="FORMAT",
                                              help=f"Disk format: {FORMATS}.")] = "qcow2",
     compress: Annotated[bool, typer.Option("--compress", help="zstd-compress the qcow2 clusters.")] = False,
@@ -218,13 +218,10 @@ def oci_to_qcow2(
         raise UsageError("--initrd needs --kernel")
     if kernel is not None and not kernel.is_file():
         raise UsageError(f"kernel {kernel} does not exist")
-    from converter.store.store import build_output
-
     out_path, target = build_output(output)
     options = BuildOptions(
-        output=out_path, store=target, format=fmt, compress=compress, size=parse_size(size) if size else None,
-        force=force,
-        kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname),
+        output=out_path, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
+        kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname), store=target,
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
         kernel_modules=kernel_modules, firmware=Firmware(firmware),
     )
@@ -286,8 +283,6 @@ def vm_to_oci(
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
         overrides=config_overrides(entrypoint, cmd, env or [], workdir, user, label or [], expose or []),
     )
-    from converter.store.store import disk_input
-
     with disk_input(disk) as disk_path:
         record = export(disk_path, dest, options, monitor_for(json_output, quiet))
     if json_output or not quiet:
@@ -418,7 +413,7 @@ def _run_overrides(command: list[str] | None, entrypoint: str | None, env: list[
 @app.command(context_settings={"allow_interspersed_args": False})
 def boot(
     disk: Annotated[str, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 (any format), or "
-                                                             "store:NAME[:TAG].")],
+                                                             "store:NAME[:TAG].", callback=check_disk_reference)],
     timeout: Annotated[float | None, typer.Option("--timeout", metavar="SECONDS",
                                                   help="Stop the VM after this long (exit code 124).")] = None,
     memory: Annotated[int, typer.Option("--memory", "-m", metavar="MIB", help="Guest memory in MiB.")] = 512,
@@ -455,9 +450,6 @@ def boot(
     from converter.boot.qemu import boot as boot_disk
 
     _check_boot_numbers(memory, cpus, timeout, stop_timeout)
-    from converter.store.store import check_disk_reference
-
-    check_disk_reference(disk)
     overrides = _stdio_flags(_run_overrides(command, entrypoint, env, env_file, workdir, user, hostname),
                              interactive, tty)
     from converter.boot.network import parse_network

@@ -449,8 +449,9 @@ def build_output(text: str) -> tuple[Path, Target | None]:
     return (target.work_path, target) if target is not None else (Path(text), None)
 
 
-def check_disk_reference(text: str) -> None:
+def check_disk_reference(text: str) -> str:
     """Refuse a malformed ``store:`` DISK from the text as typed (a Path would have folded ``//`` and a final
-    ``/`` away); the store is read later, by the verb's open-disk step (:func:`disk_input`)."""
+    ``/`` away), and return it; the store is read later, by the verb's open-disk step (:func:`disk_input`)."""
     if is_store_ref(text):
         parse_store_ref(text)
+    return text
