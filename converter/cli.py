@@ -23,6 +23,8 @@ from converter.store.store import build_output, check_disk_reference, disk_input
 
 if TYPE_CHECKING:
     from converter.boot.runspec import RunOverrides
+    from converter.boot.sshkeys import SshAccess
+    from converter.boot.volumes import Volume
     from converter.oci.config import ConfigOverrides
 
 app = typer.Typer(
@@ -78,6 +80,12 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress outpu
 FirmwareOpt = Annotated[str, typer.Option("--firmware", metavar="bios|uefi|both",
                                           help="What the disk boots under: bios (MBR, extlinux), uefi (GPT, a "
                                                "unified kernel image on an EFI system partition) or both.")]
+
+InitOpt = Annotated[str, typer.Option(
+    "--init", metavar="auto|container|system",
+    help="Who is PID 1. container: imgconv's init runs Entrypoint + Cmd, as docker run; system: the image's own "
+         "init system boots (systemd...) and the command, unless it is the init, runs as its service; auto: "
+         "system when the command is an init (/sbin/init, /lib/systemd/systemd...), else container.")]
 
 
 def monitor_for(json_output: bool, quiet: bool) -> Monitor:
@@ -168,6 +176,23 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _check_build_flags(compress_not_qcow2: bool, firmware: str, init: str, kernel: Path | None,
+                       initrd: Path | None) -> None:
+    from converter.disk.plan import InitMode
+    from converter.disk.uefi import Firmware
+
+    if compress_not_qcow2:
+        raise UsageError("--compress applies to qcow2 only")
+    if firmware not in tuple(Firmware):
+        raise UsageError(f"unknown firmware {firmware!r}; choose one of bios, uefi, both")
+    if init not in tuple(InitMode):
+        raise UsageError(f"unknown --init {init!r}; choose one of auto, container, system")
+    if initrd is not None and kernel is None:
+        raise UsageError("--initrd needs --kernel")
+    if kernel is not None and not kernel.is_file():
+        raise UsageError(f"kernel {kernel} does not exist")
+
+
 @app.command("oci-to-qcow2")
 def oci_to_qcow2(
     source: Annotated[str, typer.Argument(metavar="SOURCE", help="The image, e.g. docker-daemon:myapp:latest.")],
@@ -189,6 +214,7 @@ def oci_to_qcow2(
     kernel_modules: Annotated[bool, typer.Option("--kernel-modules/--no-kernel-modules",
                                                  help="Place a host kernel's modules tree in the guest.")] = True,
     firmware: FirmwareOpt = "bios",
+    init: InitOpt = "auto",
     platform: PlatformOpt = None,
     tls_verify: TlsOpt = True,
     json_output: JsonOpt = False,
@@ -203,6 +229,7 @@ def oci_to_qcow2(
     Example: imgconv oci-to-qcow2 docker-daemon:myapp:latest myapp.qcow2 && imgconv boot myapp.qcow2
     """
     from converter.disk.build import BuildOptions, DiskFormat, convert
+    from converter.disk.plan import InitMode
     from converter.disk.uefi import Firmware
     from converter.oci.model import Platform
 
@@ -210,20 +237,13 @@ def oci_to_qcow2(
         fmt = DiskFormat(disk_format)
     except ValueError as exc:
         raise UsageError(f"unknown disk format {disk_format!r}; choose one of {FORMATS}") from exc
-    if compress and fmt is not DiskFormat.QCOW2:
-        raise UsageError("--compress applies to qcow2 only")
-    if firmware not in tuple(Firmware):
-        raise UsageError(f"unknown firmware {firmware!r}; choose one of bios, uefi, both")
-    if initrd is not None and kernel is None:
-        raise UsageError("--initrd needs --kernel")
-    if kernel is not None and not kernel.is_file():
-        raise UsageError(f"kernel {kernel} does not exist")
+    _check_build_flags(compress and fmt is not DiskFormat.QCOW2, firmware, init, kernel, initrd)
     out_path, target = build_output(output)
     options = BuildOptions(
         output=out_path, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
         kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname), store=target,
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
-        kernel_modules=kernel_modules, firmware=Firmware(firmware),
+        kernel_modules=kernel_modules, firmware=Firmware(firmware), init=InitMode(init),
     )
     record = convert(source, options, monitor_for(json_output, quiet))
     if json_output or not quiet:
@@ -375,6 +395,22 @@ VolumeOpt = Annotated[list[str] | None, typer.Option(
          "refuses); a relative one starts with '.' (a bare name would be a Docker named volume); GUESTDIR is "
          "absolute, created when missing. Repeatable.")]
 
+SshKeyOpt = Annotated[Path | None, typer.Option(
+    "--ssh-key", metavar="FILE", help="Authorise these public keys for --ssh-user in a system-mode guest "
+                                      "(oci-to-qcow2 --init system), for this boot only.")]
+SshUserOpt = Annotated[str, typer.Option("--ssh-user", metavar="USER", help="Whose keys --ssh-key sets.")]
+
+
+def _volumes_and_ssh(specs: list[str], ssh_key: Path | None,
+                     ssh_user: str) -> tuple[tuple[Volume, ...], SshAccess | None]:
+    from converter.boot.sshkeys import read_ssh_access
+    from converter.boot.volumes import check_host, parse_volumes
+
+    volumes = parse_volumes(specs)
+    if volumes:
+        check_host()
+    return volumes, read_ssh_access(ssh_key, ssh_user) if ssh_key is not None else None
+
 
 def _check_boot_numbers(memory: int, cpus: int, timeout: float | None, stop_timeout: float) -> None:
     if memory < 64:
@@ -429,7 +465,7 @@ def boot(
                                                            "machine can connect unless you give 0.0.0.0.")] = None,
     entrypoint: EntrypointOpt = None, env: EnvOpt = None, env_file: EnvFileOpt = None, workdir: WorkdirOpt = None,
     user: UserOpt = None, hostname: HostnameOpt = None, state: StateOpt = None, stop_timeout: StopTimeoutOpt = 10.0,
-    interactive: InteractiveOpt = False, tty: TtyOpt = False,
+    interactive: InteractiveOpt = False, tty: TtyOpt = False, ssh_key: SshKeyOpt = None, ssh_user: SshUserOpt = "root",
     volume: VolumeOpt = None,
     command: CommandArg = None,
 ) -> None:
@@ -455,18 +491,14 @@ def boot(
     from converter.boot.network import parse_network
 
     guest_network = parse_network(network, publish or [])
-    from converter.boot.volumes import check_host, parse_volumes
-
-    volumes = parse_volumes(volume or [])
-    if volumes:
-        check_host()
+    volumes, ssh = _volumes_and_ssh(volume or [], ssh_key, ssh_user)
     # qemu.boot turns KeyboardInterrupt into a graceful guest stop; let both signals arrive as one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = boot_disk(Path(disk), timeout=timeout if timeout is not None else math.inf, memory_mib=memory, cpus=cpus,
                        verbose=verbose, stdout=sys.stdout.buffer, stderr=sys.stderr, network=guest_network,
                        stdin=sys.stdin.fileno() if interactive else None,
-                       overrides=overrides, state=state, stop_grace=stop_timeout, volumes=volumes)
+                       overrides=overrides, state=state, stop_grace=stop_timeout, volumes=volumes, ssh=ssh)
     sys.stdout.flush()
     if result.message:
         print(f"imgconv: {result.message}", file=sys.stderr)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures import NAMES, BuiltFixture, cached
+from fixtures.catalog import EXTRA_NAMES
 from fixtures.dockerd import DOCKER, PrivateDockerd, dockerd_unavailable, remove_tree
 
 
@@ -293,8 +294,8 @@ class World:
 
     def built(self, name: str) -> BuiltFixture:
         """The fixture on disk; a daemon is started only to build `debian` on a cache miss."""
-        if name not in NAMES:
-            raise KeyError(f"unknown fixture image {name!r}: one of {', '.join(NAMES)}")
+        if name not in NAMES and name not in EXTRA_NAMES:
+            raise KeyError(f"unknown fixture image {name!r}: one of {', '.join((*NAMES, *EXTRA_NAMES))}")
         return self._built_debian() if name == "debian" else cached(name)
 
     def _built_debian(self) -> BuiltFixture:

@@ -35,6 +35,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 START_MARKER = b"<<imgconv:start>>\n"
+# A system-mode disk (oci-to-qcow2 --init system): the image's init system takes over; from here the console is
+# the machine's console, shown as output, and the run ends when the guest powers off.
+SYSTEM_MARKER = b"<<imgconv:system>>\n"
+POWER_DOWN = b"reboot: Power down"  # the kernel's last line (KERN_EMERG) when the guest powers off
 _STATUS = rb"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _EXIT_RE = re.compile(rb"<<imgconv:exit status=" + _STATUS + rb"(?: nl=[01])?>>")
 # What a kernel may print while powering off, with or without printk timestamps.
@@ -111,6 +115,7 @@ class ConsoleDecoder:
 
     def __init__(self) -> None:
         self._started = False
+        self.system = False  # the system marker started it: the image's init system runs
         self._cr = False  # the last chunk ended in "\r": it may pair with a "\n"
         self._tail = b""  # decoded bytes not yet emitted
         self._closed = False
@@ -166,15 +171,17 @@ class ConsoleDecoder:
         events: list[Event] = []
         text = self._tail + decoded
         if not self._started:
-            at = text.find(START_MARKER)
-            if at < 0:
+            found = [(at, marker) for marker in (START_MARKER, SYSTEM_MARKER) if (at := text.find(marker)) >= 0]
+            if not found:
                 hold = min(self._hold(text), self._start_prefix_hold(text))
                 self._emit(events, text[:hold])
                 self._tail = text[hold:]
                 return events
+            at, marker = min(found)
             self._emit(events, text[:at])
             self._started = True
-            text = text[at + len(START_MARKER) :]
+            self.system = marker == SYSTEM_MARKER
+            text = text[at + len(marker) :]
         hold = self._hold(text)
         self._emit(events, text[:hold])
         self._tail = text[hold:]
@@ -200,9 +207,9 @@ class ConsoleDecoder:
 
     @staticmethod
     def _start_prefix_hold(text: bytes) -> int:
-        """Index from which firmware text must wait: a trailing part of the start marker."""
-        for size in range(min(len(START_MARKER) - 1, len(text)), 0, -1):
-            if text.endswith(START_MARKER[:size]):
+        """Index from which firmware text must wait: a trailing part of a start marker."""
+        for size in range(min(len(SYSTEM_MARKER) - 1, len(text)), 0, -1):
+            if text.endswith(START_MARKER[:size]) or text.endswith(SYSTEM_MARKER[:size]):
                 return len(text) - size
         return len(text)
 
@@ -217,6 +224,7 @@ class ConsoleSink:
         self.status: int | None = None
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.init_errors: list[str] = []
+        self._system_tail = b""  # a system-mode guest's last console bytes: did it power off?
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = ""
 
@@ -233,6 +241,8 @@ class ConsoleSink:
             if isinstance(event, Output):
                 self.stdout.write(event.data)
                 self.stdout.flush()
+                if self.decoder.system:
+                    self._system_tail = (self._system_tail + event.data)[-512:]
             elif isinstance(event, Firmware):
                 text = self._text.decode(event.data)
                 if self.verbose:
@@ -243,6 +253,11 @@ class ConsoleSink:
                     self._line(line)
             else:
                 self.status = event.status
+
+    @property
+    def powered_off(self) -> bool:
+        """A system-mode guest powered off (its init system shut it down): the kernel said so last."""
+        return self.decoder.system and POWER_DOWN in self._system_tail[-256:]
 
     def _line(self, line: str) -> None:
         line = line.rstrip("\r")

@@ -9,7 +9,8 @@ order: the whole argv, Entrypoint + Cmd), ``env`` (repeated, ``KEY=VALUE``, fina
 ``cwd`` (empty: ``/``), ``user`` (docker's user spec; empty: root), ``hostname``; then, so that
 ``imgconv boot`` can apply ``docker run``'s overrides in the guest (:mod:`converter.boot.runspec`),
 ``image`` (``1``) and the image's own ``image-entrypoint``, ``image-cmd`` and ``image-env`` (each
-repeated, in order). Readers ignore unknown keys (an older init ignores the ``image`` keys).
+repeated, in order); ``mode`` (``system``, only for a system-mode disk: the image's init system boots, the
+command runs as its service). Readers ignore unknown keys (an older init ignores the ``image`` keys).
 Strings are UTF-8 with ``surrogateescape``, so bytes that are not UTF-8 in an image config come
 through unchanged.
 """
@@ -42,7 +43,9 @@ NET_MODULES = ("virtio_net",)
 # ``imgconv boot``'s channels to the host: virtio-serial ports carry the workload's stdin, stdout and stderr
 # byte-exact (the serial console's line discipline does not); virtiofs shares host folders (``--volume``).
 HOST_MODULES = ("virtio_console", "virtiofs")
-BOOT_MODULES = DISK_MODULES + NET_MODULES + HOST_MODULES
+# The ACPI power button, so that a system-mode guest's init hears imgconv boot's stop (system_powerdown).
+SYSTEM_MODULES = ("button",)
+BOOT_MODULES = DISK_MODULES + NET_MODULES + HOST_MODULES + SYSTEM_MODULES
 
 INITRAMFS_MARKER = "imgconv-initramfs"
 
@@ -57,6 +60,7 @@ class InitSpec:
     user: str = ""
     hostname: str = ""
     image: ImageRun | None = None  # the image's own Entrypoint, Cmd and Env, for boot's overrides
+    mode: str = "container"  # or "system": the image's init system is PID 1 (oci-to-qcow2 --init)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ def encode_spec(spec: InitSpec) -> bytes:
         pairs += [("image-entrypoint", arg, "entrypoint") for arg in spec.image.entrypoint]
         pairs += [("image-cmd", arg, "command") for arg in spec.image.cmd]
         pairs += [("image-env", env, "environment") for env in spec.image.env]
+    if spec.mode != "container":
+        pairs.append(("mode", spec.mode, "mode"))
     out = bytearray()
     for key, value, what in pairs:
         out += key.encode() + b"\0" + _encode(value, what) + b"\0"
@@ -107,7 +113,7 @@ def decode_spec(data: bytes) -> InitSpec:
         raise ValueError("not a version 1 spec")
     argv: list[str] = []
     env: list[str] = []
-    single = {"cwd": "", "user": "", "hostname": "", "image": ""}
+    single = {"cwd": "", "user": "", "hostname": "", "image": "", "mode": "container"}
     lists: dict[str, list[str]] = {"arg": argv, "env": env, "image-entrypoint": [], "image-cmd": [], "image-env": []}
     for i in range(2, len(fields), 2):
         key = fields[i].decode("utf-8", "surrogateescape")
@@ -119,7 +125,8 @@ def decode_spec(data: bytes) -> InitSpec:
     image = None
     if single["image"] == "1":
         image = ImageRun(tuple(lists["image-entrypoint"]), tuple(lists["image-cmd"]), tuple(lists["image-env"]))
-    return InitSpec(tuple(argv), tuple(env), single["cwd"], single["user"], single["hostname"], image)
+    return InitSpec(tuple(argv), tuple(env), single["cwd"], single["user"], single["hostname"], image,
+                    single["mode"])
 
 
 def docker_env(image_env: Sequence[str], hostname: str) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ from converter.boot.network import NETWORK_FW_CFG, USER_NETWORK, Network
 from converter.boot.qmp import QmpLink
 from converter.boot.resolv import RESOLV_CONF_FW_CFG, host_resolv_conf
 from converter.boot.runspec import RUN_SPEC_FW_CFG, RunOverrides, encode_overrides
+from converter.boot.sshkeys import SSH_FW_CFG, SshAccess
 from converter.boot.state import open_state
 from converter.boot.streams import PORT_NAME, STREAM_FW_CFG, Stdio, StreamLink, host_terminal
 from converter.boot.supervise import Limits, Outcome, supervise
@@ -104,6 +105,7 @@ class BootRequest:
     state: Path | None = None  # --state FILE (converter.boot.state)
     volumes: tuple[Volume, ...] = ()  # -v (converter.boot.volumes)
     stdin: int | None = None  # -i: this descriptor is the workload's stdin (converter.boot.streams)
+    ssh: SshAccess | None = None  # --ssh-key, --ssh-user (converter.boot.sshkeys)
     firmware: Firmware | None = None  # None: what the disk's partition table says (converter.disk.uefi)
 
 
@@ -124,6 +126,7 @@ class GuestRun:
 
     run_spec: Path | None  # opt/imgconv/run.spec: the overrides; None without any
     state: SafeDisk | None  # --state FILE, checked: the overlay instead of the throwaway one
+    ssh_keys: Path | None = None  # opt/imgconv/ssh: --ssh-user and --ssh-key's keys, for a system-mode guest
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def qemu_argv(
     network: Network | None = None,
     network_conf: Path | None = None,
     run_spec: Path | None = None,
+    ssh_keys: Path | None = None,
     stream_socket: Path | None = None,
     volumes: Sequence[str] = (),
     firmware: Sequence[str] = (),
@@ -187,6 +191,8 @@ def qemu_argv(
         argv += ["-chardev", f"socket,id=qmp,path={_opt(qmp_socket)}", "-mon", "chardev=qmp,mode=control"]
     if resolv_conf is not None:
         argv += ["-fw_cfg", f"name={RESOLV_CONF_FW_CFG},file={_opt(resolv_conf)}"]
+    if ssh_keys is not None:
+        argv += ["-fw_cfg", f"name={SSH_FW_CFG},file={_opt(ssh_keys)}"]
     if run_spec is not None:  # docker run's overrides: data in a file, never on the kernel command line
         argv += ["-fw_cfg", f"name={RUN_SPEC_FW_CFG},file={_opt(run_spec)}"]
     if stream_socket is not None:
@@ -258,7 +264,11 @@ def prepare_run(ctx: Context) -> GuestRun:
         run_spec = scratch.qmp_socket.with_name("run.spec")
         run_spec.write_bytes(encode_overrides(request.overrides))
     state = open_state(request.state, ctx[open_safely]) if request.state is not None else None
-    return GuestRun(run_spec, state)
+    ssh_keys = None
+    if request.ssh is not None:
+        ssh_keys = scratch.qmp_socket.with_name("ssh")
+        ssh_keys.write_bytes(request.ssh.fw_cfg())
+    return GuestRun(run_spec, state, ssh_keys)
 
 
 @contextlib.contextmanager
@@ -294,7 +304,7 @@ def start_vm(ctx: Context) -> RunningVm:
         accel=accel, drive=drive_args(disk, checked, _top(ctx, guest)), firmware=firmware,
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
         qmp_socket=scratch.qmp_socket, resolv_conf=scratch.resolv_conf,
-        run_spec=guest.run_spec, stream_socket=scratch.stream_socket,
+        run_spec=guest.run_spec, ssh_keys=guest.ssh_keys, stream_socket=scratch.stream_socket,
         volumes=ctx[share_volumes],
         network=request.network, network_conf=scratch.network_conf,
     )  # fmt: skip
@@ -402,6 +412,7 @@ def boot(
     volumes: Sequence[Volume] = (),
     stdin: int | None = None,
     firmware: Firmware | None = None,
+    ssh: SshAccess | None = None,
 ) -> BootResult:
     """Boot *disk* (checked as ``vm-to-oci`` checks disks; never written), stream the workload's output to
     *stdout* as it comes, and return how it ended (statuses in the module docstring).
@@ -423,11 +434,12 @@ def boot(
     The workload's stdout and stderr reach *stdout* and *stderr* apart, byte-exact, over a virtio-serial port
     (:mod:`converter.boot.streams`); with *stdin* (a descriptor: ``-i``) its stdin is that.
     *firmware* is SeaBIOS or OVMF (:mod:`converter.disk.uefi`); by default what the disk's partition table says.
+    *ssh* authorises keys in a system-mode guest (:mod:`converter.boot.sshkeys`).
     """
     request = BootRequest(disk, Limits(timeout, stop, stop_grace), memory_mib, cpus, verbose, stdout, stderr,
                           direct_kernel, network if network is not None else USER_NETWORK)
     request = replace(request, overrides=overrides or RunOverrides(), state=state, volumes=tuple(volumes),
-                      stdin=stdin, firmware=firmware)
+                      stdin=stdin, firmware=firmware, ssh=ssh)
     if monitor is None:
         monitor = TextMonitor(stderr) if verbose else NullMonitor()
     try:
@@ -441,6 +453,8 @@ def boot(
 
 def _result(state: Outcome, console: ConsoleSink, timeout: float) -> BootResult:
     status = console.status
+    if status is None and console.powered_off:
+        status = 0  # a system-mode guest that powered off: a machine's clean end
     if state.interrupted:
         raise Interrupted("interrupted: the VM was asked to stop, then shut down")
     if state.timed_out:

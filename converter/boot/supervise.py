@@ -143,8 +143,12 @@ class Supervisor:
             self.outcome.before_start = True
             self._quit(now)
             return
-        log.debug("asking the guest to stop (ctrl-alt-delete)")
-        self.control.send("send-key", CTRL_ALT_DELETE)
+        if self.console.decoder.system:  # the image's init system: the ACPI power button, as a machine's
+            log.debug("asking the guest to stop (power button)")
+            self.control.send("system_powerdown")
+        else:
+            log.debug("asking the guest to stop (ctrl-alt-delete)")
+            self.control.send("send-key", CTRL_ALT_DELETE)
         if self.phase is Phase.RUNNING:
             self.phase = Phase.STOP_REQUESTED
 

@@ -6,16 +6,18 @@ with a stable id that ``--json`` progress and ``make bench`` report):
     check-inputs     OUTPUT writable and free, the boot code present, --kernel readable
     read-image       manifest and config verified (layers are verified as they stream)
     plan             what to run (Docker's argv/env/user/cwd rules), disk size and inodes, filesystem UUID
-    create-disk      an empty qcow2 under a temporary name beside OUTPUT
+    create-disk      an empty sparse raw file under a temporary name beside OUTPUT
+    partition        MBR partition table, ext4 (GPT with an EFI system partition first for --firmware uefi|both),
+                     made on the host with ids and times from the image (converter/disk/reproducible.py)
     launch-appliance one libguestfs appliance, in a worker thread (Ctrl-C is seen at once)
-      partition        MBR partition table, ext4 (GPT with an EFI system partition first for --firmware uefi|both)
       write-rootfs     the image's layers, flattened, streamed in through a FIFO (nothing extracted on the host)
       choose-kernel    --kernel, else the image's own, else this machine's newest
       add-imgconv-files init, its spec, config, host modules, origin record
       install-boot     kernel, initramfs, extlinux and the MBR code (extlinux only with a BIOS path)
       install-uefi     --firmware uefi|both: a unified kernel image at EFI/BOOT/BOOTX64.EFI (converter/disk/uefi.py)
     close-appliance  shutdown; a failed flush fails the conversion
-    finish-disk      as it is (qcow2), or converted to another format / compressed
+    settle-filesystem inode and superblock times, generations and the journal made the build's own (host tools)
+    finish-disk      the raw disk converted to qcow2 or another format (compressed with --compress)
     publish          mode 0444, sha256, sidecar, atomic rename
 
 Everything imgconv adds to the guest lives under `/.imgconv`, except the modules tree of a host kernel,
@@ -26,6 +28,8 @@ take them out again.
 from __future__ import annotations
 
 import functools
+import os
+import shlex
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -42,7 +46,9 @@ from converter.disk.bootfiles import boot_files_on_host, place_kernel
 from converter.disk.plan import (
     IMGCONV_ENTRIES,
     IMGCONV_FILES,
+    INIT_SYSTEMS,
     DiskPlan,
+    InitMode,
     PartitionLayout,
     content_bytes,
     partition_layout,
@@ -51,6 +57,7 @@ from converter.disk.plan import (
     tree_size,
     volume_uuid,
 )
+from converter.disk.reproducible import SECTOR, build_epoch, derived_id, make_ext4, mbr, settle_ext4, write_at
 from converter.disk.rootfs import (
     Additions,
     GuestFile,
@@ -70,7 +77,6 @@ from converter.disk.uefi import (
 )
 from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
-from converter.guest import ROOT_LABEL
 from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference, parse_reference
@@ -116,6 +122,7 @@ class BuildOptions:
     tls_verify: bool = True
     kernel_modules: bool = True
     firmware: Firmware = Firmware.BIOS
+    init: InitMode = InitMode.AUTO
     store: Target | None = None  # OUTPUT store:NAME[:TAG]; output is then the store's work path
 
     def recorded(self) -> dict[str, Any]:
@@ -123,7 +130,7 @@ class BuildOptions:
         doc = asdict(self)
         for key in ("output", "force", "tls_verify", "store"):
             del doc[key]
-        return {key: str(value) if isinstance(value, Path | Platform | DiskFormat | Firmware) else value
+        return {key: str(value) if isinstance(value, Path | Platform | DiskFormat | Firmware | InitMode) else value
                 for key, value in doc.items()}
 
 
@@ -141,11 +148,12 @@ class Plan:
     uuid: str
     content: int  # bytes of tar the layers inflate to (the progress bar's total)
     layout: PartitionLayout
+    epoch: int  # every time written into the disk (converter.disk.reproducible.build_epoch)
 
 
 SOURCE: Slot[str] = Slot("source")
 OPTIONS: Slot[BuildOptions] = Slot("options")
-FINISHED: Slot[Path] = Slot("finished disk")  # made by keep_qcow2 or convert_format
+FINISHED: Slot[Path] = Slot("finished disk")  # made by convert_format
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -184,7 +192,15 @@ def plan(ctx: Context) -> Plan:
     layout = plan_layout(options)
     disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES + layout.esp_bytes,
                      modules_entries + IMGCONV_ENTRIES)
-    return Plan(run_spec(image, options.hostname), disk, volume_uuid(image), content, layout)
+    spec = run_spec(image, options.hostname, options.init)
+    if spec.mode == InitMode.SYSTEM:
+        command = f"runs {shlex.join(spec.argv)} as a service" if spec.argv and spec.argv[0] not in INIT_SYSTEMS \
+            else "is PID 1"
+        ctx.monitor.note(f"init: system (the image's init system boots; the image's command {command})"
+                         if spec.argv else "init: system (the image's init system boots)")
+    else:
+        ctx.monitor.note("init: container (imgconv's init runs the image's command, as docker run)")
+    return Plan(spec, disk, volume_uuid(image), content, layout, build_epoch(image))
 
 
 def plan_layout(options: BuildOptions) -> PartitionLayout:
@@ -206,27 +222,32 @@ def _host_modules() -> Path | None:
 
 
 def create_disk(ctx: Context) -> Path:
-    work_disk = ctx.enter(temp_beside(ctx[OPTIONS].output, ".qcow2"))
-    run(["qemu-img", "create", "-q", "-f", "qcow2", str(work_disk), str(ctx[plan].disk.size)],
-        purpose="create the disk image")
+    """A sparse raw file: written by the host's tools and the appliance alike, and turned into the output format
+    in one sequential pass at the end (so a qcow2's cluster layout never depends on the order of writes)."""
+    work_disk = ctx.enter(temp_beside(ctx[OPTIONS].output, ".raw"))
+    os.truncate(work_disk, -(-ctx[plan].disk.size // SECTOR) * SECTOR)
     return work_disk
 
 
 def partition(ctx: Context) -> None:
-    app, plan_ = ctx[APPLIANCE], ctx[plan]
-    root = plan_.layout.root_device
+    """Partition table and root filesystem, made on the host before the appliance starts (faster than parted and
+    mke2fs in it under TCG, and given the ids a reproducible disk needs: converter/disk/reproducible.py)."""
+    plan_, disk = ctx[plan], ctx[create_disk]
+    sectors = -(-plan_.disk.size // SECTOR)
     if plan_.layout.table == "gpt":
-        partition_gpt(app, DEVICE, plan_.layout, plan_.disk.size, plan_.uuid, ctx[OPTIONS].firmware)
+        partition_gpt(disk, plan_.layout, plan_.disk.size, plan_.uuid, ctx[OPTIONS].firmware)
     else:
-        # One call for table + partition (1 MiB aligned): each call costs ~0.7 s under TCG.
-        app.call("create the partition table", app.g.part_disk, DEVICE, "mbr")
-        app.call("mark the partition bootable", app.g.part_set_bootable, DEVICE, 1, True)
-    app.call("create the ext4 filesystem", app.g.mke2fs, root, fstype="ext4", blocksize=4096,
-             label=ROOT_LABEL, uuid=plan_.uuid, reservedblockspercentage=1, numberofinodes=plan_.disk.inodes)
-    app.call("mount the root filesystem", app.g.mount, root, "/")
+        write_at(disk, mbr(sectors, derived_id(plan_.uuid, "disk").bytes), 0)
+    first, last = plan_.layout.root_sectors(sectors)
+    make_ext4(disk, first * SECTOR, (last - first + 1) * SECTOR, plan_.uuid, plan_.disk.inodes, plan_.epoch)
 
 
 def write_rootfs(ctx: Context) -> ImageTree:
+    # nodelalloc: blocks are allocated as tar writes them (in the stream's order), not whenever writeback runs;
+    # noinit_itable: the inode tables are zeroed already, no background thread writes them at its own pace.
+    app = ctx[APPLIANCE]
+    app.call("mount the root filesystem", app.g.mount_options, "nodelalloc,noinit_itable",
+             ctx[plan].layout.root_device, "/")
     found: list[ImageTree] = []
 
     def work(out: Any, bar: Any) -> None:
@@ -263,7 +284,7 @@ def add_imgconv_files(ctx: Context) -> Additions:
     found: list[Additions] = []
     stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "imgconv.fifo",
                 lambda out: found.append(write_imgconv_files(tree, files, kernel, options.kernel_modules, origin,
-                                                             out)),
+                                                             out, ctx[plan].epoch)),
                 "add imgconv's files to the disk")
     return found[0]
 
@@ -286,17 +307,23 @@ def install_uefi(ctx: Context) -> None:
     check_efi_kernel(kernel, ctx[choose_kernel].describe())
     uki = scratch / "BOOTX64.EFI"
     build_uki(kernel, initrd, entry.cmdline, uki)
-    install_uki(app, uki, ctx[plan].layout)
+    install_uki(ctx[create_disk], uki, ctx[plan].layout, ctx[plan].epoch)
 
 
-def keep_qcow2(ctx: Context) -> Path:
-    return ctx[create_disk]
+def settle_filesystem(ctx: Context) -> None:
+    """Times, generations, journal and superblock made the build's own once the appliance is gone."""
+    plan_, tree = ctx[plan], ctx[write_rootfs].tree
+    first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
+    root = tree.dirs.get("")
+    settle_ext4(ctx[create_disk], first * SECTOR, plan_.epoch, int(root.mtime) if root else plan_.epoch,
+                ctx[check_inputs].scratch)
 
 
 def convert_format(ctx: Context) -> Path:
+    """The raw work disk in the output format, in one sequential pass (qemu-img writes in order without -W)."""
     options = ctx[OPTIONS]
     converted = ctx.enter(temp_beside(options.output, f".{options.format}"))
-    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", str(options.format)]
+    argv = ["qemu-img", "convert", "-f", "raw", "-O", str(options.format)]
     if options.compress:
         argv += ["-c", "-o", "compression_type=zstd"]
     run([*argv, str(ctx[create_disk]), str(converted)], purpose=f"write the {options.format} disk")
@@ -330,14 +357,14 @@ def publish_version(ctx: Context) -> BuildRecord:
 
 
 def _drives(ctx: Context) -> list[Drive]:
-    return [Drive(ctx[create_disk], "qcow2", False)]
+    return [Drive(ctx[create_disk], "raw", False)]
 
 
 @functools.cache
 def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False) -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
     *firmware* with a UEFI path adds ``install-uefi``."""
-    finish_step = {"keep": keep_qcow2, "convert": convert_format}[finish]
+    finish_step = {"keep": convert_format, "convert": convert_format}[finish]  # the raw work disk: always converted
     uefi = (Step("install-uefi", "installing the unified kernel image (UEFI)", install_uefi,
                  needs=(install_boot,)),) if firmware.uefi_path else ()
     return Pipeline("oci-to-qcow2", (
@@ -345,8 +372,8 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
         Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
         Step("plan", "planning the disk", plan, needs=(read_image,)),
         Step("create-disk", "creating the disk", create_disk, needs=(plan,)),
+        Step("partition", "partitioning and formatting", partition, needs=(create_disk,)),
         ApplianceSession(_drives, (
-            Step("partition", "partitioning and formatting", partition, needs=(plan,)),
             Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
             Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(write_rootfs,)),
             Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(choose_kernel,)),
@@ -354,6 +381,8 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
                  needs=(choose_kernel, add_imgconv_files)),
             *uefi,
         ), needs=(create_disk,)),
+        Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
+             needs=(create_disk, install_boot)),
         Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(create_disk,)),
         Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, install_boot)),
     ), result=publish_version if store else publish_disk, given=(SOURCE, OPTIONS))

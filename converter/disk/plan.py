@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from converter.boot.initramfs import ImageRun, InitSpec, docker_env
@@ -30,6 +31,7 @@ class DiskPlan:
 
 ESP_MIN = 64 * MiB  # a UKI of a distribution kernel and imgconv's initramfs is ~20 MiB; FAT16 at this size
 ESP_FIRST_SECTOR = 2048  # 1 MiB aligned, as parted aligns
+GPT_HEAD_SECTORS = 34  # protective MBR, GPT header, 128 entries of 128 bytes (and as many at the end, less one)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class PartitionLayout:
         """First and last sector of the EFI system partition."""
         return ESP_FIRST_SECTOR, ESP_FIRST_SECTOR + self.esp_bytes // 512 - 1
 
+    def root_sectors(self, sectors: int) -> tuple[int, int]:
+        """First and last sector of the root partition on a disk of *sectors*: after the ESP up to a 1 MiB
+        boundary before the backup GPT (its last 33 sectors), or from 1 MiB to the end of an MBR disk."""
+        if self.table == "mbr":
+            return ESP_FIRST_SECTOR, sectors - 1
+        return self.esp_sectors[1] + 1, (sectors - GPT_HEAD_SECTORS + 1) // ESP_FIRST_SECTOR * ESP_FIRST_SECTOR - 1
+
 
 def partition_layout(uefi: bool, device: str, boot_files: int = 0) -> PartitionLayout:
     """The layout for a disk at *device*; with *uefi*, an EFI system partition big enough for *boot_files*
@@ -57,15 +66,39 @@ def partition_layout(uefi: bool, device: str, boot_files: int = 0) -> PartitionL
     return PartitionLayout("gpt", f"{device}2", f"{device}1", esp)
 
 
-def run_spec(image: Image, hostname: str) -> InitSpec:
-    """What `docker run IMAGE` would start: argv = Entrypoint + Cmd, Docker's env, cwd and user."""
+class InitMode(StrEnum):
+    """``--init``: who is PID 1. ``container``: imgconv's init runs Entrypoint + Cmd as a container's process;
+    ``system``: the image's init system boots (the command, if it is not the init, runs as its service);
+    ``auto``: ``system`` when Entrypoint + Cmd starts with an init system, else ``container``."""
+
+    AUTO = "auto"
+    CONTAINER = "container"
+    SYSTEM = "system"
+
+
+# What names an init system as a command (init/system.h has the same list).
+INIT_SYSTEMS = ("/sbin/init", "/usr/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+
+
+def init_mode(requested: InitMode, argv: tuple[str, ...]) -> InitMode:
+    if requested is not InitMode.AUTO:
+        return requested
+    return InitMode.SYSTEM if argv and argv[0] in INIT_SYSTEMS else InitMode.CONTAINER
+
+
+def run_spec(image: Image, hostname: str, requested: InitMode = InitMode.CONTAINER) -> InitSpec:
+    """What `docker run IMAGE` would start: argv = Entrypoint + Cmd, Docker's env, cwd and user; in system mode
+    the same, as what the image's init system starts (or the init itself)."""
     config = image.config
     argv = (*(config.entrypoint or ()), *(config.cmd or ()))
-    if not argv:
-        raise ImageError(f"{image.source} has neither Entrypoint nor Cmd, so there is nothing for the VM to run")
+    mode = init_mode(requested, argv)
+    if not argv and mode is InitMode.CONTAINER:
+        raise ImageError(f"{image.source} has neither Entrypoint nor Cmd, so there is nothing for the VM to run "
+                         "(--init system boots the image's init system instead)")
     return InitSpec(argv=argv, env=docker_env(config.env, hostname), cwd=config.working_dir or "/",
                     user=config.user, hostname=hostname,
-                    image=ImageRun(tuple(config.entrypoint or ()), tuple(config.cmd or ()), tuple(config.env)))
+                    image=ImageRun(tuple(config.entrypoint or ()), tuple(config.cmd or ()), tuple(config.env)),
+                    mode=str(mode))
 
 
 def volume_uuid(image: Image) -> str:

@@ -1082,6 +1082,7 @@ struct spec {
 	 * (its first size: rows, cols, big-endian 16 bits each). */
 	int interactive, tty;
 	unsigned char winsize[4];
+	int system; /* key "mode" = "system": hand over to the image's init system (system.h) */
 };
 
 /* Checks a key\0value\0 spec (version 1) and says how many strings it holds. */
@@ -1141,6 +1142,8 @@ static void read_spec(const char *path, struct spec *s)
 			s->img_cmd[s->img_cmdc++] = val;
 		else if (strcmp(key, "image-env") == 0)
 			s->img_env[s->img_envc++] = val;
+		else if (strcmp(key, "mode") == 0)
+			s->system = strcmp(val, "system") == 0;
 		/* anything else: a newer imgconv wrote it; ignore */
 	}
 	s->argv[s->argc] = NULL;
@@ -1798,6 +1801,7 @@ static int relay_until_exit(struct stream *st, int sfd, pid_t main_pid, int out_
 }
 
 #include "volumes.h"
+#include "system.h"
 
 __attribute__((noreturn)) static void stage2(void)
 {
@@ -1835,6 +1839,11 @@ __attribute__((noreturn)) static void stage2(void)
 	struct userdb passwd = {0}, group = {0};
 	passwd.data = read_file("/etc/passwd", MAX_USERDB_BYTES, &passwd.len);
 	group.data = read_file("/etc/group", MAX_USERDB_BYTES, &group.len);
+	if (s.system)
+		boot_system(&s, &passwd, &group);
+	if (fw_cfg_file(FW_CFG_SSH, MAX_SSH_BYTES, &(size_t){0}))
+		fatal("--ssh-key needs a disk converted with --init system (this one runs the image's command "
+		      "as a container's process, with no sshd)");
 	struct exec_user u;
 	resolve_user(s.user, &passwd, &group, &u);
 	/* Docker puts the primary group first in the supplementary list. */
