@@ -192,9 +192,9 @@ def _tar_output(out: BinaryIO) -> Iterator[tarfile.TarFile]:
     tar.close()
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644, mtime: float = 0) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, 0, "", ""
+    info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, mtime, "", ""
     tar.addfile(info, io.BytesIO(data))
 
 
@@ -204,19 +204,20 @@ def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755, mtime: float = 
     tar.addfile(info)
 
 
-def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str) -> None:
-    """Copy a host directory (a kernel's modules) into the stream: root-owned, symlinks not followed."""
+def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str, mtime: float) -> None:
+    """Copy a host directory (a kernel's modules) into the stream: root-owned, symlinks not followed, every entry
+    with *mtime* (the build's time: the host's own times would differ from one machine to the next)."""
     for root, dirs, files in os.walk(source):
         dirs.sort()
         rel = os.path.relpath(root, source)
         base = dest if rel == "." else f"{dest}/{rel}"
         st = os.lstat(root)
-        _add_dir(tar, base, stat.S_IMODE(st.st_mode), st.st_mtime)
+        _add_dir(tar, base, stat.S_IMODE(st.st_mode), mtime)
         for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(root, d))):
             path = os.path.join(root, name)
             st = os.lstat(path)
             info = tarfile.TarInfo(f"{base}/{name}")
-            info.mode, info.mtime, info.uname, info.gname = stat.S_IMODE(st.st_mode), st.st_mtime, "", ""
+            info.mode, info.mtime, info.uname, info.gname = stat.S_IMODE(st.st_mode), mtime, "", ""
             if stat.S_ISLNK(st.st_mode):
                 info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
                 tar.addfile(info)
@@ -226,7 +227,7 @@ def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str) -> None:
                     tar.addfile(info, f)
 
 
-def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile) -> str:
+def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile, mtime: float = 0) -> str:
     """Where *wanted* lands in the image once its symlinks are followed; create missing parents.
 
     Existing directories that receive new entries are remembered with their mtime, so their header can be
@@ -240,7 +241,7 @@ def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile) -
     for ancestor in chain:
         kind = tree.kinds.get(ancestor)
         if kind is None:
-            _add_dir(tar, ancestor)
+            _add_dir(tar, ancestor, mtime=mtime)
             tree.kinds[ancestor] = DIR
             added.injected.append(ancestor)
         elif kind != DIR:
@@ -252,22 +253,23 @@ def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile) -
 
 
 def write_imgconv_files(tree: FlatTree, files: list[GuestFile], kernel: Kernel, modules: bool,
-                        origin: Callable[[Additions], bytes], out: BinaryIO) -> Additions:
-    """imgconv's files as one tar stream on *out*; *origin* renders the origin record from what was added."""
+                        origin: Callable[[Additions], bytes], out: BinaryIO, epoch: int = 0) -> Additions:
+    """imgconv's files as one tar stream on *out*, each with the time *epoch*; *origin* renders the origin record
+    from what was added."""
     added = Additions(injected=[RESERVED] + ([] if "lost+found" in tree.kinds else ["lost+found"]))
     with _tar_output(out) as tar:
-        _add_dir(tar, RESERVED)
-        _add_dir(tar, BOOT_DIR)
+        _add_dir(tar, RESERVED, mtime=epoch)
+        _add_dir(tar, BOOT_DIR, mtime=epoch)
         for guest_file in files:
-            _add_bytes(tar, f"{RESERVED}/{guest_file.name}", guest_file.data, guest_file.mode)
+            _add_bytes(tar, f"{RESERVED}/{guest_file.name}", guest_file.data, guest_file.mode, epoch)
         if kernel.host_modules is not None and modules:
-            dest = place(tree, f"lib/modules/{kernel.release}", added, tar)
+            dest = place(tree, f"lib/modules/{kernel.release}", added, tar, epoch)
             if dest not in tree.kinds:
-                _add_host_tree(tar, kernel.host_modules, dest)
+                _add_host_tree(tar, kernel.host_modules, dest, epoch)
                 added.injected.append(dest)
         for path, mtime in added.touched_dirs.items():
             tar.addfile(for_gnu_tar(tree.dirs[path], mtime))
-        _add_bytes(tar, ORIGIN, origin(added))
+        _add_bytes(tar, ORIGIN, origin(added), mtime=epoch)
     return added
 
 

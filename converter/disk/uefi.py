@@ -23,6 +23,7 @@ so ``boot`` pays nothing for it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import uuid
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from converter import __version__
+from converter.disk.reproducible import derived_id, fat_time, sbin_tool, write_at
 from converter.errors import DiskError, ImageError, MissingToolError, ToolError
 from converter.run import run
 
@@ -83,6 +85,9 @@ def check_tools(firmware: Firmware) -> None:
         raise MissingToolError(f"{STUB} is required to build a UEFI disk (Debian package: systemd-boot-efi)")
     if shutil.which("objcopy") is None:
         raise MissingToolError("objcopy is required to build a UEFI disk (Debian package: binutils)")
+    sbin_tool("mkfs.vfat", "dosfstools", "build a UEFI disk")
+    for program in ("mmd", "mcopy"):
+        sbin_tool(program, "mtools", "build a UEFI disk")
     if firmware.bios_path and not GPT_MBR_CODE.is_file():
         raise MissingToolError(f"{GPT_MBR_CODE} is required for --firmware both (Debian package: syslinux-common)")
 
@@ -245,12 +250,11 @@ def _aligned_end(sectors: int) -> int:
     return (sectors - HEAD_SECTORS + 1) // ALIGN_SECTORS * ALIGN_SECTORS - 1
 
 
-def partition_gpt(app: Appliance, device: str, layout: PartitionLayout, disk_size: int, ids: str,
-                  firmware: Firmware) -> None:
-    """GPT with the EFI system partition (FAT) first and the root partition after it, to the end of the disk.
-    The GUIDs are derived from *ids* (the root filesystem's UUID, itself from the image): the same image gives
-    the same disk."""
-    sectors = -(-disk_size // SECTOR)  # qemu-img rounds a size up to whole sectors
+def partition_gpt(disk: Path, layout: PartitionLayout, disk_size: int, ids: str, firmware: Firmware) -> None:
+    """GPT with the EFI system partition (FAT) first and the root partition after it, to the end of the disk,
+    written into the raw work disk *disk* before the appliance starts. The GUIDs and the FAT volume id are
+    derived from *ids* (the root filesystem's UUID, itself from the image): the same image gives the same disk."""
+    sectors = -(-disk_size // SECTOR)
     esp_first, esp_last = layout.esp_sectors
     base = uuid.UUID(ids)
     primary, backup = gpt(sectors, uuid.uuid5(base, "disk"), [
@@ -258,25 +262,30 @@ def partition_gpt(app: Appliance, device: str, layout: PartitionLayout, disk_siz
         GptPartition(esp_last + 1, _aligned_end(sectors), LINUX_TYPE, uuid.uuid5(base, "root"), "root",
                      LEGACY_BIOS_BOOTABLE if firmware.bios_path else 0),
     ])
-    g = app.g
-    app.call("write the GPT partition table", g.pwrite_device, device, primary, 0)
-    app.call("write the backup GPT", g.pwrite_device, device, backup, (sectors - len(backup) // SECTOR) * SECTOR)
-    app.call("read the new partition table", g.blockdev_rereadpt, device)
-    app.call("create the EFI system partition's filesystem", g.mkfs, "vfat", layout.esp_device, label="ESP")
+    write_at(disk, primary, 0)
+    write_at(disk, backup, (sectors - len(backup) // SECTOR) * SECTOR)
+    # --invariant: no clock in the volume label's directory entry; the volume id is given.
+    run([sbin_tool("mkfs.vfat", "dosfstools", "build a UEFI disk"), "--invariant", "-i",
+         derived_id(ids, "esp-volume-id").hex[:8], "-n", "ESP", f"--offset={esp_first}", str(disk),
+         str(layout.esp_bytes // 1024)], purpose="create the EFI system partition's filesystem")
 
 
-def install_uki(app: Appliance, uki: Path, layout: PartitionLayout) -> None:
-    """The UKI at the removable-media path of the ESP. The root filesystem is unmounted for it (its work is
-    done by now): the ESP is mounted at the appliance's guest root, so nothing is added to the image's tree."""
+def install_uki(disk: Path, uki: Path, layout: PartitionLayout, epoch: int) -> None:
+    """The UKI at the removable-media path of the ESP, written by mtools into the work disk (the appliance never
+    mounts the ESP: its FAT driver would stamp the clock's time), with the build's time (clamped to 1980)."""
     room = layout.esp_bytes - layout.esp_bytes // 16  # FAT tables, root directory, slack
     if uki.stat().st_size > room:
         raise ImageError(f"the unified kernel image ({uki.stat().st_size >> 20} MiB: kernel + initramfs) does not "
                          f"fit the {layout.esp_bytes >> 20} MiB EFI system partition")
-    g = app.g
-    app.call("unmount the root filesystem", g.umount, "/")
-    app.call("mount the EFI system partition", g.mount, layout.esp_device, "/")
-    app.call("create /EFI/BOOT on the EFI system partition", g.mkdir_p, str(Path(REMOVABLE_PATH).parent))
-    app.call("copy the unified kernel image in", g.upload, str(uki), REMOVABLE_PATH)
+    when = fat_time(epoch)
+    os.utime(uki, (when, when))
+    image = f"{disk}@@{layout.esp_sectors[0] * SECTOR}"
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(when), "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": "/dev/null"}
+    boot_dir = str(Path(REMOVABLE_PATH).parent)
+    run(["mmd", "-i", image, f"::{Path(boot_dir).parent}", f"::{boot_dir}"], purpose="create /EFI/BOOT on the EFI "
+        "system partition", env=env)
+    run(["mcopy", "-m", "-i", image, str(uki), f"::{REMOVABLE_PATH}"], purpose="copy the unified kernel image in",
+        env=env)
 
 
 def write_gpt_mbr_code(app: Appliance, device: str) -> None:

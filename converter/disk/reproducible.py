@@ -1,0 +1,245 @@
+"""Bit-identical disks: the same image, options and imgconv version give the same bytes, wherever and whenever.
+
+A disk's bytes would otherwise vary with the clock, with random numbers and with timing, in these places (each
+found by comparing two conversions of one image); what imgconv does about each:
+
+* partition table ids (MBR disk id, GPT GUIDs): derived from the filesystem UUID, itself derived from the image
+  (:func:`~converter.disk.plan.volume_uuid`); the MBR is written here, the GPT by :mod:`converter.disk.uefi`;
+* the ext4 filesystem is made here on the host, not in the appliance, because libguestfs's mke2fs cannot be
+  given a directory hash seed: fixed UUID and hash seed (so the Orlov allocator, which places top-level
+  directories by a hash of their name, and htree directories come out the same), the mkfs time from the
+  epoch, every inode table zeroed now (no lazy zeroing at mount, whose progress depends on timing);
+* the appliance's kernel mounts it with ``nodelalloc``: blocks are allocated as tar writes, in the stream's
+  order, not whenever background writeback happens to run. It keeps the journal while it writes (without one,
+  ext4 skips inodes freed in the last seconds, so libguestfs's chown probe file would shift inode numbers by
+  timing); the journal is renewed afterwards, since the used one holds commit times and a timing-dependent
+  sequence (:func:`settle_ext4`);
+* after the appliance is gone, with debugfs: inode times (atime, ctime, crtime) and generations (random in the
+  kernel) set, what imgconv adds given the epoch as mtime, inodes of deleted files (that probe) cleared; then
+  e2fsck rewrites the directories (the probe's random name stays in the root directory's block) and recomputes
+  the checksums the generations seed; the superblock's mount, write, check and creation times and its write
+  counter are set last;
+* the EFI system partition: made with ``mkfs.vfat --invariant`` and a volume id from the image; the UKI is copied
+  in with mtools under ``SOURCE_DATE_EPOCH`` (FAT cannot store times before 1980: those are clamped);
+* the qcow2: the appliance writes a sparse raw file, which ``qemu-img convert`` turns into qcow2 in one
+  sequential pass (its cluster layout follows from the raw bytes alone).
+
+The epoch is ``SOURCE_DATE_EPOCH`` if set, else the image's ``created``, else 0 (:func:`build_epoch`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import uuid
+from calendar import timegm
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from converter.epoch import source_date_epoch
+from converter.errors import MissingToolError, ToolError, one_line
+from converter.guest import BOOT_DIR, RESERVED, ROOT_LABEL
+from converter.run import run
+
+if TYPE_CHECKING:
+    from converter.oci.image import Image
+
+SECTOR = 512
+BLOCK = 4096
+ROOT_FIRST_SECTOR = 2048  # 1 MiB aligned, as the GPT layout's partitions are
+FAT_EARLIEST = 315619200  # 1980-01-02: FAT dates start in 1980 (a day later, so no time zone takes it below)
+E2FS_TIMEOUT = 600.0
+_CREATED = re.compile(r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)")
+
+
+def build_epoch(image: Image) -> int:
+    """The time every timestamp imgconv writes into a disk takes: SOURCE_DATE_EPOCH, else the image's
+    ``created`` (to the second), else 0. Both are fixed for a given image, so the disk stays the same."""
+    given = source_date_epoch()
+    if given is not None:
+        return given
+    created = image.config.doc.get("created")
+    match = _CREATED.fullmatch(created.strip()) if isinstance(created, str) else None
+    if match is None:
+        return 0
+    *fields, zone = match.groups()
+    seconds = timegm((*(int(f) for f in fields), 0, 0, 0))
+    if zone not in ("Z", "z"):
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return max(0, seconds)
+
+
+def derived_id(volume: str, what: str) -> uuid.UUID:
+    """An id for *what* (``disk``, ``hash-seed``, ``esp``...) derived from the filesystem UUID."""
+    return uuid.uuid5(uuid.UUID(volume), what)
+
+
+def sbin_tool(name: str, package: str, purpose: str) -> str:
+    """A program that lives in /usr/sbin, found also where an unprivileged user's PATH does not look."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise MissingToolError(f"{name} is required to {purpose} (Debian package: {package})")
+    return found
+
+
+def e2fs_tool(name: str) -> str:
+    return sbin_tool(name, "e2fsprogs", "build the disk's filesystem")
+
+
+def _chs(lba: int) -> bytes:
+    """An MBR entry's cylinder/head/sector address (255 heads, 63 sectors), or the "use LBA" marker past it."""
+    if lba >= 1024 * 255 * 63:
+        return b"\xfe\xff\xff"
+    cylinder, rest = divmod(lba, 255 * 63)
+    head, sector = divmod(rest, 63)
+    return bytes([head, ((cylinder >> 2) & 0xC0) | (sector + 1), cylinder & 0xFF])
+
+
+def mbr(sectors: int, disk_id: bytes, first: int = ROOT_FIRST_SECTOR) -> bytes:
+    """The first sector of a BIOS disk: no boot code yet (extlinux adds it), the disk id, and one bootable
+    Linux partition from *first* to the end of the disk."""
+    last = sectors - 1
+    entry = (b"\x80" + _chs(first) + b"\x83" + _chs(last)
+             + struct.pack("<II", first, min(last - first + 1, 0xFFFFFFFF)))
+    return bytes(440) + disk_id[:4] + b"\0\0" + entry + bytes(48) + b"\x55\xaa"
+
+
+def write_at(disk: Path, data: bytes, offset: int) -> None:
+    with disk.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def make_ext4(disk: Path, offset: int, size: int, volume: str, inodes: int, epoch: int) -> None:
+    """The root filesystem at byte *offset* of *disk* (*size* bytes), made by the host's mke2fs: the same one
+    the appliance carries (libguestfs builds it from the host's packages), given what the appliance's cannot."""
+    seed = derived_id(volume, "hash-seed")
+    run([e2fs_tool("mke2fs"), "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-L", ROOT_LABEL, "-U", volume, "-m", "1",
+         "-N", str(inodes), "-E", f"hash_seed={seed},offset={offset},lazy_itable_init=0,nodiscard,root_owner=0:0",
+         str(disk), str(size // BLOCK)], purpose="create the ext4 filesystem", env=_e2fs_env(epoch),
+        timeout=E2FS_TIMEOUT)
+
+
+def _e2fs_env(epoch: int) -> dict[str, str]:
+    """e2fsprogs' clock for the superblock and inode times it writes (mke2fs, tune2fs, debugfs; e2fsck's own)."""
+    return {**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch), "E2FSCK_TIME": str(epoch)}
+
+
+@dataclass(frozen=True)
+class InodeGroup:
+    """What dumpe2fs says of one block group's inodes."""
+
+    first: int  # inode number of its first inode
+    table: int  # block of its inode table
+    touched: int  # inodes ever used (the rest were never written: "unused inodes")
+    free: frozenset[int]
+
+
+def inode_groups(dumpe2fs: str) -> tuple[int, list[InodeGroup]]:
+    """The inode size and the block groups' inodes, from dumpe2fs's full output."""
+    def header(name: str) -> int:
+        found = re.search(rf"^{name}:\s+(\d+)", dumpe2fs, re.M)
+        if found is None:
+            raise ToolError(f"dumpe2fs did not say the filesystem's {name.lower()}")
+        return int(found.group(1))
+
+    per_group, groups = header("Inodes per group"), []
+    for block in re.split(r"^(?=Group \d+:)", dumpe2fs, flags=re.M)[1:]:
+        number = int(block.split(":", 1)[0].split()[1])
+        table = re.search(r"Inode table at (\d+)", block)
+        unused = re.search(r"(\d+) unused inodes", block)
+        free_line = re.search(r"^\s*Free inodes: ?(.*)$", block, re.M)
+        free: set[int] = set()
+        for part in filter(None, (p.strip() for p in (free_line.group(1) if free_line else "").split(","))):
+            low, _, high = part.partition("-")
+            free.update(range(int(low), int(high or low) + 1))
+        groups.append(InodeGroup(number * per_group + 1, int(table.group(1)) if table else 0,
+                                 per_group - int(unused.group(1)) if unused else per_group, frozenset(free)))
+    return header("Inode size"), groups
+
+
+def stale_inodes(disk: Path, offset: int, inode_size: int, groups: list[InodeGroup]) -> list[int]:
+    """Free inodes that are not zero: files created and deleted during the build (libguestfs's tar_in makes and
+    removes a randomly named file to test chown), whose leftover times and owner would differ between runs."""
+    stale = []
+    with disk.open("rb") as f:
+        for group in groups:
+            if not group.touched or not group.free:
+                continue
+            f.seek(offset + group.table * BLOCK)
+            table = f.read(group.touched * inode_size)
+            stale += [group.first + i for i in range(group.touched)
+                      if group.first + i in group.free and any(table[i * inode_size:(i + 1) * inode_size])]
+    return stale
+
+
+def _time_commands(target: str, fields: Iterable[str], epoch: int) -> list[str]:
+    """debugfs commands setting *fields* of *target* to *epoch* with no nanoseconds (the extra field first:
+    setting the time then fills in its epoch bits past 2038)."""
+    return [line for f in fields for line in (f"sif {target} {f}_extra 0", f"sif {target} {f} @{epoch}")]
+
+
+def _debugfs(device: str, commands: list[str], scratch: Path, epoch: int, purpose: str) -> str:
+    script = scratch / "debugfs.cmd"
+    script.write_text("\n".join(commands) + "\n")
+    ran = run([e2fs_tool("debugfs"), "-w", "-f", str(script), device], purpose=purpose, env=_e2fs_env(epoch),
+              timeout=E2FS_TIMEOUT)
+    errors = [line for line in ran.stderr.decode(errors="replace").splitlines()
+              if line.strip() and not line.startswith("debugfs ")]
+    if errors:
+        raise ToolError(f"debugfs failed to {purpose}: {errors[0]}")
+    return ran.stdout.decode(errors="replace")
+
+
+def _entries(device: str, directories: tuple[str, ...], scratch: Path, epoch: int) -> list[str]:
+    """The inodes of *directories* and what they hold (imgconv's own files: written by tar, uploads and extlinux
+    at the appliance's time), as debugfs targets (by number: names are never parsed back)."""
+    listed = _debugfs(device, [f"ls -p {d}" for d in directories], scratch, epoch, "list imgconv's files")
+    inodes = {int(ino) for ino, name in re.findall(r"^/(\d+)/\d+/\d+/\d+/([^/]*)/", listed, re.M) if name != ".."}
+    return [f"<{ino}>" for ino in sorted(inodes)]
+
+
+def settle_ext4(disk: Path, offset: int, epoch: int, root_mtime: int, scratch: Path) -> None:
+    """After the appliance: a new journal, every time and generation the build's own, leftovers of deleted files
+    cleared, directories rewritten (the deleted file's name stays in the root's), checksums recomputed (the
+    generation seeds them), the superblock's times set. *root_mtime* is the image's own for /."""
+    device, env = f"{disk}?offset={offset}", _e2fs_env(epoch)
+    for flag in ("-O^has_journal", "-j"):  # the used journal holds commit times and a timing-dependent sequence
+        run([e2fs_tool("tune2fs"), flag, device], purpose="renew the ext4 journal", env=env, timeout=E2FS_TIMEOUT)
+    dump = run([e2fs_tool("dumpe2fs"), device], purpose="list the filesystem's inodes", env=env,
+               timeout=E2FS_TIMEOUT).stdout.decode(errors="replace")
+    inode_size, groups = inode_groups(dump)
+    commands = [f"clri <{ino}>" for ino in stale_inodes(disk, offset, inode_size, groups)]
+    for group in groups:
+        for ino in range(group.first, group.first + group.touched):
+            if ino not in group.free and (ino == 2 or ino >= 7):  # not the unused reserved inodes
+                commands += [f"sif <{ino}> generation 0", *_time_commands(f"<{ino}>", ("atime", "ctime", "crtime"),
+                                                                            epoch)]
+    for target in _entries(device, (f"/{RESERVED}", f"/{BOOT_DIR}"), scratch, epoch):
+        commands += _time_commands(target, ("mtime",), epoch)
+    commands += _time_commands("<2>", ("mtime",), root_mtime)
+    _debugfs(device, commands + _superblock_commands(epoch), scratch, epoch, "set the filesystem's times")
+    checked = run([e2fs_tool("e2fsck"), "-f", "-y", "-D", device], purpose="recompute the filesystem's checksums",
+                  env=env, timeout=E2FS_TIMEOUT, check=False)
+    if checked.returncode not in (0, 1):
+        found = one_line(checked.stdout.decode(errors="replace"), 300)
+        raise ToolError(f"e2fsck found errors in the new filesystem: {found}")
+    _debugfs(device, [*_superblock_commands(epoch), "close_filesys -a"], scratch, epoch,
+             "set the superblock's times")
+
+
+def _superblock_commands(epoch: int) -> list[str]:
+    """The superblock's times and write counter: set before e2fsck, and after it into the backup superblocks too
+    (``close_filesys -a``), which would otherwise keep the appliance's mount time."""
+    return [f"ssv {field} @{epoch}" for field in ("mtime", "wtime", "lastcheck", "mkfs_time")] + [
+        "ssv kbytes_written 0"]
+
+
+def fat_time(epoch: int) -> int:
+    """A time FAT can store: the epoch, or the start of 1980 for an earlier one."""
+    return max(epoch, FAT_EARLIEST)
