@@ -188,7 +188,7 @@ class Store:
         try:
             fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if exclusive else os.O_RDONLY, 0o644)
         except FileNotFoundError as exc:
-            raise StoreError(f"the store {self.root} is empty (nothing was written to it)") from exc
+            raise StoreError(f"the store {self.root} is empty: nothing was converted or committed into it") from exc
         except OSError as exc:
             raise StoreError(f"cannot lock the store {self.root}: {exc.strerror}") from exc
         try:
@@ -333,7 +333,6 @@ class Store:
 
     def tag(self, source: StoreRef, dest: StoreRef) -> Entry:
         """``store tag SRC DST``: DST moves to the version SRC names (a tag's current one, or one by digest)."""
-        self.ensure()
         with self.locked(exclusive=True):
             version = self.resolve(source)
             return self._move(dest, Entry(0, version.sha256, str(version.sidecar.get("source", "")),
