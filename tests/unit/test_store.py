@@ -408,3 +408,28 @@ def test_commit_never_follows_a_backing_file_named_in_the_state(base_and_state: 
     record_path(state).write_text(json.dumps(record))
     with pytest.raises(UsageError, match="backing file"):
         commit(CommitRequest(state, str(tmp_path / "out.qcow2"), base=str(base)), NullMonitor())
+
+
+def test_the_store_commands_print_tags_history_and_what_gc_freed(imgconv: Callable[..., Ran], tmp_path: Path) -> None:
+    store = Store(tmp_path / "flag")
+    one = _publish(store, b"one" * 4096, "store:app", "oci:src:1")
+    two = _publish(store, b"two" * 4096, "store:app", "oci:src:\x1b[2J")  # a control character is shown escaped
+    # --store wins over IMGCONV_STORE
+    listed = imgconv("--store", str(store.root), "store", "list", env={"IMGCONV_STORE": str(tmp_path / "env")}).ok()
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "TAG", "SHA256", "SOURCE", "CREATED"]
+    assert row.split()[:4] == ["app", "latest", two, "oci:src:\\x1b[2J"]
+    empty = imgconv("store", "list", env={"IMGCONV_STORE": str(tmp_path / "env")}).ok()
+    assert "has no tags" in empty.stdout
+    lines = imgconv("--store", str(store.root), "store", "history", "store:app").ok().stdout.splitlines()
+    assert lines[1].startswith("*") and two in lines[1] and one in lines[2] and "write" in lines[2]
+    rolled = imgconv("--store", str(store.root), "store", "rollback", "app").ok()
+    assert rolled.stdout == f"app:latest: rolled back to {one} (from {two})\n"
+    tagged = imgconv("--store", str(store.root), "store", "tag", f"app@{two}", "store:app:prod").ok()
+    assert tagged.stdout == f"app:prod -> {two}\n"
+    removed = imgconv("--store", str(store.root), "store", "rm", "app:latest").ok()
+    assert removed.stdout == f"removed app:latest (was {one})\n"
+    freed = imgconv("--store", str(store.root), "store", "gc").ok().stdout.splitlines()
+    assert freed[0].startswith("deleted 1 version(s) and 0 temporary file(s), freed ") and freed[1] == f"  {one}"
+    missing = imgconv("--store", str(store.root), "store", "history", "app")
+    assert_one_line_error(missing, "store:app:latest does not exist", code=2)
