@@ -151,6 +151,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _link(finished: Path, obj: Path) -> None:
+    """*finished* under its version's name. A link never replaces (a version's bytes never change); where the
+    filesystem has no hard links, a rename does the same, since the caller holds the lock and *obj* is absent."""
+    try:
+        os.link(finished, obj)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.rename(finished, obj)
+
+
 def _allocated(path: Path) -> int:
     try:
         return path.lstat().st_blocks * 512
@@ -317,7 +328,7 @@ class Store:
         with self.locked(exclusive=True):
             if not obj.exists():
                 atomic_write(side, data, READ_ONLY)
-                os.link(finished, obj)  # never replaces: a version's bytes never change
+                _link(finished, obj)
                 sync_dir(obj.parent)
             elif not side.exists():
                 atomic_write(side, data, READ_ONLY)

@@ -433,3 +433,12 @@ def test_the_store_commands_print_tags_history_and_what_gc_freed(imgconv: Callab
     assert freed[0].startswith("deleted 1 version(s) and 0 temporary file(s), freed ") and freed[1] == f"  {one}"
     missing = imgconv("--store", str(store.root), "store", "history", "app")
     assert_one_line_error(missing, "store:app:latest does not exist", code=2)
+
+
+def test_the_store_publish_and_commit_are_steps_with_stable_ids() -> None:
+    from converter.disk import build
+    from converter.store.commit import PIPELINE
+
+    assert build.pipeline("keep", store=True).step_ids == build.pipeline("keep").step_ids
+    assert build.pipeline("keep", store=True).step_ids[-1] == "publish"
+    assert PIPELINE.step_ids == ("check-inputs", "flatten", "publish")
