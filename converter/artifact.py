@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,11 @@ READ_ONLY = 0o444
 
 def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
+
+
+def statement_path(output: Path) -> Path:
+    """The in-toto provenance statement beside OUTPUT (converter/provenance.py)."""
+    return output.with_name(output.name + ".intoto.json")
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -49,6 +54,10 @@ def check_output(output: Path, force: bool) -> None:
                          "pass --force to replace it")
     if side.is_dir():
         raise UsageError(f"{side} is a directory; imgconv writes its sidecar there")
+    statement = statement_path(output)
+    if (statement.exists() or statement.is_symlink()) and not force:
+        raise UsageError(f"{statement} already exists (the provenance statement imgconv writes beside "
+                         f"{output.name}); pass --force to replace it")
 
 
 def _temp_prefix(output: Path, pid: int | None = None) -> str:
@@ -148,21 +157,27 @@ def now_utc() -> str:
     return timestamp(source_date_epoch())
 
 
-def publish(finished: Path, output: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+def publish(finished: Path, output: Path, sidecar: dict[str, Any],
+            statement: Callable[[str], bytes] | None = None) -> dict[str, Any]:
     """Make *finished* read-only, hash it, and move it and its sidecar into place.
 
     The sidecar is written (and synced) first under a temporary name, so a failure to write it
     publishes nothing; the two renames then follow each other immediately, artifact first, so
-    OUTPUT never exists without being complete. (This is :func:`atomic_write` for two files.)
+    OUTPUT never exists without being complete. (This is :func:`atomic_write` for two files.) *statement*, given
+    the disk's sha256, renders the provenance statement, written and renamed the same way, last.
     """
     os.chmod(finished, READ_ONLY)
     record = dict(sidecar)
     record["sha256"] = sha256_file(finished)
     record["size"] = finished.stat().st_size
     side = sidecar_path(output)
-    with temp_beside(side) as side_temp:
+    with temp_beside(side) as side_temp, temp_beside(statement_path(output)) as statement_temp:
         _write_durably(side_temp, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), READ_ONLY)
+        if statement is not None:
+            _write_durably(statement_temp, statement(record["sha256"]), READ_ONLY)
         os.replace(finished, output)
         os.replace(side_temp, side)
+        if statement is not None:
+            os.replace(statement_temp, statement_path(output))
     sync_dir(side.parent)
     return record

@@ -515,6 +515,52 @@ def _store_commands() -> None:
 
 _store_commands()
 
+DiskArg = Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2.", readable=False)]
+
+
+@app.command()
+def provenance(disk: DiskArg) -> None:
+    """Print the disk's provenance: an in-toto Statement v1 with a SLSA provenance v1 predicate (DISK.intoto.json).
+
+    Its subject is the disk's sha256; it names the source image's config and manifest digests, the kernel, imgconv's
+    init and version, and the options: what `imgconv verify --rebuild` builds it again from.
+    """
+    from converter.artifact import statement_path
+    from converter.provenance import read_json
+
+    print(json.dumps(read_json(statement_path(disk), "provenance statement"), indent=2, sort_keys=True))
+
+
+@app.command()
+def verify(
+    disk: DiskArg,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Also build the disk again from its recorded source "
+                                                            "and say whether the bytes are identical.")] = False,
+    tls_verify: TlsOpt = True,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a disk against its sidecar and provenance statement: exit 0 and one line OK, or 1 and what differs.
+
+    With --rebuild, the recorded source is converted again (same options, same SOURCE_DATE_EPOCH) into a temporary
+    file: exit 0 when its bytes are the disk's, 1 when they are not.
+    """
+    from converter.provenance import rebuild_disk, verify_disk
+
+    verdict = verify_disk(disk)
+    if not verdict.ok:
+        for problem in verdict.problems:
+            print(f"{disk}: FAILED: {printable(problem)}")
+        raise typer.Exit(1)
+    if not rebuild:
+        print(f"{disk}: OK ({verdict.sha256}, from {printable(verdict.source)})")
+        return
+    again = rebuild_disk(disk, tls_verify, monitor_for(False, quiet))
+    if not again.identical:
+        print(f"{disk}: FAILED: rebuilt from {printable(again.source)}, the bytes differ: {again.recorded} "
+              f"recorded, {again.rebuilt} rebuilt")
+        raise typer.Exit(1)
+    print(f"{disk}: OK, rebuilt identical ({again.rebuilt}) from {printable(again.source)}")
+
 
 def validate_hostname(name: str) -> str:
     import re

@@ -58,6 +58,7 @@ class BootEntry:
     kernel: str  # e.g. /.imgconv/boot/vmlinuz-6.1.0-57-cloud-amd64
     initrd: str
     cmdline: str
+    kernel_sha256: str = ""  # of the kernel file booted (the provenance statement names it); "" in older sidecars
 
 
 @dataclass(frozen=True)

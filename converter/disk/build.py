@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from converter import __version__
-from converter.artifact import check_output, now_utc, publish, temp_beside
+from converter.artifact import check_output, now_utc, publish, sha256_file, temp_beside
 from converter.boot.extlinux import MBR_CODE, install_extlinux
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, encode_spec
@@ -83,6 +83,7 @@ from converter.oci.reference import Reference, parse_reference
 from converter.oci.transport import open_image
 from converter.pipeline import APPLIANCE, ApplianceSession, Context, Pipeline, Slot, Step
 from converter.progress import Monitor
+from converter.provenance import provenance_of, statement_for
 from converter.records import (
     BootEntry,
     BuildRecord,
@@ -297,7 +298,8 @@ def install_boot(ctx: Context) -> BootEntry:
         install_extlinux(app, entry, scratch)
     if firmware is Firmware.BOTH:  # the protective MBR of a GPT disk: code that boots the legacy-bootable partition
         write_gpt_mbr_code(app, DEVICE)
-    return entry
+    # The file booted, whichever kernel it is, named by digest in the provenance statement.
+    return replace(entry, kernel_sha256="sha256:" + app.call("hash the kernel", app.g.checksum, "sha256", entry.kernel))
 
 
 def install_uefi(ctx: Context) -> None:
@@ -306,7 +308,7 @@ def install_uefi(ctx: Context) -> None:
     kernel, initrd = boot_files_on_host(app, ctx[choose_kernel], entry, scratch)
     check_efi_kernel(kernel, ctx[choose_kernel].describe())
     uki = scratch / "BOOTX64.EFI"
-    build_uki(kernel, initrd, entry.cmdline, uki)
+    build_uki(kernel, initrd, entry.cmdline, uki, epoch=ctx[plan].epoch)
     install_uki(ctx[create_disk], uki, ctx[plan].layout, ctx[plan].epoch)
 
 
@@ -343,7 +345,8 @@ def build_record(ctx: Context) -> BuildRecord:
 
 def publish_disk(ctx: Context) -> BuildRecord:
     record, output = build_record(ctx), ctx[OPTIONS].output
-    published = publish(ctx[FINISHED], output, to_json(record))
+    predicate = provenance_of(record, ctx[SOURCE], sha256_file(init_binary()), source_date_epoch())
+    published = publish(ctx[FINISHED], output, to_json(record), statement_for(output.name, predicate))
     return replace(record, sha256=published["sha256"], size=published["size"], output=str(output))
 
 

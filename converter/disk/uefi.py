@@ -183,15 +183,19 @@ def os_release() -> str:
     return f'NAME="imgconv"\nID=imgconv\nVERSION_ID="{__version__}"\nPRETTY_NAME="imgconv disk"\n'
 
 
-def objcopy(args: Sequence[str | Path], purpose: str) -> None:
-    """objcopy, its absence and its failures as imgconv's one-line errors (MissingToolError, ToolError)."""
+def objcopy(args: Sequence[str | Path], purpose: str, epoch: int = 0) -> None:
+    """objcopy, its absence and its failures as imgconv's one-line errors (MissingToolError, ToolError). A PE
+    file's header gets the time *epoch* (binutils reads SOURCE_DATE_EPOCH; else it writes the clock's)."""
     if shutil.which("objcopy") is None:
         raise MissingToolError(f"objcopy is required to {purpose} (Debian package: binutils)")
-    run(["objcopy", *args], purpose=purpose, timeout=OBJCOPY_TIMEOUT)
+    run(["objcopy", *args], purpose=purpose, timeout=OBJCOPY_TIMEOUT,
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
 
 
-def build_uki(kernel: Path, initrd: Path, cmdline: str, out: Path, stub: Path = STUB) -> tuple[Section, ...]:
-    """Write the UKI booting *kernel* with *initrd* and *cmdline* to *out*; return the sections it added."""
+def build_uki(kernel: Path, initrd: Path, cmdline: str, out: Path, stub: Path = STUB,
+              epoch: int = 0) -> tuple[Section, ...]:
+    """Write the UKI booting *kernel* with *initrd* and *cmdline* to *out*, its PE timestamp *epoch*; return the
+    sections it added."""
     osrel, cmdline_file = out.with_name(out.name + ".osrel"), out.with_name(out.name + ".cmdline")
     osrel.write_text(os_release())
     cmdline_file.write_text(cmdline)
@@ -203,7 +207,7 @@ def build_uki(kernel: Path, initrd: Path, cmdline: str, out: Path, stub: Path = 
     for section in layout:
         args += ["--add-section", f"{section.name}={section.path}",
                  "--change-section-vma", f"{section.name}={section.vma:#x}"]
-    objcopy([*args, stub, out], "build the unified kernel image (UEFI)")
+    objcopy([*args, stub, out], "build the unified kernel image (UEFI)", epoch)
     return layout
 
 
@@ -264,10 +268,12 @@ def partition_gpt(disk: Path, layout: PartitionLayout, disk_size: int, ids: str,
     ])
     write_at(disk, primary, 0)
     write_at(disk, backup, (sectors - len(backup) // SECTOR) * SECTOR)
-    # --invariant: no clock in the volume label's directory entry; the volume id is given.
+    # --invariant: no clock in the volume label's directory entry; the volume id is given. The FAT type is given
+    # too: on a file mkfs.vfat would pick it by the whole file's size (FAT32, too few clusters for 64 MiB).
     run([sbin_tool("mkfs.vfat", "dosfstools", "build a UEFI disk"), "--invariant", "-i",
-         derived_id(ids, "esp-volume-id").hex[:8], "-n", "ESP", f"--offset={esp_first}", str(disk),
-         str(layout.esp_bytes // 1024)], purpose="create the EFI system partition's filesystem")
+         derived_id(ids, "esp-volume-id").hex[:8], "-n", "ESP", "-F", "16" if layout.esp_bytes < 1 << 30 else "32",
+         f"--offset={esp_first}", str(disk), str(layout.esp_bytes // 1024)],
+        purpose="create the EFI system partition's filesystem")
 
 
 def install_uki(disk: Path, uki: Path, layout: PartitionLayout, epoch: int) -> None:
