@@ -195,10 +195,9 @@ def plan(ctx: Context) -> Plan:
                      modules_entries + IMGCONV_ENTRIES)
     spec = run_spec(image, options.hostname, options.init)
     if spec.mode == InitMode.SYSTEM:
-        command = f"runs {shlex.join(spec.argv)} as a service" if spec.argv and spec.argv[0] not in INIT_SYSTEMS \
-            else "is PID 1"
-        ctx.monitor.note(f"init: system (the image's init system boots; the image's command {command})"
-                         if spec.argv else "init: system (the image's init system boots)")
+        service = spec.argv and spec.argv[0] not in INIT_SYSTEMS
+        ctx.monitor.note("init: system (the image's init system boots" +
+                         (f"; its service runs the image's command: {shlex.join(spec.argv)})" if service else ")"))
     else:
         ctx.monitor.note("init: container (imgconv's init runs the image's command, as docker run)")
     return Plan(spec, disk, volume_uuid(image), content, layout, build_epoch(image))

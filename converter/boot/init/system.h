@@ -36,8 +36,8 @@ static int is_init_system(const char *path)
 	return 0;
 }
 
-/* One word of a unit file's command line or assignment: double-quoted, C escapes for the quote and
- * the backslash, and $ and % doubled so that systemd expands nothing. */
+/* One word of a unit file's command line or Environment=: double-quoted, C escapes for the quote
+ * and the backslash, and $ and % doubled so that systemd expands nothing. */
 static void unit_word(FILE *f, const char *s)
 {
 	fputc('"', f);
@@ -53,6 +53,19 @@ static void unit_word(FILE *f, const char *s)
 			fputc(ch, f);
 	}
 	fputc('"', f);
+}
+
+/* A plain setting's value: only specifiers (%) escaped; a line break would start another setting, so
+ * control characters are dropped. */
+static void unit_value(FILE *f, const char *s)
+{
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '%')
+			fputs("%%", f);
+		else if (ch >= 0x20 && ch != 0x7f)
+			fputc(ch, f);
+	}
 }
 
 /* The image's command as a service: started when the system is up, its output on the console. */
@@ -77,8 +90,8 @@ static void write_workload_unit(const struct spec *s)
 		fputc('\n', f);
 	}
 	if (*s->cwd) {
-		fputs("WorkingDirectory=", f);
-		unit_word(f, s->cwd);
+		fputs("WorkingDirectory=", f); /* a path as it is (quotes would be part of it); % doubled */
+		unit_value(f, s->cwd);
 		fputc('\n', f);
 	}
 	if (*s->user) {
@@ -88,15 +101,17 @@ static void write_workload_unit(const struct spec *s)
 		if (group)
 			*group++ = '\0';
 		fputs("User=", f);
-		unit_word(f, user);
+		unit_value(f, user);
 		fputc('\n', f);
 		if (group && *group) {
 			fputs("Group=", f);
-			unit_word(f, group);
+			unit_value(f, group);
 			fputc('\n', f);
 		}
 	}
-	fputs("StandardInput=null\nStandardOutput=journal+console\nStandardError=journal+console\n", f);
+	/* Straight to the console, byte for byte as docker run shows it (journal+console would go through
+	 * journald, which prefixes a timestamp and the process name). */
+	fputs("StandardInput=null\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/console\n", f);
 	if (fclose(f) != 0)
 		fatal("cannot write %s: %s", WORKLOAD_UNIT, strerror(errno));
 	if (symlink("../imgconv-workload.service",
