@@ -26,8 +26,10 @@ import json
 import os
 import shutil
 import struct
+import sys
 import uuid
 import zlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -208,7 +210,26 @@ def build_uki(kernel: Path, initrd: Path, cmdline: str, out: Path, stub: Path = 
         args += ["--add-section", f"{section.name}={section.path}",
                  "--change-section-vma", f"{section.name}={section.vma:#x}"]
     objcopy([*args, stub, out], "build the unified kernel image (UEFI)", epoch)
+    stamp_pe(out, epoch)
     return layout
+
+
+def stamp_pe(path: Path, epoch: int) -> None:
+    """Give the PE file at *path* the header time *epoch* and its matching checksum. objcopy 2.40 writes the
+    clock's time into a PE file it copies (SOURCE_DATE_EPOCH notwithstanding): a UKI would differ every second."""
+    data = bytearray(path.read_bytes())
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    checksum_at = pe + 24 + 64  # the optional header's CheckSum
+    struct.pack_into("<I", data, pe + 8, epoch & 0xFFFFFFFF)  # the COFF header's TimeDateStamp
+    struct.pack_into("<I", data, checksum_at, 0)
+    words = array("H", bytes(data) + b"\0" * (len(data) % 2))
+    if sys.byteorder == "big":
+        words.byteswap()
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("<I", data, checksum_at, (total + len(data)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
 
 
 # -- the disk: GPT, the EFI system partition, the UKI in it -------------------------------------------------------
