@@ -121,7 +121,7 @@ class BuildOptions:
     hostname: str = "imgconv"
     platform: Platform | None = None
     tls_verify: bool = True
-    kernel_modules: bool = True
+    kernel_modules: bool | None = None  # None: the mode decides (system: yes, container: no)
     firmware: Firmware = Firmware.BIOS
     init: InitMode = InitMode.AUTO
     store: Target | None = None  # OUTPUT store:NAME[:TAG]; output is then the store's work path
@@ -150,6 +150,7 @@ class Plan:
     content: int  # bytes of tar the layers inflate to (the progress bar's total)
     layout: PartitionLayout
     epoch: int  # every time written into the disk (converter.disk.reproducible.build_epoch)
+    modules: bool = False  # a host kernel's modules tree goes into the guest (see plan)
 
 
 SOURCE: Slot[str] = Slot("source")
@@ -184,23 +185,39 @@ def read_image(ctx: Context) -> Image:
 
 
 def plan(ctx: Context) -> Plan:
-    """Sizes assume the host kernel's modules go in unless --kernel says otherwise: the image's own kernel
-    (found only while streaming) needs no room for them, so the worst case is planned."""
+    """Sizes assume a host kernel's modules go in when they are wanted, unless --kernel says otherwise: the image's
+    own kernel (found only while streaming) needs no room for them, so the worst case is planned.
+
+    The modules tree (about 90 MiB for Debian's cloud kernel) is wanted by default only in system mode: a
+    container never gets the host's modules, and imgconv's initramfs already loads what the boot needs, while an
+    init system's udev loads drivers for what it finds. --kernel-modules / --no-kernel-modules decide otherwise."""
     options, image, explicit = ctx[OPTIONS], ctx[read_image], ctx[check_inputs].kernel
+    spec = run_spec(image, options.hostname, options.init)
+    wanted = options.kernel_modules if options.kernel_modules is not None else spec.mode == InitMode.SYSTEM
     modules = explicit.host_modules if explicit else _host_modules()
-    modules_bytes, modules_entries = tree_size(modules) if modules and options.kernel_modules else (0, 0)
+    modules_bytes, modules_entries = tree_size(modules) if modules and wanted else (0, 0)
     content = content_bytes(image)
     layout = plan_layout(options)
     disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES + layout.esp_bytes,
                      modules_entries + IMGCONV_ENTRIES)
-    spec = run_spec(image, options.hostname, options.init)
+    _say_plan(ctx.monitor, spec, wanted, modules_bytes)
+    return Plan(spec, disk, volume_uuid(image), content, layout, build_epoch(image), wanted)
+
+
+def _say_plan(monitor: Monitor, spec: InitSpec, modules: bool, modules_bytes: int) -> None:
+    """Which mode the conversion chose, and what the kernel's modules cost (or would)."""
     if spec.mode == InitMode.SYSTEM:
         service = spec.argv and spec.argv[0] not in INIT_SYSTEMS
-        ctx.monitor.note("init: system (the image's init system boots" +
-                         (f"; its service runs the image's command: {shlex.join(spec.argv)})" if service else ")"))
+        monitor.note("init: system (the image's init system boots" +
+                     (f"; its service runs the image's command: {shlex.join(spec.argv)})" if service else ")"))
     else:
-        ctx.monitor.note("init: container (imgconv's init runs the image's command, as docker run)")
-    return Plan(spec, disk, volume_uuid(image), content, layout, build_epoch(image))
+        monitor.note("init: container (imgconv's init runs the image's command, as docker run)")
+    if modules and modules_bytes:
+        monitor.note(f"kernel modules: placed in the guest ({modules_bytes / (1 << 20):.0f} MiB; "
+                     "--no-kernel-modules leaves them out)")
+    elif not modules:
+        monitor.note("kernel modules: left out (the initramfs loads what the boot needs; --kernel-modules adds "
+                     "a host kernel's modules tree, about 90 MiB)")
 
 
 def plan_layout(options: BuildOptions) -> PartitionLayout:
@@ -283,7 +300,7 @@ def add_imgconv_files(ctx: Context) -> Additions:
     tree = ctx[write_rootfs].tree
     found: list[Additions] = []
     stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "imgconv.fifo",
-                lambda out: found.append(write_imgconv_files(tree, files, kernel, options.kernel_modules, origin,
+                lambda out: found.append(write_imgconv_files(tree, files, kernel, ctx[plan].modules, origin,
                                                              out, ctx[plan].epoch)),
                 "add imgconv's files to the disk")
     return found[0]

@@ -179,9 +179,10 @@ def runtime_dirs_image(root: Path) -> Converted:
 
 
 def into_reserved_image(root: Path) -> Converted:
-    # The host kernel's modules go to /lib/modules/RELEASE, resolved through the image's symlinks.
+    # The host kernel's modules (asked for) go to /lib/modules/RELEASE, resolved through the image's symlinks.
     specs = [*busybox(), sym("lib", "/.imgconv/init")]
-    return convert(root, [layer(*specs)], {"Entrypoint": ["/bin/sh", "-c", "echo ok; exit 3"]}, boot=True)
+    return convert(root, [layer(*specs)], {"Entrypoint": ["/bin/sh", "-c", "echo ok; exit 3"]}, "--kernel-modules",
+                   boot=True)
 
 
 BOGUS_RELEASE = "9.9.9-bogus"
