@@ -29,14 +29,7 @@ if TYPE_CHECKING:
     from _typeshed import SupportsRead
 
 from converter.errors import LayerError
-from converter.oci.tarread import (  # noqa: F401  (HeaderLimitError: for callers that tell bounds apart)
-    BUFSIZE,
-    MAX_SPECIAL_HEADER,
-    Entry,
-    HeaderLimitError,
-    TarFormatError,
-    TarReader,
-)
+from converter.oci.tarread import BUFSIZE, Entry, TarFormatError, TarReader
 
 MAX_DEVICE = 8**7 - 1  # the ustar device fields have no PAX fallback
 MAX_ID = 2**32 - 1  # uid_t and gid_t are 32 bits
@@ -91,8 +84,8 @@ def _check_names(member: tarfile.TarInfo, what: str) -> None:
 
 def open_reader(stream: BinaryIO, size: int | None = None) -> TarReader:
     """A streaming tar reader that reads as Go's archive/tar does, in bounded memory (:mod:`converter.oci.tarread`);
-    errors are :class:`tarfile.TarError` (:class:`HeaderLimitError` for what exceeds a bound), for callers that map
-    them to their own."""
+    errors are :class:`tarfile.TarError` (``HeaderLimitError`` for what exceeds a bound), for callers that map them
+    to their own."""
     return TarReader(stream, size)
 
 
@@ -100,7 +93,7 @@ def read_members(stream: BinaryIO, what: str) -> Iterator[tuple[Entry, TarReader
     """Each member of the tar *stream* with the reader its data comes from, in bounded memory.
 
     A zero-length stream is an empty archive; what Go's archive/tar refuses, special headers beyond
-    :data:`MAX_SPECIAL_HEADER`, names beyond :data:`PATH_MAX` and components beyond :data:`NAME_MAX` are a
+    ``MAX_SPECIAL_HEADER``, names beyond :data:`PATH_MAX` and components beyond :data:`NAME_MAX` are a
     :class:`LayerError` naming *what*.
     """
     tar = open_reader(stream)

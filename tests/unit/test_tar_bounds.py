@@ -26,7 +26,8 @@ import pytest
 from converter.errors import LayerError
 from converter.oci.flatten import LayerInput, flatten
 from converter.oci.reference import parse_reference
-from converter.oci.tarutil import MAX_SPECIAL_HEADER, PATH_MAX, open_output
+from converter.oci.tarread import MAX_SPECIAL_HEADER
+from converter.oci.tarutil import PATH_MAX, open_output
 from converter.oci.transport import open_image
 from tests.builders import (
     END,
