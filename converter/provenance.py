@@ -236,8 +236,18 @@ def convert_recorded(source: str, output: Path, options: dict[str, Any], monitor
             size=options.get("size"), kernel=path("kernel"), initrd=path("initrd"),
             hostname=str(options.get("hostname", "imgconv")),
             platform=Platform.parse(options["platform"]) if options.get("platform") else None,
-            tls_verify=bool(options.get("tls_verify", True)), kernel_modules=bool(options.get("kernel_modules", True)),
+            tls_verify=bool(options.get("tls_verify", True)),
+            kernel_modules=_optional_bool(options.get("kernel_modules")),
             firmware=Firmware(options.get("firmware", "bios")), init=InitMode(options.get("init", "auto")))
     except (ValueError, TypeError) as exc:
         raise ProvenanceError(f"the recorded options cannot be used again: {exc}") from exc
+    recorded = {key: value for key, value in options.items() if key != "tls_verify"}
+    if built.recorded() != recorded:  # an option this imgconv does not know, or one it would record differently
+        differ = sorted(set(built.recorded().items()) ^ set(recorded.items()), key=str)
+        raise ProvenanceError(f"the recorded options cannot be given again to this imgconv: {differ[:4]}")
     return convert(source, built, monitor).sha256
+
+
+def _optional_bool(value: Any) -> bool | None:
+    """A recorded yes/no that may be unset (None: imgconv decides, as it did when the disk was made)."""
+    return None if value is None else bool(value)

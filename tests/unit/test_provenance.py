@@ -166,3 +166,8 @@ def test_a_stamped_pe_has_the_epoch_and_objcopys_own_checksum(tmp_path: Path) ->
     stamp_pe(stamp, 1234567890)
     headers = subprocess.run(["objdump", "-p", str(stamp)], capture_output=True, text=True, check=True).stdout
     assert "Fri Feb 13 23:31:30 2009" in headers
+
+
+def test_fat_times_before_1980_become_1980_01_02() -> None:
+    assert reproducible.fat_time(0) == reproducible.fat_time(315532800) == 315619200  # 1980-01-02T00:00:00Z
+    assert reproducible.fat_time(1234567890) == 1234567890
