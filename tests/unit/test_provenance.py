@@ -30,7 +30,10 @@ MiB = 1 << 20
 
 
 def _predicate() -> Provenance:
-    return Provenance(external={"source": "oci:/x:1", "options": {"format": "qcow2"}, "source_date_epoch": None},
+    from converter.disk.build import BuildOptions
+
+    options = BuildOptions(output=Path("unused")).recorded()
+    return Provenance(external={"source": "oci:/x:1", "options": options, "source_date_epoch": None},
                       dependencies=(Resource("image-config", {"sha256": "ab" * 32}, "oci:/x:1"),),
                       builder_version={"imgconv": "0"}, finished="2024-01-01T00:00:00Z")
 
@@ -171,3 +174,10 @@ def test_a_stamped_pe_has_the_epoch_and_objcopys_own_checksum(tmp_path: Path) ->
 def test_fat_times_before_1980_become_1980_01_02() -> None:
     assert reproducible.fat_time(0) == reproducible.fat_time(315532800) == 315619200  # 1980-01-02T00:00:00Z
     assert reproducible.fat_time(1234567890) == 1234567890
+
+
+def test_rebuild_refuses_options_this_imgconv_would_not_record_the_same(tmp_path: Path) -> None:
+    from converter.provenance import ProvenanceError, convert_recorded
+
+    with pytest.raises(ProvenanceError, match="cannot be given again"):
+        convert_recorded("oci:/x:1", tmp_path / "d.qcow2", {"format": "qcow2", "from-the-future": 1}, NullMonitor())
