@@ -460,8 +460,10 @@ def build_output(text: str) -> tuple[Path, Target | None]:
 
 
 def check_disk_reference(text: str) -> str:
-    """Refuse a malformed ``store:`` DISK from the text as typed (a Path would have folded ``//`` and a final
-    ``/`` away), and return it; the store is read later, by the verb's open-disk step (:func:`disk_input`)."""
+    """DISK as typed: a ``store:`` reference checked here (a Path would fold ``//`` and a final ``/`` away) and
+    read later by the verb's open-disk step (:func:`disk_input`); any other DISK made absolute, so that a file
+    given as ``./store:x`` stays a file once a Path has dropped its ``./``."""
     if is_store_ref(text):
         parse_store_ref(text)
-    return text
+        return text
+    return os.path.abspath(text) if text else text

@@ -442,3 +442,13 @@ def test_the_store_publish_and_commit_are_steps_with_stable_ids() -> None:
     assert build.pipeline("keep", store=True).step_ids == build.pipeline("keep").step_ids
     assert build.pipeline("keep", store=True).step_ids[-1] == "publish"
     assert PIPELINE.step_ids == ("check-inputs", "flatten", "publish")
+
+
+def test_a_file_named_like_a_reference_is_given_as_a_path(imgconv: Callable[..., Ran], tmp_path: Path) -> None:
+    ran = imgconv("--store", str(tmp_path / "store"), "boot", "./store:app")
+    assert_one_line_error(ran, f"{tmp_path}/store:app does not exist", code=2)
+    ran = imgconv("--store", str(tmp_path / "store"), "vm-to-oci", "./store:app", "oci:out:1")
+    assert_one_line_error(ran, "store:app does not exist", code=2)
+    assert not (tmp_path / "store").exists()
+    ran = imgconv("--store", str(tmp_path / "store"), "boot", "store:app")
+    assert_one_line_error(ran, f"the store {tmp_path}/store is empty", code=2)
