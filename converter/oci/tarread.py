@@ -28,7 +28,6 @@ at most 1 MiB (Go's limit), one entry's special headers 2 MiB together and at mo
 
 from __future__ import annotations
 
-import os
 import tarfile
 from array import array
 from collections.abc import Iterator
@@ -603,10 +602,3 @@ class _Data:
             return bytes(min(n, upto - self.pos, BUFSIZE))
         return self._stored(min(n, runs[self.run] + runs[self.run + 1] - self.pos))
 
-
-def file_size(stream: BinaryIO) -> int | None:
-    """The size of a regular file read in place (for :class:`TarReader`'s *size*), else None."""
-    try:
-        return os.fstat(stream.fileno()).st_size
-    except (OSError, AttributeError, ValueError):
-        return None

@@ -203,3 +203,30 @@ def test_an_oversized_extended_header_is_refused_before_it_is_read(tmp_path: Pat
     path.write_bytes(member("manifest.json", b"[]", comment=record) + END)
     assert_one_line_error(inspect(path), "pax.tar", "PAX header of", "at most 1 MiB")
 
+
+
+# -- the JSON documents of an archive: parsed whole, so bounded by the archive's size and plausible for theirs -------
+
+
+def test_a_config_of_millions_of_tiny_values_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """8 MiB of `{},` in a plain archive would take about 200 MiB once parsed (400 MiB of RSS is the limit here)."""
+    members = image_members(manifest_first=False)
+    manifest = json.loads(members.pop("manifest.json"))
+    config = b'{"history": [' + b"{}," * ((8 << 20) // 3) + b'{}]}'
+    members.pop(manifest[0]["Config"])
+    manifest[0]["Config"] = "config.json"
+    members["config.json"] = config
+    members["manifest.json"] = json.dumps(manifest).encode()
+    path = tmp_path / "image.tar"
+    path.write_bytes(tar_of(members))
+    assert_one_line_error(inspect(path), "image.tar", "config.json holds implausibly many JSON values")
+
+
+def test_a_manifest_larger_than_its_compressed_archive_is_refused_unread(tmp_path: Path) -> None:
+    members = image_members(manifest_first=True)
+    entries = json.loads(members["manifest.json"])
+    members["manifest.json"] = json.dumps(entries + [{"RepoTags": ["x" * 100]}] * 2000).encode()  # 250 KB
+    path = tmp_path / "image.tar.zst"
+    path.write_bytes(zstd_stream(iter([tar_of(members)])))
+    assert path.stat().st_size < 64 << 10
+    assert_one_line_error(inspect(path), "image.tar.zst", "manifest.json is implausibly large")
