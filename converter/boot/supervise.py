@@ -39,6 +39,9 @@ log = logging.getLogger("imgconv.boot.supervise")
 
 QUIT_AFTER_EXIT_MARKER = 3.0  # the guest powers off right after its exit marker; if it hangs, quit
 KILL_AFTER_QUIT = 5.0
+# A system-mode guest hears the power button only once its init system listens (logind, late in a boot): a press
+# before that is lost, as on a machine, so it is pressed again this often until the guest is gone.
+PRESS_AGAIN = 5.0
 POLL = 0.25
 STDERR_KEPT = 8192
 
@@ -90,6 +93,7 @@ class Supervisor:
         self.deadline = started + limits.timeout if math.isfinite(limits.timeout) else math.inf
         self.last_output = started
         self.stop_asked_at: float | None = None
+        self.pressed_at: float | None = None  # the power button, last (system mode)
         self.quit_at: float | None = None
 
     # -- events -------------------------------------------------------------------------------------------------
@@ -103,6 +107,8 @@ class Supervisor:
             elif self.limits.stop is not None and self.limits.stop.is_set():
                 self.outcome.stopped = True
                 self._request_stop(now)
+        if self.pressed_at is not None and self.phase is Phase.STOP_REQUESTED and now >= self.pressed_at + PRESS_AGAIN:
+            self._press_power_button(now)
         if self.stop_asked_at is not None and now >= self.stop_asked_at + self.limits.stop_grace:
             self._quit(now)
         if self.phase is Phase.EXIT_MARKER_SEEN and now >= self.last_output + QUIT_AFTER_EXIT_MARKER:
@@ -144,13 +150,17 @@ class Supervisor:
             self._quit(now)
             return
         if self.console.decoder.system:  # the image's init system: the ACPI power button, as a machine's
-            log.debug("asking the guest to stop (power button)")
-            self.control.send("system_powerdown")
+            self._press_power_button(now)
         else:
             log.debug("asking the guest to stop (ctrl-alt-delete)")
             self.control.send("send-key", CTRL_ALT_DELETE)
         if self.phase is Phase.RUNNING:
             self.phase = Phase.STOP_REQUESTED
+
+    def _press_power_button(self, now: float) -> None:
+        log.debug("asking the guest to stop (power button)")
+        self.pressed_at = now
+        self.control.send("system_powerdown")
 
     def _quit(self, now: float) -> None:
         if self.quit_at is not None:

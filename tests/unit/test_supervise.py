@@ -11,7 +11,15 @@ from typing import Any
 from converter.boot.console import ConsoleSink
 from converter.boot.qemu import BOOT
 from converter.boot.qmp import CTRL_ALT_DELETE
-from converter.boot.supervise import KILL_AFTER_QUIT, POLL, QUIT_AFTER_EXIT_MARKER, Limits, Phase, Supervisor
+from converter.boot.supervise import (
+    KILL_AFTER_QUIT,
+    POLL,
+    PRESS_AGAIN,
+    QUIT_AFTER_EXIT_MARKER,
+    Limits,
+    Phase,
+    Supervisor,
+)
 
 START = b"[    1.0] Run /init as init process\r\n<<imgconv:start>>\r\n"
 
@@ -114,3 +122,20 @@ def test_a_stop_after_the_exit_marker_keeps_waiting_for_the_power_off() -> None:
     assert vm.sent == [("send-key", CTRL_ALT_DELETE)]  # as for any stop: the guest may still be shutting down
     sup.tick(1.0 + QUIT_AFTER_EXIT_MARKER)
     assert sup.phase is Phase.QUITTING
+
+
+def test_a_system_guest_is_asked_with_the_power_button_until_it_goes() -> None:
+    """An init system hears the button only once it listens: a press lost early in its boot is repeated every
+    PRESS_AGAIN seconds; the VM is quit after the grace as for a container."""
+    sup, vm, out = supervisor(grace=12)
+    sup.console_data(b"SeaBIOS\r\n<<imgconv:system>>\r\nWelcome\r\n", 1.0)
+    sup.interrupt(2.0)
+    assert vm.sent == [("system_powerdown", None)] and sup.phase is Phase.STOP_REQUESTED
+    sup.tick(2.0 + PRESS_AGAIN - 0.1)
+    assert len(vm.sent) == 1
+    sup.tick(2.0 + PRESS_AGAIN)
+    sup.tick(2.0 + 2 * PRESS_AGAIN)
+    assert vm.sent == [("system_powerdown", None)] * 3
+    sup.tick(14.0)
+    assert sup.phase is Phase.QUITTING and vm.sent[-1] == ("quit", None)
+    assert out.getvalue() == b"Welcome\n"
