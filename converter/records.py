@@ -47,6 +47,9 @@ class ImageIdentity:
 class KernelRecord:
     release: str
     origin: str
+    # --kernel PACKAGE.deb: "sha256:HEX" of the package; left out of the JSON for other kernels, whose records
+    # stay as they were.
+    package_sha256: str = field(default="", metadata={"omit_empty": True})
 
 
 @dataclass(frozen=True)
@@ -159,10 +162,16 @@ def to_json(record: Any) -> dict[str, Any]:
             renames = f.metadata.get("rename", {})
             doc.update({renames.get(key, key): item for key, item in dataclasses.asdict(value).items()})
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            doc[f.name] = dataclasses.asdict(value)
+            doc[f.name] = {key: item for key, item in dataclasses.asdict(value).items()
+                           if item or not _omit_empty(value, key)}
         else:
             doc[f.name] = value
     return doc
+
+
+def _omit_empty(record: Any, name: str) -> bool:
+    """The field *name* of *record* is left out of the JSON when empty (a field added later, kept off older shapes)."""
+    return any(f.name == name and f.metadata.get("omit_empty") for f in dataclasses.fields(record))
 
 
 def dumps(record: Any, *, sort_keys: bool = False) -> str:

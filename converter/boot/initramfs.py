@@ -45,7 +45,11 @@ NET_MODULES = ("virtio_net",)
 HOST_MODULES = ("virtio_console", "virtiofs")
 # The ACPI power button, so that a system-mode guest's init hears imgconv boot's stop (system_powerdown).
 SYSTEM_MODULES = ("button",)
-BOOT_MODULES = DISK_MODULES + NET_MODULES + HOST_MODULES + SYSTEM_MODULES
+# The root filesystem, where the kernel has it as a module (Debian's generic kernel; the cloud kernel builds them
+# in, and modules.builtin skips them): ext4 brings crc16, mbcache and jbd2 through modules.dep, but the crc32c
+# its metadata checksums need is only a softdep (crypto-crc32c), which nothing in the initramfs would resolve.
+ROOT_MODULES = ("crc32c_generic", "ext4")
+BOOT_MODULES = DISK_MODULES + NET_MODULES + HOST_MODULES + SYSTEM_MODULES + ROOT_MODULES
 
 INITRAMFS_MARKER = "imgconv-initramfs"
 

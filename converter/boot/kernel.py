@@ -27,17 +27,19 @@ class Kernel:
     """A chosen kernel. Exactly one of *host_path* (a host file) and *guest_path* (in the image) is set."""
 
     release: str
-    origin: str  # "flag" | "image" | "host"
+    origin: str  # "flag" | "image" | "host" | "package" (--kernel of a .deb: converter.boot.kerneldeb)
     host_path: Path | None = None
     guest_path: str | None = None
     host_initrd: Path | None = None  # a user-supplied initramfs, used as is
     host_modules: Path | None = None  # the modules tree to place in the guest (host kernels only)
     guest_modules: str | None = None  # the image's own modules tree (image kernels)
+    package: Path | None = None  # the .deb a "package" kernel was read from (host_path is its extracted vmlinuz)
+    package_sha256: str = ""  # "sha256:HEX" of that .deb, recorded in the sidecar
 
     def describe(self) -> str:
         where = {"flag": "given with --kernel", "image": "the image's own",
-                 "host": "this machine's newest"}[self.origin]
-        path = self.host_path or f"/{self.guest_path}"
+                 "host": "this machine's newest", "package": "from the package"}[self.origin]
+        path = self.package or self.host_path or f"/{self.guest_path}"
         return f"kernel {self.release} ({where}: {path})"
 
 
@@ -74,12 +76,22 @@ def read_release(path: Path) -> str:
     return release
 
 
-def from_flag(kernel: Path, initrd: Path | None) -> Kernel:
-    release = read_release(kernel)
+def check_initrd(initrd: Path | None) -> None:
     if initrd is not None and not initrd.is_file():
         raise UsageError(f"initrd {initrd} does not exist")
     if initrd is not None and not os.access(initrd, os.R_OK):
         raise UsageError(f"initrd {initrd} cannot be read")
+
+
+def from_flag(kernel: Path, initrd: Path | None, scratch: Path | None = None) -> Kernel:
+    """--kernel: a kernel file (its modules, if any, from this machine's /lib/modules), or a Debian package
+    (a .deb, read into *scratch*: the kernel and modules are the package's)."""
+    from converter.boot.kerneldeb import is_deb, package_kernel  # it builds on this module
+
+    if scratch is not None and (is_deb(kernel) or kernel.suffix == ".deb"):
+        return package_kernel(kernel, initrd, scratch)
+    release = read_release(kernel)
+    check_initrd(initrd)
     modules = HOST_MODULES / release
     return Kernel(release, "flag", host_path=kernel, host_initrd=initrd,
                   host_modules=modules if modules.is_dir() else None)

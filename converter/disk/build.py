@@ -165,15 +165,16 @@ def check_inputs(ctx: Context) -> Inputs:
     check_tools(options.firmware)
     if options.firmware.bios_path and not MBR_CODE.is_file():
         raise UsageError(f"{MBR_CODE} is missing: install syslinux-common (the MBR boot code)")
-    kernel = from_flag(options.kernel, options.initrd) if options.kernel else None
-    if options.kernel and options.firmware.uefi_path:
-        check_efi_kernel(options.kernel, f"--kernel {options.kernel}")
+    scratch = ctx.enter(scratch_dir())  # a --kernel .deb is read into it
+    kernel = from_flag(options.kernel, options.initrd, scratch) if options.kernel else None
+    if kernel is not None and kernel.host_path is not None and options.firmware.uefi_path:
+        check_efi_kernel(kernel.host_path, f"--kernel {options.kernel}")
     if kernel is not None and kernel.host_initrd is None and kernel.host_modules is None:
         raise UsageError(f"--kernel {options.kernel}: there are no modules for it in /lib/modules/{kernel.release} "
                          "to build an initramfs from; pass --initrd")
     init_binary()  # compile (once, cached) before the appliance starts, so a missing compiler fails fast
     source_date_epoch()  # a malformed value fails now, not at publish after the whole build
-    return Inputs(ref, ctx.enter(scratch_dir()), kernel)
+    return Inputs(ref, scratch, kernel)
 
 
 def read_image(ctx: Context) -> Image:
@@ -293,7 +294,8 @@ def add_imgconv_files(ctx: Context) -> Additions:
         files.append(GuestFile("manifest.json", image.manifest.raw))
 
     def origin(added: Additions) -> bytes:
-        record = OriginRecord(__version__, ImageIdentity.of(image), KernelRecord(kernel.release, kernel.origin),
+        record = OriginRecord(__version__, ImageIdentity.of(image),
+                              KernelRecord(kernel.release, kernel.origin, kernel.package_sha256),
                               tuple(sorted(set(added.injected))), added.touched_dirs, options.recorded())
         return record_json(record).encode()
 
@@ -352,7 +354,8 @@ def build_record(ctx: Context) -> BuildRecord:
     image, options, kernel, spec = ctx[read_image], ctx[OPTIONS], ctx[choose_kernel], ctx[plan].spec
     record = BuildRecord(
         imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest,
-        kernel=KernelRecord(kernel.release, kernel.origin), boot=ctx[install_boot], format=str(options.format),
+        kernel=KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), boot=ctx[install_boot],
+        format=str(options.format),
         virtual_size=ctx[plan].disk.size, options=options.recorded(), created=now_utc(),
         run=RunRecord(tuple(spec.argv), spec.user, spec.cwd), firmware=str(options.firmware),
     )
