@@ -205,8 +205,10 @@ def oci_to_qcow2(
                     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     kernel: Annotated[Path | None, typer.Option("--kernel", metavar="PATH", readable=False,
-                                                help="Kernel to boot. Default: the image's own, else this "
-                                                     "machine's newest under /boot.")] = None,
+                                                help="Kernel to boot: a kernel file, or a Debian linux-image-*.deb "
+                                                     "(its kernel and modules are used; nothing is installed). "
+                                                     "Default: the image's own, else this machine's newest "
+                                                     "under /boot.")] = None,
     initrd: Annotated[Path | None, typer.Option("--initrd", metavar="PATH", readable=False,
                                                 help="Initramfs for --kernel (default: imgconv builds one).")
                       ] = None,
