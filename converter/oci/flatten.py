@@ -176,9 +176,7 @@ class _Layer:
         self.what = what
         self.kinds: dict[str, str] = {}  # every entry of the layer, kept or not: path -> DIR | NONDIR
         self.symlinks: set[str] = set()  # entries of the layer that are symlinks
-        self.nondirs: set[bytes] = set()  # keys of the layer's non-directories
-        self.kind_keys: set[bytes] = set()  # keys of every entry of the layer (markers excluded)
-        self.keys: dict[str, list[bytes]] = {}  # path -> its path_keys (the key objects the sets share)
+        self.kind_at: dict[bytes, str] = {}  # key -> DIR | NONDIR, of every entry of the layer (markers excluded)
         self.beneath: set[bytes] = set()  # keys of the proper ancestors of the layer's entries, markers excluded
         self.marked: set[bytes] = set()  # keys of the proper ancestors of the layer's whiteouts and opaque markers
         self.sources: list[str] = []  # the layer's entries with ancestors (to name them, see Flattener.implied)
@@ -343,7 +341,7 @@ class Flattener:
                      marker: bool) -> None:
         """Refuse a layer that contradicts itself (its entries must describe one tree)."""
         for i, key in enumerate(keys[:-1]):
-            if key in state.nondirs:
+            if state.kind_at.get(key) == NONDIR:
                 parent = "/".join(path.split("/")[:i + 1])
                 if parent in state.symlinks:
                     raise LayerError(f"{state.what}: {path!r} is beneath the symlink {parent!r}; "
@@ -360,10 +358,7 @@ class Flattener:
             raise LayerError(f"{state.what}: {path!r} appears as a directory and as a "
                              f"{'symlink' if member.issym() else 'file'} in the same layer")
         state.kinds[path] = kind
-        state.keys[path] = keys
-        state.kind_keys.add(keys[-1])
-        if kind == NONDIR:
-            state.nondirs.add(keys[-1])
+        state.kind_at[keys[-1]] = kind
         if member.issym():
             state.symlinks.add(path)
         else:
@@ -540,11 +535,11 @@ class Flattener:
 
     def _merge(self, state: _Layer) -> None:
         for path, kind in state.written.items():
-            keys = state.keys[path]
+            keys = path_keys(path)  # (computed again: keeping each entry's keys would cost more than this)
             self.explicit[keys[-1]] = kind
             self.tree.kinds.put(path, kind, keys)
         self._imply(state)
-        for key in state.kind_keys | state.whiteouts:
+        for key in [*state.kind_at, *state.whiteouts]:
             self.settled[key] = self.index
         for key in state.whiteouts | state.opaque:
             self.cleared[key] = self.index
@@ -560,12 +555,12 @@ class Flattener:
             blocked = _ROOT in self.opaque
             cleared = _ROOT in state.opaque
             found = False
-            for key in state.keys[source][:-1]:
+            for key in path_keys(source)[:-1]:
                 hidden = blocked or key in self.explicit or key in self.whiteouts
-                if not hidden and key not in state.kind_keys and key not in self.implied:
+                if not hidden and key not in state.kind_at and key not in self.implied:
                     self.implied.add(key)
                     found = True
-                if not (cleared or key in state.kind_keys or key in state.whiteouts):
+                if not (cleared or key in state.kind_at or key in state.whiteouts):
                     self.beneath[key] = self.index
                 blocked = blocked or self._hides_below(key)
                 cleared = cleared or key in state.whiteouts or key in state.opaque
