@@ -198,7 +198,7 @@ def plan(ctx: Context) -> Plan:
     modules = explicit.host_modules if explicit else _host_modules()
     modules_bytes, modules_entries = tree_size(modules) if modules and wanted else (0, 0)
     content = content_bytes(image)
-    layout = plan_layout(options)
+    layout = plan_layout(options, explicit)
     disk = plan_disk(content, options.size, modules_bytes + IMGCONV_FILES + layout.esp_bytes,
                      modules_entries + IMGCONV_ENTRIES)
     _say_plan(ctx.monitor, spec, wanted, modules_bytes)
@@ -221,10 +221,12 @@ def _say_plan(monitor: Monitor, spec: InitSpec, modules: bool, modules_bytes: in
                      "a host kernel's modules tree, about 90 MiB)")
 
 
-def plan_layout(options: BuildOptions) -> PartitionLayout:
+def plan_layout(options: BuildOptions, kernel: Kernel | None = None) -> PartitionLayout:
     """MBR for BIOS only; GPT with an EFI system partition sized for a --kernel/--initrd given (else the
-    default fits the host's or an image's kernel with imgconv's initramfs)."""
-    given = sum(path.stat().st_size for path in (options.kernel, options.initrd) if path is not None)
+    default fits the host's or an image's kernel with imgconv's initramfs). A --kernel package counts as the
+    kernel file it holds (*kernel*), not as the whole .deb."""
+    kernel_file = kernel.host_path if kernel is not None and kernel.package is not None else options.kernel
+    given = sum(path.stat().st_size for path in (kernel_file, options.initrd) if path is not None)
     layout = partition_layout(options.firmware.uefi_path, DEVICE, given)
     if options.size is not None and layout.esp_bytes and options.size < layout.esp_bytes + 64 * (1 << 20):
         raise UsageError(f"--size {options.size} leaves no room for the root filesystem beside the "

@@ -241,3 +241,20 @@ def test_the_root_filesystem_modules_come_when_not_built_in(tmp_path: Path) -> N
                            "kernel/lib/crc16.ko", "kernel/fs/ext4/ext4.ko"]
     (tmp_path / "modules.builtin").write_text("kernel/fs/ext4/ext4.ko\nkernel/crypto/crc32c_generic.ko\n")
     assert needed_modules(tmp_path, BOOT_MODULES) == ["kernel/drivers/block/virtio_blk.ko"]
+
+
+def test_a_package_sizes_the_esp_by_the_kernel_it_holds(tmp_path: Path) -> None:
+    """The EFI system partition holds the unified kernel image: the package's vmlinuz, not the whole .deb."""
+    from converter.boot.kernel import Kernel
+    from converter.disk.build import BuildOptions, plan_layout
+    from converter.disk.plan import ESP_MIN
+    from converter.disk.uefi import Firmware
+
+    deb, vmlinuz = tmp_path / "big.deb", tmp_path / "vmlinuz"
+    with deb.open("wb") as f:
+        f.truncate(200 << 20)  # sparse: a 200 MiB package
+    vmlinuz.write_bytes(bzimage(RELEASE))
+    options = BuildOptions(output=tmp_path / "x.qcow2", kernel=deb, firmware=Firmware.UEFI)
+    kernel = Kernel(RELEASE, "package", host_path=vmlinuz, package=deb)
+    assert plan_layout(options, kernel).esp_bytes == ESP_MIN
+    assert plan_layout(options).esp_bytes > 200 << 20  # a kernel file given as such counts whole
