@@ -67,6 +67,9 @@ PEERS = {
     "direct kernel boot": "qemu `-kernel -initrd -append` with the same kernel, initramfs, command line and disk, "
                           "run by the same `converter.boot.qemu.boot`: no bootloader, no kernel read through the "
                           "BIOS; the gap is what SeaBIOS plus extlinux cost.",
+    "SeaBIOS boot": "the same `--firmware both` disk booted by the same `converter.boot.qemu.boot` under SeaBIOS "
+                    "(extlinux) instead of OVMF (the unified kernel image): same kernel, initramfs, command line "
+                    "and output; the gap is what OVMF's start-up costs under this accelerator.",
     "skopeo inspect": "`skopeo inspect oci:DIR:1` reads the index, manifest and config only: it verifies no layer, "
                       "where `imgconv inspect` hashes and decompresses every blob.",
     "umoci unpack": "`umoci unpack --rootless` verifies, decompresses and applies every layer and writes the files "
@@ -524,6 +527,28 @@ class Bench:
             net.note = "the same disk and command; the ratio is what the NIC and its set-up cost"
             remove(mine_out, peer_out, initrd)
 
+    def boot_firmware(self, fx: Fixture) -> None:
+        """One `--firmware both` disk (made once, untimed) booted to the workload's exit under OVMF and under
+        SeaBIOS: the same kernel, initramfs, command line and output, so the ratio is what UEFI costs a boot."""
+        row = Row("boot under OVMF (UEFI)", fx.name, "SeaBIOS boot", fx.uncompressed)
+        self.rows.append(row)
+        disk, uefi_out, bios_out = self.work / "both.qcow2", self.work / "uefi.out", self.work / "bios.out"
+        with self.guarded(row):
+            say(f"oci-to-qcow2 --firmware both [{fx.name}] (untimed)")
+            made = subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", "--firmware", "both", fx.ref, str(disk)],
+                                  env=self.env, capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                raise BenchError(f"oci-to-qcow2 --firmware both exited {made.returncode}: {made.stderr[-600:]}",
+                                 made.stderr)
+            for i in range(self.repeat):
+                say(f"boot under OVMF and SeaBIOS [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(row, "imgconv", [PY, HELPERS, "firmware-boot", str(disk), "uefi"], stdout=uefi_out)
+                self.run(row, "peer", [PY, HELPERS, "firmware-boot", str(disk), "bios"], stdout=bios_out)
+                if uefi_out.read_bytes() != bios_out.read_bytes():
+                    raise BenchError("the boot under OVMF printed something else than the boot under SeaBIOS")
+            row.note = "one --firmware both disk; same kernel, initramfs and output"
+        remove(disk, Path(f"{disk}.json"), Path(f"{disk}.intoto.json"), uefi_out, bios_out)
+
     # -- 5: reading images -------------------------------------------------------------------------------
 
     def read(self, fx: Fixture) -> None:
@@ -803,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench.export(fx, disk)
                 if "boot" in groups:
                     bench.boot(fx, disk, sidecar)
+                    bench.boot_firmware(fx)
             if "read" in groups:
                 bench.read(fx)
             remove(disk, Path(f"{disk}.json"))
