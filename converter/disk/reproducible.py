@@ -204,13 +204,41 @@ def _entries(device: str, directories: tuple[str, ...], scratch: Path, epoch: in
     return [f"<{ino}>" for ino in sorted(inodes)]
 
 
+def journal_blocks(listing: str) -> list[tuple[int, int]]:
+    """debugfs ``blocks``'s list of block numbers as (first, count) runs (the echoed command line skipped)."""
+    runs: list[tuple[int, int]] = []
+    numbers = (line.split() for line in listing.splitlines() if re.fullmatch(r"[\d ]+", line.strip()))
+    for block in (int(word) for words in numbers for word in words):
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+def renew_journal(disk: Path, offset: int, device: str, scratch: Path, epoch: int) -> None:
+    """A new, empty journal. The used one holds commit times, a timing-dependent sequence and copies of metadata
+    blocks placed by when commits happened; removing it frees its blocks but leaves those bytes in them, so they
+    are zeroed before the new journal is made (which may take some of them back)."""
+    runs = journal_blocks(_debugfs(device, ["blocks <8>"], scratch, epoch, "find the journal"))
+    env = _e2fs_env(epoch)
+    run([e2fs_tool("tune2fs"), "-O^has_journal", device], purpose="remove the used ext4 journal", env=env,
+        timeout=E2FS_TIMEOUT)
+    zeros = bytes(BLOCK * 256)
+    with disk.open("r+b") as f:
+        for first, count in runs:
+            f.seek(offset + first * BLOCK)
+            for done in range(0, count, 256):
+                f.write(zeros[:BLOCK * min(256, count - done)])
+    run([e2fs_tool("tune2fs"), "-j", device], purpose="make a new ext4 journal", env=env, timeout=E2FS_TIMEOUT)
+
+
 def settle_ext4(disk: Path, offset: int, epoch: int, root_mtime: int, scratch: Path) -> None:
     """After the appliance: a new journal, every time and generation the build's own, leftovers of deleted files
     cleared, directories rewritten (the deleted file's name stays in the root's), checksums recomputed (the
     generation seeds them), the superblock's times set. *root_mtime* is the image's own for /."""
     device, env = f"{disk}?offset={offset}", _e2fs_env(epoch)
-    for flag in ("-O^has_journal", "-j"):  # the used journal holds commit times and a timing-dependent sequence
-        run([e2fs_tool("tune2fs"), flag, device], purpose="renew the ext4 journal", env=env, timeout=E2FS_TIMEOUT)
+    renew_journal(disk, offset, device, scratch, epoch)
     dump = run([e2fs_tool("dumpe2fs"), device], purpose="list the filesystem's inodes", env=env,
                timeout=E2FS_TIMEOUT).stdout.decode(errors="replace")
     inode_size, groups = inode_groups(dump)

@@ -267,8 +267,11 @@ def write_imgconv_files(tree: FlatTree, files: list[GuestFile], kernel: Kernel, 
             if dest not in tree.kinds:
                 _add_host_tree(tar, kernel.host_modules, dest, epoch)
                 added.injected.append(dest)
-        for path, mtime in added.touched_dirs.items():
-            tar.addfile(for_gnu_tar(tree.dirs[path], mtime))
+        # Every directory's header again (the touched ones included), so tar sets each one's mtime last: the
+        # image's stream is newest layer first, so an older layer's files land in a directory after tar has set
+        # its time, which then becomes the appliance's clock (a disk that differs from run to run).
+        for info in tree.dirs.values():
+            tar.addfile(for_gnu_tar(info))
         _add_bytes(tar, ORIGIN, origin(added), mtime=epoch)
     return added
 
