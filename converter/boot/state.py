@@ -69,8 +69,11 @@ def _create(state: Path, disk: SafeDisk) -> None:
     tmp = state.with_name(f".{state.name}.{os.getpid()}.tmp")
     size = -(-disk.virtual_size // 512) * 512  # qcow2 sizes are whole sectors
     try:
+        # "path": where the disk was, so that `imgconv commit` finds a base that is a plain file (its sha256 is
+        # checked again there: a moved or replaced file is refused, never trusted by name).
         _write_json(record_path(state), {"imgconv-state": RECORD_VERSION, "sha256": sha256, "format": disk.format,
-                                         "virtual-size": disk.virtual_size, "stamp": stamp})
+                                         "virtual-size": disk.virtual_size, "stamp": stamp,
+                                         "path": str(Path(disk.path).resolve())})
         run(["qemu-img", "create", "-q", "-f", "qcow2", tmp, str(size)],
             purpose=f"create the state file {state}", timeout=CREATE_TIMEOUT)
         os.link(tmp, state)  # never replaces a FILE that appeared meanwhile

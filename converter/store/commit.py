@@ -82,7 +82,7 @@ def _state_sha256(state: Path) -> str:
 
 def _find_base(ctx: Context, state: Path, digest: str) -> tuple[Path, dict[str, Any]]:
     """The base disk and its sidecar: --base, else the store's version with that sha256, else the record's
-    path (state records of this imgconv name none; kept for records that do)."""
+    path (where the disk was when boot made the state; its sha256 is checked again by open_state)."""
     request = ctx[REQUEST]
     if request.base is not None:
         path = ctx.enter(disk_input(request.base))

@@ -388,11 +388,27 @@ def test_commit_refuses_a_state_of_another_disk_and_a_missing_base(base_and_stat
     with pytest.raises(UsageError, match="belongs to another disk"):
         commit(CommitRequest(state, str(tmp_path / "out.qcow2"), base=str(other)), NullMonitor())
     choose_root(tmp_path / "empty-store")
+    moved = base.rename(tmp_path / "moved.qcow2")  # neither in the store nor where the state says it was
     with pytest.raises(UsageError, match="give it with --base"):
         commit(CommitRequest(state, str(tmp_path / "out.qcow2")), NullMonitor())
     with pytest.raises(UsageError, match="does not exist"):
-        commit(CommitRequest(tmp_path / "nope.qcow2", str(tmp_path / "out.qcow2"), base=str(base)), NullMonitor())
+        commit(CommitRequest(tmp_path / "nope.qcow2", str(tmp_path / "out.qcow2"), base=str(moved)), NullMonitor())
     assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_commit_finds_a_file_base_where_the_state_says_it_was(base_and_state: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    """No --base and no store version: the state's record names the disk's path; its sha256 is checked again, so
+    other bytes at that path are refused."""
+    base, state = base_and_state
+    choose_root(tmp_path / "empty-store")
+    dest = tmp_path / "committed.qcow2"
+    commit(CommitRequest(state, str(dest)), NullMonitor())
+    assert _read_pattern(dest, 0x22, "1M", "64k") and _read_pattern(dest, 0x11, "0", "1M")
+    base.chmod(0o644)
+    _qemu_io({"driver": "qcow2", "file": {"driver": "file", "filename": str(base)}}, "write -P 0x33 0 4k")
+    with pytest.raises(UsageError, match="belongs to another disk"):
+        commit(CommitRequest(state, str(tmp_path / "again.qcow2")), NullMonitor())
 
 
 def test_commit_never_follows_a_backing_file_named_in_the_state(base_and_state: tuple[Path, Path],
