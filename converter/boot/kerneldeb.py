@@ -168,6 +168,8 @@ def _package_errors(deb: Path) -> Iterator[None]:
         yield
     except (TarFormatError, lzma.LZMAError, zlib.error, EOFError, gzip.BadGzipFile) as exc:
         raise KernelPackageError(f"--kernel {deb} is not a valid Debian package: {exc}") from exc
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        raise KernelPackageError(f"--kernel {deb}: its data.tar puts a file and a directory at one path") from exc
     except Exception as exc:  # zstandard.ZstdError has no useful base class
         if type(exc).__name__ != "ZstdError":
             raise
@@ -273,6 +275,16 @@ def depmod(root: Path, release: str, scratch: Path) -> None:
         timeout=600)
 
 
+def _settle_modes(root: Path) -> None:
+    """Directories 0755, files 0644, whatever the umask was when they were made (by this module or depmod): the
+    tree goes into the guest as it is here, and a reproducible disk must not depend on who converted it."""
+    for base, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(base, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(base, name), 0o644)
+
+
 def _sha256(fd: int) -> str:
     digest = hashlib.sha256()
     pos = 0
@@ -306,6 +318,7 @@ def read_kernel_deb(deb: Path, scratch: Path) -> KernelPackage:
             raise KernelPackageError(f"--kernel {deb} has no modules tree for its kernel {release} "
                                      f"(/lib/modules/{release})")
         depmod(root, release, scratch)
+        _settle_modes(root)
         return KernelPackage(release, root / path, modules, _sha256(fd))
     finally:
         os.close(fd)

@@ -258,3 +258,25 @@ def test_a_package_sizes_the_esp_by_the_kernel_it_holds(tmp_path: Path) -> None:
     kernel = Kernel(RELEASE, "package", host_path=vmlinuz, package=deb)
     assert plan_layout(options, kernel).esp_bytes == ESP_MIN
     assert plan_layout(options).esp_bytes > 200 << 20  # a kernel file given as such counts whole
+
+
+def test_a_file_where_a_directory_is_and_modes_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+
+    clash = tarfile.TarInfo(f"./lib/modules/{RELEASE}/kernel")
+    clash.type = tarfile.DIRTYPE
+    data = tar_bytes([reg(f"./boot/vmlinuz-{RELEASE}", bzimage(RELEASE)), reg(f"./lib/modules/{RELEASE}/kernel"),
+                      (clash, b"")])
+    refused(hand_deb(tmp_path / "clash.deb", data), tmp_path, "a file and a directory at one path")
+
+    deb = dpkg_build(package_tree(tmp_path / "tree"), tmp_path / "k.deb")
+    scratch = tmp_path / "umask"
+    scratch.mkdir()
+    old = os.umask(0o077)
+    try:
+        package = read_kernel_deb(deb, scratch)
+    finally:
+        os.umask(old)
+    modes = {path.stat().st_mode & 0o777 for path in package.modules.rglob("*")}
+    assert modes == {0o755, 0o644}
+    assert (package.modules / "modules.dep").stat().st_mode & 0o777 == 0o644
