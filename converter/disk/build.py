@@ -376,7 +376,10 @@ def publish_version(ctx: Context) -> BuildRecord:
     record, target = build_record(ctx), ctx[OPTIONS].store
     if target is None:
         raise LookupError("publish_version is chosen only for a store target")
-    published = target.publish(ctx[FINISHED], to_json(record))
+    predicate = provenance_of(record, ctx[SOURCE], sha256_file(init_binary()), source_date_epoch())
+    # The statement's subject is the version's object file (objects/sha256/HEX), which verify reads.
+    published = target.publish(ctx[FINISHED], to_json(record), statement=lambda sha256: statement_for(
+        sha256.removeprefix("sha256:"), predicate)(sha256))
     return replace(record, sha256=published["sha256"], size=published["size"], output=str(target.ref))
 
 

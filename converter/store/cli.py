@@ -118,6 +118,43 @@ def gc(json_output: JsonOpt = False) -> None:
         print(f"  {digest}")
 
 
+ImageArg = Annotated[str, typer.Argument(metavar="docker://REGISTRY/REPO:TAG", help="The registry image.")]
+TlsOpt = Annotated[bool, typer.Option("--tls-verify/--no-tls-verify",
+                                      help="Require HTTPS and valid certificates (as skopeo does).")]
+
+
+def _moved_json(moved: Any) -> str:
+    return json.dumps(dataclasses.asdict(moved), indent=2)
+
+
+@store_app.command()
+def push(reference: RefArg, image: ImageArg, tls_verify: TlsOpt = True, json_output: JsonOpt = False) -> None:
+    """Push a version to a registry as a KubeVirt containerDisk (the disk at /disk/NAME.qcow2, owned 107:107),
+    and its provenance statement as a second image tagged sha256-DIGEST.intoto after the disk image's digest."""
+    from converter.store.registry import push_version
+
+    moved = push_version(parse_store_ref(reference, prefixed=False), image, tls_verify)
+    if json_output:
+        print(_moved_json(moved))
+        return
+    print(f"{moved.version} -> {image} ({moved.manifest_digest}); disk {moved.sha256}; "
+          + (f"statement tagged {moved.statement_tag}" if moved.statement_tag else "no statement to push"))
+
+
+@store_app.command()
+def pull(image: ImageArg, reference: RefArg, tls_verify: TlsOpt = True, json_output: JsonOpt = False) -> None:
+    """Pull a containerDisk (one layer holding only /disk/NAME.qcow2) into the store as a version, with the
+    statement pushed beside it; the disk must be the one the image's sidecar and statement name."""
+    from converter.store.registry import pull_version
+
+    moved = pull_version(image, parse_store_ref(reference, prefixed=False, digest_ok=False), tls_verify)
+    if json_output:
+        print(_moved_json(moved))
+        return
+    print(f"{image} -> {moved.version}: disk {moved.sha256}; "
+          + (f"statement from {moved.statement_tag}" if moved.statement_tag else "no statement found"))
+
+
 def commit_command(
     state: Annotated[Path, typer.Argument(metavar="STATE", readable=False,
                                           help="A --state file of imgconv boot.")],

@@ -315,10 +315,13 @@ class Store:
         os.write(fd, sha256.encode())
         return path, fd
 
-    def publish(self, finished: Path, sidecar: dict[str, Any], ref: StoreRef, how: str = "write") -> dict[str, Any]:
+    def publish(self, finished: Path, sidecar: dict[str, Any], ref: StoreRef, how: str = "write",
+                statement: Callable[[str], bytes] | None = None) -> dict[str, Any]:
         """*finished* (a complete disk in tmp/) becomes a read-only version and *ref* moves to it; returns the
-        sidecar as recorded. The bytes are hashed and synced before the lock; under it the sidecar and the
-        disk are linked in (an existing version of the same bytes is kept as it is), then the tag moves."""
+        sidecar as recorded. The bytes are hashed and synced before the lock; under it the sidecar (and the
+        provenance statement *statement* renders from the sha256, ``HEX.intoto.json``, which `imgconv verify`
+        and `store push` read) and the disk are linked in (an existing version of the same bytes is kept as it
+        is), then the tag moves."""
         os.chmod(finished, READ_ONLY)
         _fsync(finished)
         record = {**sidecar, "sha256": sha256_file(finished), "size": finished.stat().st_size}
@@ -326,6 +329,9 @@ class Store:
         side = obj.with_name(obj.name + ".json")
         data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         with self.locked(exclusive=True):
+            proof = obj.with_name(obj.name + ".intoto.json")
+            if statement is not None and not proof.exists():
+                atomic_write(proof, statement(record["sha256"]), READ_ONLY)
             if not obj.exists():
                 atomic_write(side, data, READ_ONLY)
                 _link(finished, obj)
@@ -380,12 +386,12 @@ class Store:
             in_use = self._in_use()
             deleted, freed = [], 0
             for path in sorted(self.objects.glob("[0-9a-f]*")):
-                digest = path.name.removesuffix(".json")
+                digest = path.name.split(".", 1)[0]  # HEX, HEX.json (sidecar), HEX.intoto.json (statement)
                 if digest in kept or digest in in_use or not re.fullmatch(r"[0-9a-f]{64}", digest):
                     continue
                 freed += _allocated(path)
                 path.unlink(missing_ok=True)
-                if not path.name.endswith(".json"):
+                if path.name == digest:
                     deleted.append("sha256:" + digest)
             temporary = []
             for directory in (self.tmp, self.objects, self.tags_dir):
@@ -426,8 +432,9 @@ class Target:
     def work_path(self) -> Path:
         return Store(self.root).work_path
 
-    def publish(self, finished: Path, sidecar: dict[str, Any], how: str = "write") -> dict[str, Any]:
-        return Store(self.root).publish(finished, sidecar, self.ref, how)
+    def publish(self, finished: Path, sidecar: dict[str, Any], how: str = "write",
+                statement: Callable[[str], bytes] | None = None) -> dict[str, Any]:
+        return Store(self.root).publish(finished, sidecar, self.ref, how, statement)
 
 
 def output_target(text: str) -> Target | None:
