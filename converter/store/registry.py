@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from converter.artifact import temp_beside
-from converter.errors import ImageError, ToolError
+from converter.errors import ImageError, ReferenceError_, ToolError
 from converter.oci import registry
 from converter.oci.image import Image
 from converter.oci.layout import LayoutWriter
@@ -79,9 +79,9 @@ def docker_name(text: str, *, for_push: bool) -> DockerName:
     """IMAGE of push and pull: a docker:// reference; push needs a tag (a digest is what the registry gives)."""
     ref: Reference = parse_reference(text)
     if ref.transport is not Transport.DOCKER or ref.name is None:
-        raise ContainerDiskError(f"{text!r}: store push and pull take a registry image, docker://REGISTRY/REPO:TAG")
+        raise ReferenceError_(f"{text!r}: store push and pull take a registry image, docker://REGISTRY/REPO:TAG")
     if for_push and ref.name.digest is not None:
-        raise ContainerDiskError(f"{text!r}: push to a tag (docker://REGISTRY/REPO:TAG), not a digest")
+        raise ReferenceError_(f"{text!r}: push to a tag (docker://REGISTRY/REPO:TAG), not a digest")
     return ref.name
 
 
