@@ -13,7 +13,11 @@ found by comparing two conversions of one image); what imgconv does about each:
   order, not whenever background writeback happens to run. It keeps the journal while it writes (without one,
   ext4 skips inodes freed in the last seconds, so libguestfs's chown probe file would shift inode numbers by
   timing); the journal is renewed afterwards, since the used one holds commit times and a timing-dependent
-  sequence (:func:`settle_ext4`);
+  sequence, and its blocks are zeroed first: removing a journal frees its blocks without clearing them, and the
+  copies of metadata blocks in them sit where the commits happened to put them (:func:`renew_journal`);
+* the image's stream is newest layer first, so GNU tar sets a directory's mtime and then an older layer's files
+  land in it (the appliance's clock again): every directory's header is sent once more at the end of imgconv's
+  own stream (:func:`converter.disk.rootfs.write_imgconv_files`), so each one's last word is the image's;
 * after the appliance is gone, with debugfs: inode times (atime, ctime, crtime) and generations (random in the
   kernel) set, what imgconv adds given the epoch as mtime, inodes of deleted files (that probe) cleared; then
   e2fsck rewrites the directories (the probe's random name stays in the root directory's block) and recomputes
