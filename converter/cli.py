@@ -475,8 +475,11 @@ def boot(
 ) -> None:
     """Boot a disk under QEMU and run its workload; exit with the workload's exit code.
 
-    The disk is never written: the VM runs on a throwaway overlay. The workload's output is
-    streamed as it comes. Ctrl-C asks the workload to stop (SIGTERM), as `docker stop` does.
+    The disk is never written: the VM runs on a throwaway overlay (or --state FILE). Options are
+    docker run's: the workload's stdout and stderr come apart, byte for byte, as they come; Ctrl-C
+    asks the workload to stop (SIGTERM), as `docker stop` does (with -it, Ctrl-C goes to it).
+
+    Example, a dev environment: imgconv boot -it -v "$PWD:/work" -w /work -p 8080:8080 dev.qcow2 bash
 
     Exit codes:
 
