@@ -70,8 +70,9 @@ def kernel_package() -> Path:
         return where / deb.name
 
 
-def judged(deb: Path, tmp: Path) -> tuple[str, bytes, set[str]]:
-    """What dpkg-deb says the package holds: the release (from the vmlinuz name), the vmlinuz, modules.builtin."""
+def judged(deb: Path, tmp: Path) -> tuple[str, bytes, set[str], set[str]]:
+    """What dpkg-deb says the package holds: the release (from the vmlinuz name), the vmlinuz, the names in
+    modules.builtin, and the module files of its tree (relative to it)."""
     tar = tmp / "data.tar"
     with tar.open("wb") as out:
         subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=out, check=True)
@@ -80,24 +81,55 @@ def judged(deb: Path, tmp: Path) -> tuple[str, bytes, set[str]]:
         release = kernel.name.removeprefix("./boot/vmlinuz-")
         vmlinuz = archive.extractfile(kernel).read()  # type: ignore[union-attr]
         builtin = archive.extractfile(f"./lib/modules/{release}/modules.builtin").read().decode()  # type: ignore[union-attr]
+        tree = f"./lib/modules/{release}/"
+        modules = {m.name.removeprefix(tree) for m in archive.getmembers()
+                   if m.name.startswith(tree) and m.name.endswith(".ko")}
     tar.unlink()
-    return release, vmlinuz, {line.rsplit("/", 1)[-1] for line in builtin.split()}
+    return release, vmlinuz, {line.rsplit("/", 1)[-1] for line in builtin.split()}, modules
+
+
+def guest_modules(disk: Path, release: str) -> tuple[list[str], set[str], str]:
+    """What libguestfs (not imgconv) finds in the disk: /lib/modules's entries, the module files of the tree,
+    and its modules.dep."""
+    import os
+
+    import guestfs  # type: ignore[import-not-found]
+
+    from converter.boot.accel import configure_guestfs  # the host's accelerator choice, nothing else
+
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    g = guestfs.GuestFS(python_return_dict=True)
+    try:
+        configure_guestfs(g)
+        g.set_network(False)
+        g.add_drive_opts(str(disk), readonly=1, format="qcow2")
+        g.launch()
+        g.mount_ro("/dev/sda1", "/")
+        tree = f"/lib/modules/{release}"
+        found = {name.lstrip("/") for name in g.find(tree) if name.endswith(".ko")}  # find says /kernel/...
+        return sorted(g.ls("/lib/modules")), found, g.cat(f"{tree}/modules.dep")
+    finally:
+        g.close()
 
 
 def test_a_disk_made_with_debians_generic_kernel_package_boots_and_records_it(
         built_fixture: Callable[[str], BuiltFixture], tmp_path: Path) -> None:
     deb = kernel_package()
-    release, vmlinuz, builtin = judged(deb, tmp_path)
+    release, vmlinuz, builtin, modules = judged(deb, tmp_path)
     # what makes this test mean something: the root filesystem's drivers are modules in this kernel
     assert not {"ext4.ko", "jbd2.ko", "virtio_blk.ko", "crc32c_generic.ko"} & builtin
 
     image = built_fixture("busybox")
     out = tmp_path / "generic.qcow2"
-    made = imgconv("oci-to-qcow2", "--kernel", str(deb), f"oci:{image.oci_dir}:{image.tag}", str(out),
-                   timeout=900)
+    made = imgconv("oci-to-qcow2", "--kernel", str(deb), "--kernel-modules", f"oci:{image.oci_dir}:{image.tag}",
+                   str(out), timeout=900)
     assert made.code == 0, made.describe()
     assert f"kernel {release} (from the package: {deb})" in made.stderr
-    assert "kernel modules: left out" in made.stderr  # a container gets no modules tree by default
+    assert "kernel modules: placed in the guest" in made.stderr
+    # the tree placed in the guest is the package's, indexed as its postinst's depmod would have
+    listed, found, dep = guest_modules(out, release)
+    assert listed == [release] and found == modules
+    assert "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko" in dep
 
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["kernel"] == {"release": release, "origin": "package",
