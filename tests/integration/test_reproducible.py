@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import json
 import re
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,3 +101,47 @@ def test_without_source_date_epoch_the_times_are_the_images_created(
     seconds = calendar.timegm(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
     sb = superblock(converted_disk("busybox"), tmp_path)
     assert sb["Filesystem created"].strip() == time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(seconds))
+
+
+def image_dir_mtimes(image: FixtureImage) -> dict[str, int]:
+    """Each directory's mtime in the image's final tree, read from its OCI layout's layers with tarfile: the
+    newest layer that has the path decides (a file or a whiteout there: not a directory of the image)."""
+    blobs = image.oci_dir / "blobs" / "sha256"
+    index = json.loads((image.oci_dir / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].removeprefix("sha256:")).read_text())
+    found: dict[str, int | None] = {}
+    for layer in reversed(manifest["layers"]):
+        with tarfile.open(blobs / layer["digest"].removeprefix("sha256:")) as tar:
+            for member in tar:
+                name = member.name.strip("/").removeprefix("./")
+                head, _, base = name.rpartition("/")
+                if base.startswith(".wh.") and base != ".wh..wh..opq":
+                    found.setdefault(f"{head}/{base[4:]}".strip("/"), None)
+                elif name and name not in found:
+                    found[name] = int(member.mtime) if member.isdir() else None
+    return {name: mtime for name, mtime in found.items() if mtime is not None}
+
+
+def test_every_directory_keeps_the_images_mtime(converted_disk: Callable[[str], Path],
+                                               fixture_image: Callable[[str], FixtureImage], tmp_path: Path) -> None:
+    """Debian's layers write into the same directories (newest layer first in imgconv's stream), so tar set some
+    directories' times before an older layer's files landed in them: the appliance's clock, a disk differing
+    from run to run. Judged by debugfs against the layers' own headers."""
+    wanted = {name: mtime for name, mtime in image_dir_mtimes(fixture_image("debian")).items()
+              if re.fullmatch(r"[A-Za-z0-9._/+-]+", name)}
+    raw = tmp_path / "debian.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(converted_disk("debian")), str(raw)], check=True)
+    start = int(re.findall(r"start=\s*(\d+)", subprocess.run(["sfdisk", "-d", str(raw)], capture_output=True,
+                                                               text=True, check=True).stdout)[0])
+    script = tmp_path / "stat.cmd"
+    script.write_text("".join(f"stat /{name}\n" for name in wanted))
+    out = subprocess.run(["debugfs", "-f", str(script), f"{raw}?offset={start * 512}"], capture_output=True,
+                         text=True, check=True).stdout
+    got = {}  # a directory a newer layer whited out is not on the disk: its stat says so and is left out
+    for chunk in re.split(r"^debugfs: stat /", out, flags=re.M)[1:]:
+        mtime = re.search(r"^ mtime: 0x([0-9a-f]+)", chunk, re.M)
+        if mtime is not None:
+            got[chunk.split("\n", 1)[0]] = int(mtime.group(1), 16)
+    assert len(got) > 0.9 * len(wanted) > 100, (len(got), len(wanted))
+    differ = {name: (got[name], wanted[name]) for name in got if got[name] != wanted[name]}
+    assert not differ, f"{len(differ)} directories have another mtime than the image's: {list(differ.items())[:5]}"
