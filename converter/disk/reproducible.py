@@ -33,13 +33,14 @@ The epoch is ``SOURCE_DATE_EPOCH`` if set, else the image's ``created``, else 0 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import struct
 import uuid
 from calendar import timegm
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,13 +257,36 @@ def settle_ext4(disk: Path, offset: int, epoch: int, root_mtime: int, scratch: P
         commands += _time_commands(target, ("mtime",), epoch)
     commands += _time_commands("<2>", ("mtime",), root_mtime)
     _debugfs(device, commands + _superblock_commands(epoch), scratch, epoch, "set the filesystem's times")
-    checked = run([e2fs_tool("e2fsck"), "-f", "-y", "-D", device], purpose="recompute the filesystem's checksums",
-                  env=env, timeout=E2FS_TIMEOUT, check=False)
+    with _image_lost_found(device, scratch, epoch):
+        checked = run([e2fs_tool("e2fsck"), "-f", "-y", "-D", device],
+                      purpose="recompute the filesystem's checksums", env=env, timeout=E2FS_TIMEOUT, check=False)
     if checked.returncode not in (0, 1):
         found = one_line(checked.stdout.decode(errors="replace"), 300)
         raise ToolError(f"e2fsck found errors in the new filesystem: {found}")
     _debugfs(device, [*_superblock_commands(epoch), "close_filesys -a"], scratch, epoch,
              "set the superblock's times")
+
+
+LOST_FOUND_ASIDE = "/.imgconv-lost+found"
+
+
+@contextlib.contextmanager
+def _image_lost_found(device: str, scratch: Path, epoch: int) -> Iterator[None]:
+    """An image whose /lost+found is not a directory keeps it: e2fsck would unlink it and make its own directory.
+    The image's entry is moved aside (a second name, then the first unlinked: link counts unchanged) while
+    e2fsck runs, and put back after, in place of the empty directory e2fsck made."""
+    try:
+        listing = _debugfs(device, ["stat /lost+found"], scratch, epoch, "look at /lost+found")
+    except ToolError:  # none at all: e2fsck makes one, as mke2fs did
+        listing = ""
+    if "Type: directory" in listing or "Type:" not in listing:
+        yield
+        return
+    _debugfs(device, [f"ln /lost+found {LOST_FOUND_ASIDE}", "unlink /lost+found"], scratch, epoch,
+             "set the image's /lost+found aside")
+    yield
+    _debugfs(device, ["rmdir /lost+found", f"ln {LOST_FOUND_ASIDE} /lost+found", f"unlink {LOST_FOUND_ASIDE}"],
+             scratch, epoch, "put the image's /lost+found back")
 
 
 def _superblock_commands(epoch: int) -> list[str]:
