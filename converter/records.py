@@ -148,8 +148,9 @@ class ExportRecord:
     """`vm-to-oci`'s result: the image written (its identity's source is the destination) and the disk."""
 
     identity: ImageIdentity = field(metadata={"rename": {"source": "destination"}})
-    new_layer: NewLayer
+    new_layer: NewLayer | None  # None when the image's own layers came back (tar-split: the disk is unchanged)
     source: DiskSource
+    original_layers: bool = False  # the disk's files were the image's own: its layers, config and image ID
 
 
 def to_json(record: Any) -> dict[str, Any]:

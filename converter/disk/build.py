@@ -80,6 +80,7 @@ from converter.errors import ImageError, UsageError
 from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference, parse_reference
+from converter.oci.tarsplit import Recorder, finish_records
 from converter.oci.transport import open_image
 from converter.pipeline import APPLIANCE, ApplianceSession, Context, Pipeline, Slot, Step
 from converter.progress import Monitor
@@ -271,7 +272,8 @@ def write_rootfs(ctx: Context) -> ImageTree:
     found: list[ImageTree] = []
 
     def work(out: Any, bar: Any) -> None:
-        found.append(write_image_tree(ctx[read_image], out, bar.update))
+        found.append(write_image_tree(ctx[read_image], out, bar.update,
+                                      Recorder(ctx[check_inputs].scratch / "tar-split")))
 
     with ctx.monitor.bar("layers", ctx[plan].content) as bar:
         stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "rootfs.fifo", functools.partial(work, bar=bar),
@@ -294,6 +296,9 @@ def add_imgconv_files(ctx: Context) -> Additions:
              GuestFile("config.json", image.config.raw)]
     if image.manifest.raw is not None:
         files.append(GuestFile("manifest.json", image.manifest.raw))
+    # The layers' tar-split records, so that vm-to-oci gives back the very layers (converter/oci/tarsplit.py).
+    files += [GuestFile(name, path.read_bytes())
+              for name, path in finish_records(ctx[check_inputs].scratch / "tar-split", list(image.config.diff_ids))]
 
     def origin(added: Additions) -> bytes:
         record = OriginRecord(__version__, ImageIdentity.of(image),

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from converter import __version__
 from converter.artifact import sha256_file
@@ -39,8 +39,9 @@ from converter.errors import DiskError, LayerError, UsageError
 from converter.oci.config import ConfigFile, ConfigOverrides, HistoryEntry
 from converter.oci.image import Image
 from converter.oci.layout import LayoutWriter
-from converter.oci.model import Descriptor, Platform, normalise_arch
+from converter.oci.model import Descriptor, ImageConfig, Platform, normalise_arch
 from converter.oci.reference import Reference, parse_reference
+from converter.oci.tarsplit import DiskFiles, record_name, restore, wanted_hashes, write_restored
 from converter.oci.transport import WORK_TAG, Built, check_destination, deliver, open_image
 from converter.oci.tree import Signature, hash_stream, index_image
 from converter.oci.writer import LayerWriter, WrittenLayer, copy_blob, write_image
@@ -105,6 +106,22 @@ class Base:
 class Assembled:
     built: Built
     diff_ids: tuple[str, ...]
+    restored: bool = False  # the original layers and config, reassembled from the disk's tar-split records
+
+
+@dataclass(frozen=True)
+class Split:
+    """A disk imgconv made with tar-split records: what the original layers are reassembled from."""
+
+    config: bytes  # the original config's very bytes
+    records: list[Path]
+    files: DiskFiles
+    max_raw: int
+
+
+@dataclass(frozen=True)
+class DiskLayer(WrittenLayer):
+    split: Split | None = None
 
 
 @dataclass(frozen=True)
@@ -162,21 +179,44 @@ def find_os(ctx: Context) -> Found:
     return Found(opened, filter_for(opened, options.keep_boot), used or None)
 
 
-def write_disk_layer(ctx: Context) -> WrittenLayer:
+def write_disk_layer(ctx: Context) -> DiskLayer:
     app, inputs, found, base = ctx[APPLIANCE], ctx[check_inputs], ctx[find_os], ctx[read_base]
     diff = DiffState(base=base.index) if base is not None else None
     layout = LayoutWriter(inputs.scratch / "layout")
+    split = _read_records(ctx) if base is None and ctx[OPTIONS].overrides == ConfigOverrides() else None
     with ctx.monitor.bar("files", found.used_bytes) as bar, \
             LayerWriter(layout, ctx[OPTIONS].compression, clamp_mtime=inputs.epoch) as layer:
+        sink = layer if split is None else cast(LayerWriter, split.files.attach(layer))
         through_fifo(inputs.scratch / "disk.fifo", "read",
-                     lambda stream: write_layer(stream, layer, found.scope, diff, bar.update),
+                     lambda stream: write_layer(stream, sink, found.scope, diff, bar.update),
                      lambda path: app.call("read the disk's files", app.g.tar_out, "/", path, numericowner=True,
                                            xattrs=True, excludes=found.scope.patterns()))
         if diff is not None and diff.deferred:
             write_deferred_links(layer, diff, functools.partial(_read_again, ctx, inputs.scratch))
     if layer.result is None:  # LayerWriter sets it when the block ends normally
         raise LayerError("the layer was not finished")
-    return layer.result
+    return DiskLayer(layer.result.descriptor, layer.result.diff_id, layer.result.entries, split)
+
+
+def _read_records(ctx: Context) -> Split | None:
+    """The tar-split records of a disk imgconv made (none on a foreign disk or one made before them), copied to
+    the host: regular files only (no symlink followed), none larger than the disk, read through libguestfs
+    inside the guest's root."""
+    app, opened, scratch = ctx[APPLIANCE], ctx[find_os].opened, ctx[check_inputs].scratch
+    limit = ctx[check_disk].disk.virtual_size
+    if opened.origin is None or opened.config is None:
+        return None
+    diff_ids = ImageConfig.parse(opened.config, "the disk's embedded image config").diff_ids
+    records = []
+    (scratch / "tar-split").mkdir()
+    for index in range(len(diff_ids)):
+        name = f"/.imgconv/{record_name(index)}"
+        if not app.g.is_file(name) or app.g.filesize(name) > limit:
+            return None
+        records.append(scratch / "tar-split" / record_name(index))
+        app.call(f"read {name}", app.g.download, name, str(records[-1]))
+    files = DiskFiles(None, scratch / "tar-split" / "spool", wanted_hashes(records, limit))
+    return Split(opened.config, records, files, limit)
 
 
 @contextmanager
@@ -222,8 +262,25 @@ def image_config(ctx: Context, diff_ids: list[str]) -> ConfigFile:
     return config.with_overrides(options.overrides).with_layers(diff_ids, entry, replaces_history=base is None)
 
 
+def _restored(ctx: Context, split: Split) -> Assembled | None:
+    """The original image if the disk's files are still the image's own; else None, having said why."""
+    scratch = ctx[check_inputs].scratch
+    (scratch / "restored").mkdir()
+    diff_ids = list(ImageConfig.parse(split.config, "the disk's embedded image config").diff_ids)
+    result = restore(split.records, diff_ids, split.files, scratch / "restored", split.max_raw)
+    if isinstance(result, str):
+        ctx.monitor.note(f"the disk's files differ from the image it was made from ({result}): new layers")
+        return None
+    ctx.monitor.note("the disk's files are the image's own: its original layers and image ID")
+    layout = LayoutWriter(scratch / "layout")
+    manifest, config, layers = write_restored(layout, result, split.config, ctx[OPTIONS].compression, WORK_TAG)
+    return Assembled(Built(layout.root, manifest, config, tuple(layers)), tuple(diff_ids), restored=True)
+
+
 def write_oci_image(ctx: Context) -> Assembled:
     base, written = ctx[read_base], ctx[write_disk_layer]
+    if written.split is not None and (restored := _restored(ctx, written.split)) is not None:
+        return restored
     layout = LayoutWriter(ctx[check_inputs].scratch / "layout")
     layers: list[Descriptor] = []
     diff_ids: list[str] = []
@@ -248,10 +305,11 @@ def deliver_image(ctx: Context) -> ExportRecord:
     identity = ImageIdentity(str(inputs.dest), built.config.digest, pushed or built.manifest.digest, None,
                              tuple(LayerRecord(d.digest, d.media_type, d.size, diff_id)
                                    for d, diff_id in zip(built.layers, assembled.diff_ids, strict=True)))
+    new = None if assembled.restored else NewLayer(written.descriptor.digest, written.diff_id, written.entries)
     return ExportRecord(
-        identity, NewLayer(written.descriptor.digest, written.diff_id, written.entries),
+        identity, new,
         DiskSource(str(inputs.disk), checked.disk.format, checked.sha256.result(), checked.disk.virtual_size,
-                   opened.origin is not None, os_record),
+                   opened.origin is not None, os_record), assembled.restored,
     )
 
 

@@ -35,7 +35,7 @@ from converter.disk.appliance import Appliance
 from converter.disk.fifo import through_fifo
 from converter.errors import ImageError, ToolError
 from converter.guest import BOOT_DIR, MOUNTED_BY_INIT, ORIGIN, RESERVED
-from converter.oci.flatten import DIR, FlatTree, flatten
+from converter.oci.flatten import DIR, FlatTree, LayerTap, flatten
 from converter.oci.image import Image
 from converter.oci.tarutil import abandon_output, gnu_xattrs_encoded, open_output, parents
 
@@ -167,11 +167,13 @@ def check_tree(tree: FlatTree) -> None:
             raise ImageError(f"the image's /{name} is not a directory; the VM mounts its own /{name} there")
 
 
-def write_image_tree(image: Image, out: BinaryIO, on_bytes: Callable[[int], None]) -> ImageTree:
-    """The image's final root filesystem as one tar stream on *out*."""
+def write_image_tree(image: Image, out: BinaryIO, on_bytes: Callable[[int], None],
+                     tap: LayerTap | None = None) -> ImageTree:
+    """The image's final root filesystem as one tar stream on *out* (*tap*: a tar-split recorder, which sees the
+    layers in the same pass)."""
     with _tar_output(out) as tar:
         sink = ApplianceSink(tar)
-        tree = flatten(image.layer_inputs(), sink, on_bytes)
+        tree = flatten(image.layer_inputs(), sink, on_bytes, tap)
         check_tree(tree)
     return ImageTree(tree, sink.kernel_releases())
 

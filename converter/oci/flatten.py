@@ -121,6 +121,17 @@ class TarSink(Protocol):
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None: ...
 
 
+class LayerTap(Protocol):
+    """Sees each layer's raw bytes and which regular files are kept (what the disk will hold at their path):
+    :mod:`converter.oci.tarsplit` records layers with it so that they can be given back byte for byte."""
+
+    def layer(self, what: str, stream: BinaryIO) -> BinaryIO: ...
+
+    def kept(self, member: tarfile.TarInfo, path: str) -> None: ...
+
+    def end(self) -> None: ...
+
+
 @dataclass
 class FlatTree:
     """What the flattened root filesystem holds, without contents: enough to place files into it."""
@@ -194,9 +205,11 @@ class _Layer:
 
 
 class Flattener:
-    def __init__(self, out: TarSink, on_bytes: Callable[[int], None] | None = None) -> None:
+    def __init__(self, out: TarSink, on_bytes: Callable[[int], None] | None = None,
+                 tap: LayerTap | None = None) -> None:
         self.out = out
         self.on_bytes = on_bytes
+        self.tap = tap
         self.read_bytes = 0  # of layer, both reads
         self.holes = 0  # bytes of sparse files' holes written out
         self.tree = FlatTree()
@@ -288,10 +301,13 @@ class Flattener:
         self.index += 1
         self.names.append(layer.what)
         state = _Layer(layer.what)
-        with layer.open() as stream:
+        with layer.open() as opened:
+            stream = opened if self.tap is None else self.tap.layer(layer.what, opened)
             try:
                 for ordinal, (member, tar) in enumerate(self._members(stream, layer.what)):
                     self._entry(state, member, tar, ordinal)
+                if self.tap is not None:
+                    self.tap.end()
             except (tarfile.TarError, EOFError) as exc:
                 raise LayerError(f"{layer.what}: malformed tar: {exc}") from exc
         self._resolve_pending(state)
@@ -403,6 +419,8 @@ class Flattener:
             self.tree.dirs[path] = info
         else:
             self.tree.dirs.pop(path, None)
+        if self.tap is not None and member.isreg():
+            self.tap.kept(member, path)
         self._add(info, self._content(tar, member, state.what, path))
 
     def _add(self, info: tarfile.TarInfo, data: IO[bytes] | None) -> None:
@@ -618,9 +636,9 @@ class _Counting(io.RawIOBase):
 
 
 def flatten(layers: Sequence[LayerInput], out: TarSink,
-            on_bytes: Callable[[int], None] | None = None) -> FlatTree:
+            on_bytes: Callable[[int], None] | None = None, tap: LayerTap | None = None) -> FlatTree:
     """Write the final root filesystem of *layers* (oldest first) into *out*; return what it holds.
 
     *out* stays open so the caller can add its own entries before closing it.
     """
-    return Flattener(out, on_bytes).run(layers)
+    return Flattener(out, on_bytes, tap).run(layers)
