@@ -258,6 +258,8 @@ class DiskFiles:
         if info.size not in self.sizes:  # no record takes it: hashed on its way, not kept
             hashing = _Hashing(data)
             self.inner.add(info, hashing)  # type: ignore[attr-defined]
+            while hashing.read(1 << 20):  # whatever the writer left unread still counts
+                pass
             self.index.entries[info.name.strip("/")] = signature(info, hashing.hash.hexdigest())
             return
         temp = self.spool / ".incoming"

@@ -134,3 +134,44 @@ def test_large_files_across_reads(tmp_path: Path) -> None:
     lower = _tar([_file("old", big[:1500000]), _file("big", big), _file("empty", b""), _file("after", b"a" * 700)])
     upper = _tar([_file("old", b"replaced")])
     _same([lower, upper], tmp_path)
+
+
+def test_a_path_twice_in_one_layer_gives_up_identity_for_that_layer(tmp_path: Path) -> None:
+    """The first entry's content is not on the disk and was not kept: the layer is said not to be recorded."""
+    layer = _tar([_file("twice", b"first"), _file("twice", b"second")])
+    why = _convert([layer], tmp_path)
+    assert isinstance(why, str) and "was not recorded" in why and "'twice' twice" in why
+
+
+def test_hard_links_to_a_shadowed_file_and_an_opaque_directory(tmp_path: Path) -> None:
+    lower = _tar([_entry("d", tarfile.DIRTYPE), _file("d/a", b"a" * 5000), _file("d/b", b"b"),
+                  _entry("d/a-link", tarfile.LNKTYPE, linkname="d/a"), _file("top", b"t" * 700),
+                  _entry("top-link", tarfile.LNKTYPE, linkname="top")])
+    upper = _tar([_entry("d", tarfile.DIRTYPE), _file("d/.wh..wh..opq", b""), _file("d/c", b"c"),
+                  _file("top", b"replaced")])
+    _same([lower, upper], tmp_path)
+
+
+def test_record_raw_bytes_are_bounded(tmp_path: Path) -> None:
+    layer = _tar([_file("data", b"x")], trailing=100)
+    recorder = Recorder(tmp_path / "rec")
+    inputs = [LayerInput("layer 0", lambda: contextlib.nullcontext(io.BytesIO(layer)))]
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as out:
+        flatten(inputs, out, tap=recorder)
+    record = recorder.write_records(["sha256:" + hashlib.sha256(layer).hexdigest()])[0][1]
+    with pytest.raises(TarSplitError, match="raw bytes"):
+        list(record_lines(record, 4096))
+
+
+def test_a_pax_sparse_file_is_kept_raw(tmp_path: Path) -> None:
+    """A PAX 1.0 sparse file's stored form (its map, then its data runs) is not the file the disk holds: it is kept
+    in the record as it is, and the layer still comes back byte for byte."""
+    stored = b"1\n0\n5\n".ljust(512, b"\0") + b"hello"
+    info = tarfile.TarInfo("GNUSparseFile.0/sparse")
+    info.mode, info.mtime = 0o644, 1700000000
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "sparse",
+                        "GNU.sparse.realsize": "10000"}
+    layer = _tar([(info, stored), _file("plain", b"p" * 600)])
+    _same([layer], tmp_path)
+    lines = [doc for record in (tmp_path / "rec").glob("*.tar-split.gz") for doc in record_lines(record, 1 << 30)]
+    assert [doc["f"] for doc in lines if "f" in doc] == ["plain"]
