@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import UsageError
+from converter.oci.localfile import read_user_file
 
 RUN_SPEC_FW_CFG = "opt/imgconv/run.spec"
 MAX_VALUE = 128 * 1024 - 1  # Linux's MAX_ARG_STRLEN, less the NUL: no process could receive a longer string
@@ -93,14 +94,7 @@ def parse_env_file(data: bytes, name: str, environ: Mapping[str, str]) -> list[s
 
 
 def read_env_file(path: Path, environ: Mapping[str, str]) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_ENV_FILE + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read env file {path}: {exc.strerror}") from exc
-    if len(data) > MAX_ENV_FILE:
-        raise UsageError(f"env file {path} is larger than {MAX_ENV_FILE} bytes")
-    return parse_env_file(data, str(path), environ)
+    return parse_env_file(read_user_file(path, MAX_ENV_FILE, "env file"), str(path), environ)
 
 
 def build_overrides(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converter.errors import UsageError
+from converter.oci.localfile import read_user_file
 
 SSH_FW_CFG = "opt/imgconv/ssh"  # read by init/system.h
 MAX_KEYS = 256 * 1024  # init/system.h's limit
@@ -36,13 +37,7 @@ def read_ssh_access(path: Path, user: str) -> SshAccess:
     """The public keys in *path* for *user*; refused in one line: a private key, no key, a file too large."""
     if not _USER.fullmatch(user):
         raise UsageError(f"--ssh-user {user!r} is not a user name or uid")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEYS + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read --ssh-key {path}: {exc.strerror}") from exc
-    if len(data) > MAX_KEYS:
-        raise UsageError(f"--ssh-key {path} is larger than {MAX_KEYS} bytes")
+    data = read_user_file(path, MAX_KEYS, "--ssh-key")
     if b"PRIVATE KEY" in data:
         raise UsageError(f"--ssh-key {path} is a private key; give the public one ({path}.pub)")
     lines = [line.strip() for line in data.splitlines() if line.strip() and not line.startswith(b"#")]

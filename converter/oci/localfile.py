@@ -42,3 +42,18 @@ def open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_user_file(path: Path, limit: int, what: str) -> bytes:
+    """A small file the user named on the command line (an --env-file, an --ssh-key), read whole up to *limit*
+    bytes; a pipe is fine there (``--env-file <(...)``), unlike for an image's files. One-line usage errors."""
+    from converter.errors import UsageError
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit} bytes")
+    return data
