@@ -288,9 +288,10 @@ class DiskFiles:
         return self.index.entries
 
 
-def record_lines(path: Path, max_raw: int) -> Iterator[dict[str, object]]:
-    """The lines of a record, bounded: each line, and all raw bytes together (*max_raw*)."""
-    raw = 0
+def record_lines(path: Path, max_raw: int, spent: list[int] | None = None) -> Iterator[dict[str, object]]:
+    """The lines of a record, bounded: each line, and all raw bytes together (*max_raw*; with *spent*, a running
+    count shared by the records of one image, so that many layers cannot each take the whole budget)."""
+    raw = 0 if spent is None else spent[0]
     with gzip.open(path, "rb") as stream:
         while line := stream.readline(MAX_LINE + 1):
             if len(line) > MAX_LINE:
@@ -305,12 +306,15 @@ def record_lines(path: Path, max_raw: int) -> Iterator[dict[str, object]]:
                 raw += len(str(doc["r"])) * 3 // 4
                 if raw > max_raw:
                     raise TarSplitError(f"{path.name}: more than {max_raw} raw bytes")
+                if spent is not None:
+                    spent[0] = raw
             yield doc
 
 
-def reassemble(record: Path, diff_id: str, files: DiskFiles, used: set[str], out: BinaryIO, max_raw: int) -> str | None:
+def reassemble(record: Path, diff_id: str, files: DiskFiles, used: set[str], out: BinaryIO, max_raw: int,
+               spent: list[int] | None = None) -> str | None:
     """Write the layer *record* describes into *out*: None if it is the layer *diff_id*, else why not."""
-    lines = record_lines(record, max_raw)
+    lines = record_lines(record, max_raw, spent)
     header = next(lines, None)
     if header is None or header.get("diff_id") != diff_id:
         return f"{record.name} is not the record of {diff_id}"
@@ -451,11 +455,12 @@ def restore(records: list[Path], diff_ids: list[str], files: DiskFiles, out_dir:
     if len(records) != len(diff_ids):
         return f"the disk holds {len(records)} layer records for {len(diff_ids)} layers"
     used: set[str] = set()
+    spent = [0]  # raw bytes of all the records together: at most *max_raw*
     paths = []
     for index, (record, diff_id) in enumerate(zip(records, diff_ids, strict=True)):
         path = out_dir / f"layer-{index}.tar"
         with path.open("wb") as out:
-            why = reassemble(record, diff_id, files, used, out, max_raw)
+            why = reassemble(record, diff_id, files, used, out, max_raw, spent)
         if why is not None:
             return why
         paths.append(path)

@@ -175,3 +175,24 @@ def test_a_pax_sparse_file_is_kept_raw(tmp_path: Path) -> None:
     _same([layer], tmp_path)
     lines = [doc for record in (tmp_path / "rec").glob("*.tar-split.gz") for doc in record_lines(record, 1 << 30)]
     assert [doc["f"] for doc in lines if "f" in doc] == ["plain"]
+
+
+def test_the_raw_budget_is_shared_by_all_layers(tmp_path: Path) -> None:
+    """Each record alone fits the budget, together they do not: the second is refused."""
+    layers = [_tar([_file(f"f{i}", b"x")], trailing=6) for i in range(2)]
+    recorder = Recorder(tmp_path / "rec")
+    inputs = [LayerInput(f"layer {i}", lambda b=b: contextlib.nullcontext(io.BytesIO(b)))  # type: ignore[misc]
+              for i, b in enumerate(layers)]
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as out:
+        flatten(inputs, out, tap=recorder)
+    diff_ids = ["sha256:" + hashlib.sha256(b).hexdigest() for b in layers]
+    records = [path for _, path in recorder.write_records(diff_ids)]
+    one = sum(len(str(doc.get("r", ""))) * 3 // 4 for doc in record_lines(records[0], 1 << 30))
+    files = DiskFiles(_Discard(), tmp_path / "spool", wanted_hashes(records, 1 << 30))
+    for name in ("f0", "f1"):
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        files.add(info, io.BytesIO(b"x"))
+    with pytest.raises(TarSplitError, match="raw bytes"):
+        restore(records, diff_ids, files, tmp_path, one + 100)
+    assert isinstance(restore(records, diff_ids, files, tmp_path, 2 * one), list)
