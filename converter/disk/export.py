@@ -31,7 +31,7 @@ from converter import __version__
 from converter.artifact import sha256_file
 from converter.disk.appliance import Drive
 from converter.disk.fifo import through_fifo
-from converter.disk.inspect import Opened, open_guest
+from converter.disk.inspect import Opened, clean_label, open_guest
 from converter.disk.layer import DiffState, Filter, filter_for, write_deferred_links, write_layer
 from converter.disk.safety import SafeDisk, open_disk
 from converter.epoch import source_date_epoch, timestamp
@@ -41,7 +41,14 @@ from converter.oci.image import Image
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, ImageConfig, Platform, normalise_arch
 from converter.oci.reference import Reference, parse_reference
-from converter.oci.tarsplit import DiskFiles, record_name, restore, wanted_hashes, write_restored
+from converter.oci.tarsplit import (
+    DiskFiles,
+    TarSplitError,
+    record_name,
+    restore,
+    wanted_hashes,
+    write_restored,
+)
 from converter.oci.transport import WORK_TAG, Built, check_destination, deliver, open_image
 from converter.oci.tree import Signature, hash_stream, index_image
 from converter.oci.writer import LayerWriter, WrittenLayer, copy_blob, write_image
@@ -215,8 +222,12 @@ def _read_records(ctx: Context) -> Split | None:
             return None
         records.append(scratch / "tar-split" / record_name(index))
         app.call(f"read {name}", app.g.download, name, str(records[-1]))
-    files = DiskFiles(None, scratch / "tar-split" / "spool", wanted_hashes(records, limit))
-    return Split(opened.config, records, files, limit)
+    try:
+        wanted = wanted_hashes(records, limit)
+    except TarSplitError as exc:
+        ctx.monitor.note(f"the disk's layer records are unusable ({clean_label(str(exc))}): new layers")
+        return None
+    return Split(opened.config, records, DiskFiles(None, scratch / "tar-split" / "spool", wanted), limit)
 
 
 @contextmanager
@@ -267,9 +278,13 @@ def _restored(ctx: Context, split: Split) -> Assembled | None:
     scratch = ctx[check_inputs].scratch
     (scratch / "restored").mkdir()
     diff_ids = list(ImageConfig.parse(split.config, "the disk's embedded image config").diff_ids)
-    result = restore(split.records, diff_ids, split.files, scratch / "restored", split.max_raw)
-    if isinstance(result, str):
-        ctx.monitor.note(f"the disk's files differ from the image it was made from ({result}): new layers")
+    try:
+        result = restore(split.records, diff_ids, split.files, scratch / "restored", split.max_raw)
+    except (TarSplitError, LayerError) as exc:  # records (or layers from them) imgconv did not write as they are
+        ctx.monitor.note(f"the disk's layer records are unusable ({clean_label(str(exc))}): new layers")
+        return None
+    if isinstance(result, str):  # (names from the disk: shown escaped)
+        ctx.monitor.note(f"the disk's files differ from the image it was made from ({clean_label(result)}): new layers")
         return None
     ctx.monitor.note("the disk's files are the image's own: its original layers and image ID")
     layout = LayoutWriter(scratch / "layout")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
-from converter.errors import ImgconvError
+from converter.errors import DiskError
 from converter.oci.flatten import flatten
 from converter.oci.image import LayerInput
 from converter.oci.layout import LayoutWriter
@@ -48,8 +48,8 @@ LOOKBEHIND = 16 << 20
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
-class TarSplitError(ImgconvError):
-    """A record the disk holds is malformed or exceeds its bounds."""
+class TarSplitError(DiskError):
+    """A record the disk holds is malformed or exceeds its bounds (vm-to-oci then builds new layers)."""
 
 
 def record_name(index: int) -> str:

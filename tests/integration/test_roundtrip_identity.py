@@ -8,6 +8,7 @@ new layers, as before the records existed.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from collections.abc import Callable
@@ -53,15 +54,13 @@ def test_round_trip_gives_back_the_image_id_and_diff_ids(name: str, converted_di
     assert len(diff_ids) >= 1
 
 
-def test_a_changed_disk_is_said_to_be_changed_and_gets_new_layers(converted_disk: Callable[[str], Path],
-                                                                  fixture_image: Callable[[str], FixtureImage],
-                                                                  docker_world: DockerWorld, tmp_path: Path) -> None:
+def _modified_copy(disk: Path, copy: Path, change: Callable[[Any], None]) -> None:
+    """A copy of *disk* changed through libguestfs (as a user's VM, or a hostile hand, would)."""
     import guestfs  # type: ignore[import-not-found]
 
     from converter.boot.accel import configure_guestfs
 
-    copy = tmp_path / "changed.qcow2"
-    shutil.copyfile(converted_disk("tricky"), copy)
+    shutil.copyfile(disk, copy)
     copy.chmod(0o644)
     g = guestfs.GuestFS(python_return_dict=True)
     configure_guestfs(g)
@@ -69,9 +68,33 @@ def test_a_changed_disk_is_said_to_be_changed_and_gets_new_layers(converted_disk
     g.add_drive_opts(str(copy), format="qcow2", readonly=False)
     g.launch()
     g.mount("/dev/sda1", "/")
-    g.write("/etc/fixture-release", "changed on the VM\n")  # same path, other content
+    change(g)
     g.shutdown()
     g.close()
+
+
+def test_tampered_records_are_not_trusted(converted_disk: Callable[[str], Path],
+                                          docker_world: DockerWorld, tmp_path: Path) -> None:
+    """A record that is not what imgconv wrote (not JSON), or a record replaced by a symlink: new layers, the
+    disk's files as they are, no claim of identity."""
+    garbage = gzip.compress(b'{"diff_id": "sha256:00", "size": 1}\n\x00not json\n')
+    for name, change in (("garbage", lambda g: g.write("/.imgconv/layer-0.tar-split.gz", garbage)),
+                         ("symlink", lambda g: (g.rm("/.imgconv/layer-0.tar-split.gz"),
+                                                g.ln_s("/bin/busybox", "/.imgconv/layer-0.tar-split.gz")))):
+        copy = tmp_path / f"{name}.qcow2"
+        _modified_copy(converted_disk("busybox"), copy, change)
+        ran = imgconv("vm-to-oci", "--json", str(copy), f"oci:{tmp_path / name}:1", env=docker_world.env).ok()
+        assert ran.json["original_layers"] is False and ran.json["new_layer"] is not None, name
+        if name == "garbage":
+            assert "layer records are unusable" in ran.stderr
+
+
+def test_a_changed_disk_is_said_to_be_changed_and_gets_new_layers(converted_disk: Callable[[str], Path],
+                                                                  fixture_image: Callable[[str], FixtureImage],
+                                                                  docker_world: DockerWorld, tmp_path: Path) -> None:
+    copy = tmp_path / "changed.qcow2"
+    _modified_copy(converted_disk("tricky"), copy,  # same path, other content
+                   lambda g: g.write("/etc/fixture-release", "changed on the VM\n"))
     layout = tmp_path / "out"
     ran = imgconv("vm-to-oci", "--json", str(copy), f"oci:{layout}:1", env=docker_world.env).ok()
     assert "differ from the image it was made from (/etc/fixture-release changed)" in ran.stderr
