@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,7 +94,7 @@ class _LayerRecord:
             self.lines = io.BytesIO()
 
     def finish(self) -> None:
-        """Write the header line (known only now) before the body, which was kept aside compressed."""
+        """Flush the last lines; the header line (the diff_id, known only at the end) goes in front later."""
         if self.raw:
             self._line({"r": base64.b64encode(bytes(self.raw)).decode()})
         self.file.write(self.lines.getvalue())
@@ -109,8 +110,7 @@ class Recorder:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.count = 0
-        self.records: list[Path] = []  # by layer index in the image (oldest first)
+        self.count = 0  # layers seen, newest first
         self._current: _Tee | None = None
 
     def layer(self, what: str, stream: BinaryIO) -> BinaryIO:
@@ -156,7 +156,8 @@ def _with_header(body: Path, diff_id: str) -> Path:
     with path.open("wb") as out:
         out.write(gzip.compress(json.dumps(header).encode() + b"\n", mtime=0))
         if "x" not in header:
-            out.write(body.read_bytes())  # concatenated gzip members are one gzip stream
+            with body.open("rb") as data:  # concatenated gzip members are one gzip stream
+                shutil.copyfileobj(data, out, 1 << 20)
     return path
 
 
