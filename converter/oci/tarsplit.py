@@ -425,7 +425,8 @@ def write_restored(layout: LayoutWriter, layers: list[Path], config: bytes, comp
 
                     packed = cast(IO[bytes], zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False))
                 else:
-                    packed = cast(IO[bytes], gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0))
+                    packed = cast(IO[bytes], gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0,
+                                                           compresslevel=6))  # as LayerWriter compresses
                 with packed:
                     while chunk := data.read(1 << 20):
                         packed.write(chunk)
