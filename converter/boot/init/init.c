@@ -1554,18 +1554,19 @@ static void resolve_user(const char *spec, const struct userdb *passwd, const st
 
 /* ---------------------------------------------------------- workload -- */
 
-static void mkdir_p(const char *path)
+/* *path* and its missing parents, 0755; *what* names it in the one-line error that stops the boot. */
+static void mkdir_p(const char *path, const char *what)
 {
 	char buf[4096];
 	int n = snprintf(buf, sizeof buf, "%s", path);
 	if (n < 0 || (size_t)n >= sizeof buf)
-		fatal("working directory %s: name too long", path);
+		fatal("%s %s: name too long", what, path);
 	for (char *p = buf + 1;; p++) {
 		if (*p == '/' || *p == '\0') {
 			char saved = *p;
 			*p = '\0';
 			if (buf[0] && mkdir(buf, 0755) < 0 && errno != EEXIST)
-				fatal("cannot create working directory %s: %s", buf, strerror(errno));
+				fatal("cannot create %s %s: %s", what, buf, strerror(errno));
 			*p = saved;
 			if (!saved)
 				break;
@@ -1867,7 +1868,7 @@ __attribute__((noreturn)) static void stage2(void)
 
 	const char *cwd = *s.cwd ? s.cwd : "/";
 	if (!is_dir(cwd))
-		mkdir_p(cwd);
+		mkdir_p(cwd, "working directory");
 	if (chdir(cwd) < 0)
 		fatal("cannot change to working directory %s: %s", cwd, strerror(errno));
 	if (s.argc == 0)

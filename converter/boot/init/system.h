@@ -71,7 +71,7 @@ static void unit_value(FILE *f, const char *s)
 /* The image's command as a service: started when the system is up, its output on the console. */
 static void write_workload_unit(const struct spec *s)
 {
-	mkdir_p("/run/systemd/system/multi-user.target.wants");
+	mkdir_p("/run/systemd/system/multi-user.target.wants", "the unit directory");
 	FILE *f = fopen(WORKLOAD_UNIT, "we");
 	if (!f)
 		fatal("cannot write %s: %s", WORKLOAD_UNIT, strerror(errno));
@@ -135,7 +135,7 @@ static void add_ssh_keys(const struct userdb *passwd, const struct userdb *group
 	char dir[4200], file[4300];
 	snprintf(dir, sizeof dir, "%s/.ssh", strcmp(u.home, "/") == 0 ? "" : u.home);
 	snprintf(file, sizeof file, "%s/authorized_keys", dir);
-	mkdir_p(dir);
+	mkdir_p(dir, "the ssh directory");
 	if (chown(dir, (uid_t)u.uid, (gid_t)u.gid) < 0 || chmod(dir, 0700) < 0)
 		fatal("cannot prepare %s: %s", dir, strerror(errno));
 	int fd = open(file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -165,7 +165,7 @@ __attribute__((noreturn)) static void boot_system(struct spec *s, const struct u
 	if (s->argc > 0 && !is_init_system(s->argv[0]))
 		write_workload_unit(s);
 	if (access("/bin/kmod", X_OK) < 0 && access("/usr/bin/kmod", X_OK) < 0) {
-		mkdir_p("/run/systemd/system");
+		mkdir_p("/run/systemd/system", "the unit directory");
 		if (symlink("/dev/null", "/run/systemd/system/kmod-static-nodes.service") < 0)
 			debug("cannot mask kmod-static-nodes: %s", strerror(errno));
 	}

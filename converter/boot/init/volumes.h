@@ -45,21 +45,7 @@ static int have_filesystem(const char *name)
  * the way, or a read-only place, is an error: the workload must not run without its volume. */
 static void volume_dir(const char *path)
 {
-	char buf[4096];
-	int n = snprintf(buf, sizeof buf, "%s", path);
-	if (n < 0 || (size_t)n >= sizeof buf)
-		fatal("volume %s: name too long", path);
-	for (char *p = buf + 1;; p++) {
-		if (*p != '/' && *p != '\0')
-			continue;
-		char saved = *p;
-		*p = '\0';
-		if (mkdir(buf, 0755) < 0 && errno != EEXIST)
-			fatal("cannot create %s for a volume: %s", buf, strerror(errno));
-		*p = saved;
-		if (!saved)
-			break;
-	}
+	mkdir_p(path, "the volume directory");
 	if (!is_dir(path))
 		fatal("cannot mount a volume on %s: not a directory", path);
 }
