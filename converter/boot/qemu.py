@@ -1,11 +1,14 @@
 """``imgconv boot``: run a disk under qemu, stream the workload's output, return its exit status.
 
-A pipeline of four steps (:data:`BOOT`):
+A pipeline of steps (:data:`BOOT`):
 
 - ``open-disk``: the disk is checked as ``vm-to-oci`` checks it (:func:`converter.disk.safety.open_disk`: format
   from the magic; no backing file, data file or extent elsewhere; a regular file or block device), and refused
   the same way;
 - ``prepare-overlay``: a throwaway qcow2 overlay (with no backing file of its own) and the guest's resolv.conf;
+- ``prepare-run``: docker run's flags as the firmware config file the init reads, and ``--state`` checked or made;
+- ``share-volumes``: a virtiofsd per ``-v`` (:mod:`converter.boot.volumes`);
+- ``choose-firmware``: SeaBIOS, or OVMF for a UEFI-only disk (:mod:`converter.disk.uefi`);
 - ``start-vm``: qemu gets the disk read-only, as the very file that was checked, in its checked format and
   with ``"backing": null`` (nothing the disk names is opened, even if it was rewritten since), under the
   overlay: the disk is never written;
@@ -299,7 +302,7 @@ def start_vm(ctx: Context) -> RunningVm:
     accel = choose_accel()
     guest = ctx[prepare_run]
     checked = ctx.enter(pinned(disk))
-    firmware = firmware_args(request.firmware or disk_firmware(disk, checked, scratch.qmp_socket.parent))
+    firmware = ctx[choose_firmware]
     argv = qemu_argv(
         accel=accel, drive=drive_args(disk, checked, _top(ctx, guest)), firmware=firmware,
         memory_mib=request.memory_mib, cpus=request.cpus, direct_kernel=request.direct_kernel,
@@ -314,6 +317,15 @@ def start_vm(ctx: Context) -> RunningVm:
     stream = ctx.enter(contextlib.closing(StreamLink(_listen(ctx, scratch.stream_socket), _stdio(request))))
     proc = ctx.enter(_qemu_process(argv))
     return RunningVm(proc, ctx.enter(contextlib.closing(QmpLink(qmp))), stream)
+
+
+def choose_firmware(ctx: Context) -> list[str]:
+    """qemu's firmware arguments: as asked, else what the disk's partition table says (OVMF for a UEFI-only disk,
+    read from the checked file; converter.disk.uefi)."""
+    request, disk = ctx[REQUEST], ctx[open_safely]
+    if request.firmware is not None:
+        return firmware_args(request.firmware)
+    return firmware_args(disk_firmware(disk, ctx.enter(pinned(disk)), ctx[prepare_overlay].qmp_socket.parent))
 
 
 def share_volumes(ctx: Context) -> list[str]:
@@ -384,8 +396,10 @@ BOOT: Pipeline[BootResult] = Pipeline(
         Step("prepare-run", "preparing the run's options and state", prepare_run,
              needs=(REQUEST, open_safely, prepare_overlay)),
         Step("share-volumes", "sharing the volumes", share_volumes, needs=(REQUEST, prepare_overlay)),
+        Step("choose-firmware", "choosing the firmware", choose_firmware,
+             needs=(REQUEST, open_safely, prepare_overlay)),
         Step("start-vm", "starting the VM", start_vm,
-             needs=(REQUEST, open_safely, prepare_overlay, prepare_run, share_volumes)),
+             needs=(REQUEST, open_safely, prepare_overlay, prepare_run, share_volumes, choose_firmware)),
         Step("run-workload", "running the workload", run_workload, needs=(REQUEST, start_vm)),
     ),
     result=run_workload,

@@ -45,7 +45,8 @@ def supervisor(timeout: float = math.inf, stop: threading.Event | None = None,
 
 
 def test_boot_steps_have_stable_ids() -> None:
-    assert BOOT.step_ids == ("open-disk", "prepare-overlay", "prepare-run", "share-volumes", "start-vm", "run-workload")
+    assert BOOT.step_ids == ("open-disk", "prepare-overlay", "prepare-run", "share-volumes", "choose-firmware",
+                             "start-vm", "run-workload")
 
 
 def test_a_workload_that_ends_by_itself_is_left_alone() -> None:
