@@ -522,7 +522,10 @@ def _store_commands() -> None:
 
 _store_commands()
 
-DiskArg = Annotated[Path, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2.", readable=False)]
+# A str, not a Path: a Path would fold store:'s "//" away; disk_input reads a store: reference (a one-line error,
+# exit 2, if it names nothing) and takes anything else for a file (./store:x is a file).
+DiskArg = Annotated[str, typer.Argument(metavar="DISK", help="A disk made by oci-to-qcow2 or commit, or "
+                                                             "store:NAME[:TAG].", readable=False)]
 
 
 @app.command()
@@ -530,12 +533,14 @@ def provenance(disk: DiskArg) -> None:
     """Print the disk's provenance: an in-toto Statement v1 with a SLSA provenance v1 predicate (DISK.intoto.json).
 
     Its subject is the disk's sha256; it names the source image's config and manifest digests, the kernel, imgconv's
-    init and version, and the options: what `imgconv verify --rebuild` builds it again from.
+    init and version, and the options: what `imgconv verify --rebuild` builds it again from. A version made by
+    `imgconv commit` names its base version and the state file instead.
     """
     from converter.artifact import statement_path
     from converter.provenance import read_json
 
-    print(json.dumps(read_json(statement_path(disk), "provenance statement"), indent=2, sort_keys=True))
+    with disk_input(disk) as path:
+        print(json.dumps(read_json(statement_path(path), "provenance statement"), indent=2, sort_keys=True))
 
 
 @app.command()
@@ -552,21 +557,26 @@ def verify(
     file: exit 0 when its bytes are the disk's, 1 when they are not.
     """
     from converter.provenance import rebuild_disk, verify_disk
+    from converter.store.reference import is_store_ref
+    from converter.store.store import Store, store_root
 
-    verdict = verify_disk(disk)
-    if not verdict.ok:
-        for problem in verdict.problems:
-            print(f"{disk}: FAILED: {printable(problem)}")
-        raise typer.Exit(1)
-    if not rebuild:
-        print(f"{disk}: OK ({verdict.sha256}, from {printable(verdict.source)})")
-        return
-    again = rebuild_disk(disk, tls_verify, monitor_for(False, quiet))
+    with disk_input(disk) as path:
+        verdict = verify_disk(path)
+        if not verdict.ok:
+            for problem in verdict.problems:
+                print(f"{printable(disk)}: FAILED: {printable(problem)}")
+            raise typer.Exit(1)
+        if not rebuild:
+            print(f"{printable(disk)}: OK ({verdict.sha256}, from {printable(verdict.source)})")
+            return
+        # A store version is rebuilt in the store's tmp/, not among its objects.
+        work = Store(store_root()).tmp if is_store_ref(disk) else None
+        again = rebuild_disk(path, tls_verify, monitor_for(False, quiet), work)
     if not again.identical:
-        print(f"{disk}: FAILED: rebuilt from {printable(again.source)}, the bytes differ: {again.recorded} "
+        print(f"{printable(disk)}: FAILED: rebuilt from {printable(again.source)}, the bytes differ: {again.recorded} "
               f"recorded, {again.rebuilt} rebuilt")
         raise typer.Exit(1)
-    print(f"{disk}: OK, rebuilt identical ({again.rebuilt}) from {printable(again.source)}")
+    print(f"{printable(disk)}: OK, rebuilt identical ({again.rebuilt}) from {printable(again.source)}")
 
 
 def validate_hostname(name: str) -> str:

@@ -3,9 +3,15 @@
 Each disk oci-to-qcow2 publishes gets, beside its sidecar ``OUTPUT.json``, an in-toto Statement v1
 (``OUTPUT.intoto.json``) whose predicate is SLSA provenance v1: the subject is the disk (its file name and
 sha256); the resolved dependencies are the source image (its config digest, and its manifest digest where the
-source has one), the kernel (release and the sha256 of the file booted), imgconv's init and imgconv itself;
-the external parameters are the source reference, the options and SOURCE_DATE_EPOCH, which is all
-``verify --rebuild`` needs to make the same bytes again (disks are bit-identical: converter/disk/reproducible.py).
+source has one), the kernel (release and the sha256 of the file booted, and of the package it came from with
+``--kernel PACKAGE.deb``), imgconv's init and imgconv itself; the external parameters are the source reference,
+the options and SOURCE_DATE_EPOCH, which is all ``verify --rebuild`` needs to make the same bytes again (disks are
+bit-identical: converter/disk/reproducible.py).
+
+A version made by ``imgconv commit`` (converter/store/commit.py) gets a statement of another build type
+(:data:`COMMIT_BUILD_TYPE`): what it was made of is a state file and a base version, not a source image, so its
+dependencies are the base (its sha256, and the source image the base names) and the state file, and
+``verify --rebuild`` refuses it rather than rebuild the base and call the bytes different.
 
 A file of its own rather than a key of the sidecar: it is the exact document in-toto and SLSA tools (and
 ``cosign attest --predicate``) consume, and the sidecar's format stays what scripts already read.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from converter.records import BuildRecord
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:imgconv:oci-to-qcow2:v1"  # what externalParameters mean: imgconv's oci-to-qcow2 options
+COMMIT_BUILD_TYPE = "urn:imgconv:commit:v1"  # externalParameters: the state file, the base's sha256, DEST
 BUILDER_ID = "urn:imgconv:local"  # imgconv run by whoever ran it: nothing here is attested by a service
 
 
@@ -64,10 +72,11 @@ class Provenance:
     dependencies: tuple[Resource, ...]
     builder_version: dict[str, str]
     finished: str
+    build_type: str = BUILD_TYPE
 
     def doc(self) -> dict[str, Any]:
         return {
-            "buildDefinition": {"buildType": BUILD_TYPE, "externalParameters": self.external,
+            "buildDefinition": {"buildType": self.build_type, "externalParameters": self.external,
                                 "resolvedDependencies": [d.doc() for d in self.dependencies]},
             "runDetails": {"builder": {"id": BUILDER_ID, "version": self.builder_version},
                            "metadata": {"finishedOn": self.finished}},
@@ -100,15 +109,47 @@ def provenance_of(record: BuildRecord, source: str, init_sha256: str, epoch: int
                       {"mediaType": "application/vnd.oci.image.config.v1+json"})]
     if identity.manifest_digest:
         image.append(Resource("image-manifest", _sha(identity.manifest_digest), source))
-    kernel = Resource("kernel", _sha(record.boot.kernel_sha256) if record.boot.kernel_sha256 else {},
-                      annotations={"release": record.kernel.release, "origin": record.kernel.origin,
-                                   "path": record.boot.kernel})
+    kernel = [Resource("kernel", _sha(record.boot.kernel_sha256) if record.boot.kernel_sha256 else {},
+                       annotations={"release": record.kernel.release, "origin": record.kernel.origin,
+                                    "path": record.boot.kernel})]
+    if record.kernel.package_sha256:  # --kernel PACKAGE.deb: the file booted came out of this package
+        kernel.append(Resource("kernel-package", _sha(record.kernel.package_sha256),
+                               annotations={"release": record.kernel.release,
+                                            "file": str(record.options.get("kernel") or "")}))
     return Provenance(
         external={"source": source, "options": record.options, "source_date_epoch": epoch},
-        dependencies=(*image, kernel, Resource("imgconv-init", _sha(init_sha256)),
+        dependencies=(*image, *kernel, Resource("imgconv-init", _sha(init_sha256)),
                       Resource("imgconv", {}, f"pkg:pypi/imgconv@{record.imgconv}",
                                {"version": record.imgconv})),
         builder_version={"imgconv": record.imgconv}, finished=record.created)
+
+
+def _digest_text(value: Any) -> str:
+    """*value* if it is a "sha256:HEX" digest (a base's sidecar is read from a file anyone may have edited)."""
+    return value if isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) else ""
+
+
+def commit_provenance(base_sha256: str, base_sidecar: dict[str, Any], base_where: str, state: Path,
+                      state_sha256: str, dest: str, imgconv: str, finished: str) -> Provenance:
+    """The predicate of ``imgconv commit``: *state* (its bytes' *state_sha256*) flattened over the base version
+    *base_sha256* (found at *base_where*; *base_sidecar* is its sidecar) into *dest*. The base's own source image
+    is named by the digests its sidecar records (a commit of a commit keeps the first conversion's)."""
+    identity = base_sidecar.get("identity")
+    identity = identity if isinstance(identity, dict) else {}
+    source = str(base_sidecar.get("source") or identity.get("source") or "")
+    base = Resource("base", _sha(base_sha256), base_where, {"source": source} if source else {})
+    image = []
+    config = _digest_text(identity.get("image_id")) or _digest_text(base_sidecar.get("config_digest"))
+    if config:
+        image.append(Resource("image-config", _sha(config), source,
+                              {"mediaType": "application/vnd.oci.image.config.v1+json"}))
+    if manifest := _digest_text(identity.get("manifest_digest")):
+        image.append(Resource("image-manifest", _sha(manifest), source))
+    return Provenance(
+        external={"state": str(state), "base": base_sha256, "dest": dest},
+        dependencies=(base, *image, Resource("state", _sha(state_sha256), str(state)),
+                      Resource("imgconv", {}, f"pkg:pypi/imgconv@{imgconv}", {"version": imgconv})),
+        builder_version={"imgconv": imgconv}, finished=finished, build_type=COMMIT_BUILD_TYPE)
 
 
 def statement_for(disk_name: str, predicate: Provenance) -> Callable[[str], bytes]:
@@ -191,12 +232,18 @@ class Rebuild:
         return self.recorded == self.rebuilt
 
 
-def rebuild_disk(disk: Path, tls_verify: bool, monitor: Monitor) -> Rebuild:
+def rebuild_disk(disk: Path, tls_verify: bool, monitor: Monitor, work_dir: Path | None = None) -> Rebuild:
     """Build *disk* again from the source its sidecar records, with the options and SOURCE_DATE_EPOCH its
-    statement records, into a temporary directory beside it (removed after), and compare the bytes' sha256."""
+    statement records, into a temporary directory in *work_dir* (default: beside it; removed after), and compare
+    the bytes' sha256. A version made by ``imgconv commit`` has no source to be built from: refused."""
     statement = read_json(statement_path(disk), "provenance statement")
     sidecar = read_json(sidecar_path(disk), "sidecar")
-    external = statement.get("predicate", {}).get("buildDefinition", {}).get("externalParameters", {})
+    definition = statement.get("predicate", {}).get("buildDefinition", {})
+    if definition.get("buildType") == COMMIT_BUILD_TYPE:
+        raise ProvenanceError(f"{disk.name} was made by imgconv commit (a state file over the version "
+                              f"{sidecar.get('base', '?')}), not converted from a source: it cannot be rebuilt; "
+                              "verify --rebuild its base instead")
+    external = definition.get("externalParameters", {})
     source = str(sidecar.get("source") or external.get("source") or "")
     if not source:
         raise ProvenanceError(f"{sidecar_path(disk)} records no source to rebuild {disk.name} from")
@@ -204,7 +251,7 @@ def rebuild_disk(disk: Path, tls_verify: bool, monitor: Monitor) -> Rebuild:
     options["tls_verify"] = tls_verify
     epoch = external.get("source_date_epoch")
     previous = os.environ.get("SOURCE_DATE_EPOCH")
-    with tempfile.TemporaryDirectory(prefix=".imgconv-rebuild-", dir=disk.parent) as work:
+    with tempfile.TemporaryDirectory(prefix=".imgconv-rebuild-", dir=work_dir or disk.parent) as work:
         try:
             if epoch is None:
                 os.environ.pop("SOURCE_DATE_EPOCH", None)

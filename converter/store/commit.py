@@ -2,13 +2,15 @@
 
 Run-time changes become a version only when someone commits them (issue 12): the state file stays a
 throwaway-able overlay, and what is committed is a standalone disk (no backing chain) with its own sidecar
-naming the base version (``base``: its sha256), at ``store:NAME:TAG`` or in a file.
+naming the base version (``base``: its sha256) and its own provenance statement (converter/provenance.py's
+commit_provenance: the base, the base's source image and the state file), at ``store:NAME:TAG`` or in a file.
 
     check-inputs   DEST free (a file) or a store target; the base found (``--base``, else the store version
                    with the sha256 STATE's record names, else the record's path) and checked as any disk;
                    STATE checked as ``boot`` checks it (its record must name the base's bytes)
     flatten        ``qemu-img convert`` of STATE over the base into one qcow2, the chain given explicitly
-    publish        0444, sha256, sidecar; a store version (the tag moves) or DEST and DEST.json
+    publish        0444, sha256, sidecar, statement; a store version (the tag moves) or DEST, DEST.json and
+                   DEST.intoto.json
 
 The chain is never read from a header: STATE is opened with its backing given as ``json:`` blockdev options (the
 base, through a descriptor of the very file that was checked, with ``"backing": null``), as
@@ -23,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from converter import __version__
-from converter.artifact import check_output, now_utc, publish, sidecar_path, temp_beside
+from converter.artifact import check_output, now_utc, publish, sha256_file, sidecar_path, temp_beside
 from converter.boot.state import open_state, record_path
 from converter.disk.safety import CHECK_TIMEOUT, SafeDisk, blockdev_node, open_disk, pinned
 from converter.errors import UsageError
 from converter.pipeline import Context, Pipeline, Slot, Step
 from converter.progress import Monitor
+from converter.provenance import commit_provenance, statement_for
 from converter.run import run
+from converter.store.reference import is_store_ref
 from converter.store.store import Store, Target, disk_input, output_target, store_root
 
 SIDECAR_DROPPED = ("sha256", "size", "output", "created", "base", "committed")
@@ -59,6 +63,7 @@ class Inputs:
     base: SafeDisk
     base_sha256: str  # "sha256:HEX", as the state's record has it (open_state checked the base against it)
     base_sidecar: dict[str, Any]
+    base_where: str  # where the base was found, as the statement's uri ("": the store's version by its sha256)
     state: SafeDisk
     target: Target | None
     output: Path  # DEST's file, or where a store version is written
@@ -80,22 +85,25 @@ def _state_sha256(state: Path) -> str:
     return digest
 
 
-def _find_base(ctx: Context, state: Path, digest: str) -> tuple[Path, dict[str, Any]]:
-    """The base disk and its sidecar: --base, else the store's version with that sha256, else the record's
-    path (where the disk was when boot made the state; its sha256 is checked again by open_state)."""
+def _find_base(ctx: Context, state: Path, digest: str) -> tuple[Path, dict[str, Any], str]:
+    """The base disk, its sidecar and where it was found: --base, else the store's version with that sha256, else
+    the record's path (where the disk was when boot made the state; its sha256 is checked again by open_state)."""
     request = ctx[REQUEST]
     if request.base is not None:
         path = ctx.enter(disk_input(request.base))
+        where = request.base if is_store_ref(request.base) else str(path.absolute())
     else:
         store = Store(store_root())
         if store.object_path(digest).is_file():
-            return ctx.enter(store.use_digest("sha256:" + digest)).path, _sidecar_of(store.object_path(digest))
+            found = ctx.enter(store.use_digest("sha256:" + digest)).path
+            return found, _sidecar_of(store.object_path(digest)), ""
         recorded = json.loads(record_path(state).read_text()).get("path")
         if not isinstance(recorded, str) or not Path(recorded).is_file():
             raise UsageError(f"the base disk of {state} (sha256:{digest}) is not in the store {store.root}; "
                              "give it with --base DISK")
         path = Path(recorded)
-    return path, _sidecar_of(path)
+        where = str(path.absolute())
+    return path, _sidecar_of(path), where
 
 
 def _sidecar_of(disk: Path) -> dict[str, Any]:
@@ -117,10 +125,10 @@ def check_inputs(ctx: Context) -> Inputs:
     if target is None:
         check_output(output, request.force)
     digest = _state_sha256(state)
-    base_path, sidecar = _find_base(ctx, state, digest)
+    base_path, sidecar, where = _find_base(ctx, state, digest)
     base = open_disk(base_path)
     checked = open_state(state, base)  # refuses a state made over other bytes than the base's
-    return Inputs(base, "sha256:" + digest, sidecar, checked, target, output)
+    return Inputs(base, "sha256:" + digest, sidecar, where, checked, target, output)
 
 
 def flatten(ctx: Context) -> Path:
@@ -136,16 +144,21 @@ def flatten(ctx: Context) -> Path:
 
 def publish_commit(ctx: Context) -> CommitRecord:
     inputs, request = ctx[check_inputs], ctx[REQUEST]
+    created, state = now_utc(), request.state.absolute()
     sidecar = {key: value for key, value in inputs.base_sidecar.items() if key not in SIDECAR_DROPPED}
     sidecar.update({"imgconv": __version__, "format": "qcow2", "virtual_size": inputs.state.virtual_size,
-                    "created": now_utc(), "base": inputs.base_sha256,
-                    "committed": {"state": str(request.state.absolute())}})
+                    "created": created, "base": inputs.base_sha256, "committed": {"state": str(state)}})
+    with pinned(inputs.state) as state_name:  # the bytes of the very state file that was checked and flattened
+        state_sha256 = sha256_file(state_name)
+    dest = str(inputs.target.ref) if inputs.target is not None else str(inputs.output)
+    predicate = commit_provenance(inputs.base_sha256, inputs.base_sidecar, inputs.base_where, state, state_sha256,
+                                  dest, __version__, created)
     if inputs.target is not None:
-        record = inputs.target.publish(ctx[flatten], sidecar, how="commit")
-        dest = str(inputs.target.ref)
+        # The subject is the version's object file (objects/sha256/HEX), as for a conversion into the store.
+        record = inputs.target.publish(ctx[flatten], sidecar, how="commit", statement=lambda sha256: statement_for(
+            sha256.removeprefix("sha256:"), predicate)(sha256))
     else:
-        record = publish(ctx[flatten], inputs.output, sidecar)
-        dest = str(inputs.output)
+        record = publish(ctx[flatten], inputs.output, sidecar, statement_for(inputs.output.name, predicate))
     return CommitRecord(dest, record["sha256"], record["size"], inputs.base_sha256, str(request.state))
 
 

@@ -17,14 +17,19 @@ from converter.disk.plan import partition_layout
 from converter.disk.uefi import _aligned_end
 from converter.progress import NullMonitor
 from converter.provenance import (
+    COMMIT_BUILD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
     Provenance,
+    ProvenanceError,
     Resource,
+    commit_provenance,
+    provenance_of,
     rebuild_disk,
     statement_for,
     verify_disk,
 )
+from converter.records import BootEntry, BuildRecord, ImageIdentity, KernelRecord, RunRecord
 
 MiB = 1 << 20
 
@@ -181,3 +186,71 @@ def test_rebuild_refuses_options_this_imgconv_would_not_record_the_same(tmp_path
 
     with pytest.raises(ProvenanceError, match="cannot be given again"):
         convert_recorded("oci:/x:1", tmp_path / "d.qcow2", {"format": "qcow2", "from-the-future": 1}, NullMonitor())
+
+
+def _record(package_sha256: str = "") -> BuildRecord:
+    identity = ImageIdentity("oci:/x:1", "sha256:" + "c1" * 32, "sha256:" + "d2" * 32, None, ())
+    return BuildRecord(imgconv="9.9", identity=identity, config_digest=identity.image_id,
+                       kernel=KernelRecord("6.1.0-1-amd64", "package" if package_sha256 else "host", package_sha256),
+                       boot=BootEntry("/.imgconv/boot/vmlinuz", "/.imgconv/boot/initrd", "ro",
+                                      "sha256:" + "e3" * 32),
+                       format="qcow2", virtual_size=1 << 30, created="2024-01-01T00:00:00Z",
+                       options={"kernel": "/debs/linux-image-6.1.0-1-amd64_6.1.1-1_amd64.deb"},
+                       run=RunRecord(("/bin/sh",), "", "/"))
+
+
+def _statement(predicate: Provenance) -> dict[str, Any]:
+    """The statement as published, parsed back from its bytes."""
+    return json.loads(statement_for("disk.qcow2", predicate)("sha256:" + "00" * 32))  # type: ignore[no-any-return]
+
+
+def _dependencies(predicate: Provenance) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in _statement(predicate)["predicate"]["buildDefinition"]["resolvedDependencies"]}
+
+
+def test_a_kernel_package_is_a_dependency_with_the_packages_sha256() -> None:
+    deps = _dependencies(provenance_of(_record("sha256:" + "f4" * 32), "oci:/x:1", "sha256:" + "a5" * 32, None))
+    assert deps["kernel-package"]["digest"] == {"sha256": "f4" * 32}
+    assert deps["kernel-package"]["annotations"] == {"release": "6.1.0-1-amd64",
+                                                     "file": "/debs/linux-image-6.1.0-1-amd64_6.1.1-1_amd64.deb"}
+    assert deps["kernel"]["digest"] == {"sha256": "e3" * 32}  # the file booted stays the kernel's own digest
+    plain = _dependencies(provenance_of(_record(), "oci:/x:1", "sha256:" + "a5" * 32, None))
+    assert "kernel-package" not in plain and plain["kernel"]["digest"] == {"sha256": "e3" * 32}
+
+
+def test_a_commits_statement_names_the_base_its_source_image_and_the_state(tmp_path: Path) -> None:
+    base_sidecar = {"source": "oci:/x:1", "identity": {"source": "oci:/x:1", "image_id": "sha256:" + "c1" * 32,
+                                                      "manifest_digest": "sha256:" + "d2" * 32}}
+    predicate = commit_provenance("sha256:" + "b0" * 32, base_sidecar, "store:app:v1", tmp_path / "s.qcow2",
+                                  "sha256:" + "5a" * 32, "store:app:v2", "9.9", "2024-01-02T00:00:00Z")
+    doc = _statement(predicate)
+    assert doc["_type"] == STATEMENT_TYPE and doc["predicateType"] == PREDICATE_TYPE
+    definition = doc["predicate"]["buildDefinition"]
+    assert definition["buildType"] == COMMIT_BUILD_TYPE == "urn:imgconv:commit:v1"
+    assert definition["externalParameters"] == {"state": str(tmp_path / "s.qcow2"), "base": "sha256:" + "b0" * 32,
+                                                "dest": "store:app:v2"}
+    deps = {d["name"]: d for d in definition["resolvedDependencies"]}
+    assert deps["base"] == {"name": "base", "digest": {"sha256": "b0" * 32}, "uri": "store:app:v1",
+                            "annotations": {"source": "oci:/x:1"}}
+    assert deps["image-config"]["digest"] == {"sha256": "c1" * 32}
+    assert deps["image-manifest"]["digest"] == {"sha256": "d2" * 32}
+    assert deps["state"]["digest"] == {"sha256": "5a" * 32}
+    assert deps["imgconv"]["annotations"] == {"version": "9.9"}
+    # a base sidecar without digests (or with garbage in their place) names only the base and the state
+    bare = commit_provenance("sha256:" + "b0" * 32, {"identity": {"image_id": "sha256:nope"}}, "", tmp_path / "s",
+                             "sha256:" + "5a" * 32, "out.qcow2", "9.9", "2024-01-02T00:00:00Z")
+    assert [d.name for d in bare.dependencies] == ["base", "state", "imgconv"]
+    assert bare.dependencies[0].doc() == {"name": "base", "digest": {"sha256": "b0" * 32}}
+
+
+def test_verify_passes_on_a_committed_disk_and_rebuild_refuses_it_in_one_line(tmp_path: Path) -> None:
+    work = tmp_path / ".c.work"
+    work.write_bytes(b"committed" * 1000)
+    disk = tmp_path / "c.qcow2"
+    predicate = commit_provenance("sha256:" + "b0" * 32, {"source": "oci:/x:1"}, "", tmp_path / "s",
+                                  "sha256:" + "5a" * 32, str(disk), "9.9", "2024-01-02T00:00:00Z")
+    publish(work, disk, {"source": "oci:/x:1", "base": "sha256:" + "b0" * 32}, statement_for(disk.name, predicate))
+    assert verify_disk(disk).ok
+    with pytest.raises(ProvenanceError, match=r"^[^\n]*made by imgconv commit[^\n]*sha256:b0b0[^\n]*$"):
+        rebuild_disk(disk, True, NullMonitor())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.qcow2", "c.qcow2.intoto.json", "c.qcow2.json"]

@@ -4,6 +4,7 @@ state file over its base with real qemu-img. The integration tests (tests/integr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -23,6 +24,7 @@ from converter.boot.state import open_state, record_path
 from converter.disk.safety import open_disk
 from converter.errors import ReferenceError_, UsageError
 from converter.progress import NullMonitor
+from converter.provenance import verify_disk
 from converter.store.commit import CommitRequest, commit
 from converter.store.reference import StoreRef, parse_store_ref
 from converter.store.store import Store, StoreError, choose_root
@@ -87,7 +89,8 @@ def test_a_digest_cannot_be_written() -> None:
     ["vm-to-oci", "store:UPPER", "oci:out:1"], ["oci-to-qcow2", "oci:nowhere:1", "store:a:b:c"],
     ["oci-to-qcow2", "oci:nowhere:1", f"store:app@{DIGEST}"], ["commit", "state.qcow2", "store:"],
     ["store", "history", "UPPER"], ["store", "rollback", "a:b:c"], ["store", "tag", "app", "store:"],
-    ["store", "rm", "app"],
+    ["store", "rm", "app"], ["verify", "store:UPPER"], ["verify", "--rebuild", "store:a:b:c"], ["provenance", "store:"],
+    ["verify", "store:app"], ["provenance", "store:app:v1"],
 ])
 def test_the_cli_refuses_bad_references_in_one_line(imgconv: Callable[..., Ran], tmp_path: Path,
                                                     argv: list[str]) -> None:
@@ -336,6 +339,10 @@ def base_and_state(tmp_path: Path) -> tuple[Path, Path]:
     return base, state
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _read_pattern(disk: Path, pattern: int, offset: str, length: str) -> bool:
     out = _qemu_io({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(disk)}},
                    f"read -P {pattern:#x} {offset} {length}")
@@ -356,6 +363,16 @@ def test_commit_flattens_a_state_over_its_base_into_a_file(base_and_state: tuple
     assert sidecar["base"] == record.base == "sha256:" + json.loads(record_path(state).read_text())["sha256"]
     assert sidecar["source"] == "oci:base:1" and sidecar["sha256"] == record.sha256
     assert dest.stat().st_mode & 0o777 == 0o444
+    # its own provenance statement: the new disk's bytes, made of the base's and the state's
+    statement = json.loads(Path(f"{dest}.intoto.json").read_text())
+    assert statement["subject"] == [{"name": dest.name, "digest": {"sha256": _sha256(dest)}}]
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["buildType"] == "urn:imgconv:commit:v1"
+    deps = {d["name"]: d for d in definition["resolvedDependencies"]}
+    assert deps["base"]["digest"] == {"sha256": _sha256(base)} and deps["base"]["uri"] == str(base)
+    assert deps["base"]["annotations"] == {"source": "oci:base:1"}
+    assert deps["state"]["digest"] == {"sha256": _sha256(state)} and deps["state"]["uri"] == str(state)
+    assert verify_disk(dest).ok
     assert (base.read_bytes(), state.read_bytes()) == before
     with pytest.raises(UsageError, match="already exists"):
         commit(CommitRequest(state, str(dest), base=str(base)), NullMonitor())
@@ -375,6 +392,11 @@ def test_commit_into_the_store_finds_the_base_by_its_sha256(base_and_state: tupl
     with store.use(StoreRef("app", "v2")) as version:
         assert version.sidecar["base"] == base_digest
         assert _read_pattern(version.path, 0x22, "1M", "64k")
+        assert verify_disk(version.path).ok  # its statement (HEX.intoto.json) names the version's object
+        deps = json.loads(Path(f"{version.path}.intoto.json").read_text())["predicate"]["buildDefinition"][
+            "resolvedDependencies"]
+        assert deps[0] == {"name": "base", "digest": {"sha256": base_digest.removeprefix("sha256:")},
+                           "annotations": {"source": "oci:base:1"}}
     with store.use(StoreRef("app")) as version:
         assert _read_pattern(version.path, 0, "1M", "64k")
     assert store.history(StoreRef("app", "v2")).current.how == "commit"
@@ -468,3 +490,36 @@ def test_a_file_named_like_a_reference_is_given_as_a_path(imgconv: Callable[...,
     assert not (tmp_path / "store").exists()
     ran = imgconv("--store", str(tmp_path / "store"), "boot", "store:app")
     assert_one_line_error(ran, f"the store {tmp_path}/store is empty", code=2)
+
+
+def test_verify_and_provenance_read_a_store_version_and_refuse_a_missing_tag(imgconv: Callable[..., Ran],
+                                                                             tmp_path: Path) -> None:
+    """store:NAME[:TAG] as verify's and provenance's DISK: the version's object, its sidecar and its statement."""
+    from converter.provenance import Provenance, Resource, statement_for
+
+    store = Store(tmp_path / "store")
+    predicate = Provenance({"source": "oci:src:1"}, (Resource("image-config", {"sha256": "cd" * 32}),), {}, "")
+    finished = _disk(store, b"version one" * 512)
+    digest = store.publish(finished, {"source": "oci:src:1"}, StoreRef("app", "v1"),
+                           statement=lambda sha256: statement_for(sha256.removeprefix("sha256:"), predicate)(sha256)
+                           )["sha256"]
+    run = functools.partial(imgconv, "--store", str(store.root))
+    ok = run("verify", "store:app:v1")
+    assert (ok.code, ok.stdout) == (0, f"store:app:v1: OK ({digest}, from oci:src:1)\n"), ok.stderr
+    assert run("verify", f"store:app@{digest}").code == 0
+    shown = run("provenance", "store:app:v1")
+    assert shown.code == 0 and json.loads(shown.stdout)["subject"] == [
+        {"name": digest.removeprefix("sha256:"), "digest": {"sha256": hashlib.sha256(b"version one" * 512)
+                                                            .hexdigest()}}]
+    assert_one_line_error(run("verify", "store:app"), "store:app:latest does not exist", code=2)
+    assert_one_line_error(run("provenance", "store:other:v1"), "store:other:v1 does not exist", code=2)
+    assert_one_line_error(run("verify", "--rebuild", "store:app:v2"), "store:app:v2 does not exist", code=2)
+    assert_one_line_error(run("verify", f"store:other@{digest}"), "is not a version of other", code=2)
+    # a flipped byte in the version's object: FAILED, exit 1, naming both records
+    obj = store.object_path(digest)
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[7] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    bad = run("verify", "store:app:v1")
+    assert bad.code == 1 and bad.stdout.count("store:app:v1: FAILED: sha256 differs") == 2, bad.stdout
