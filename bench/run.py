@@ -43,8 +43,27 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 SAMPLE_EVERY = 0.05
 RUN_TIMEOUT = 900.0
-GROUPS = ("build", "export", "boot", "read")
-DEFAULT_IMAGES = ("busybox", "debian")
+GROUPS = ("build", "export", "boot", "read", "memory")
+DEFAULT_IMAGES = ("busybox", "debian", "large")
+# Images only the memory group runs on (one oci-to-qcow2 and one vm-to-oci each): `large` is about 1 GB, where
+# the peers' comparisons would add an hour and say nothing the smaller fixtures do not.
+MEMORY_ONLY_IMAGES = ("large",)
+MEMORY_ONLY = "(memory only)"  # the peer of a memory group row: there is none
+OWN_RSS_GOAL = 150 * (1 << 20)  # issue 13: imgconv's own peak RSS, whatever the image size
+# Issue 13's goals, as the largest ratio (imgconv / peer) that meets them: (task, peer, image or None for all).
+GOALS: dict[tuple[str, str, str | None], float] = {
+    ("oci-to-qcow2", "virt-make-fs", None): 0.8,
+    ("oci-to-qcow2", "no-VM floor", "debian"): 3.0,
+    ("vm-to-oci", "guestfish tar-out", None): 0.8,
+    ("boot (to the workload's exit)", "direct kernel boot", None): 1.0,
+    ("boot (to the workload's exit)", "Debian initramfs boot", None): 0.5,
+}
+# What Debian's initramfs-tools needs added to boot imgconv's init (the stock /boot/initrd.img-R lacks them, and a
+# container's root has no modules tree to load them from): the host channels of `imgconv boot`.
+DEBIAN_INITRAMFS_MODULES = ("virtio_console", "virtiofs")
+# initramfs-tools moves these onto the root before it runs init=, and opens ROOT/dev/console: an image without
+# them cannot be booted by it (a container image need not have them; docker and imgconv's init make them).
+MOUNT_POINTS = (("/dev", "0755"), ("/proc", "0555"), ("/sys", "0555"), ("/run", "0755"))
 # vm-to-oci leaves out what oci-to-qcow2 injected; the peer is told the same with tar excludes. The fixtures have
 # no kernel of their own, so the host modules tree imgconv adds is the only thing under lib/modules.
 TAR_OUT_EXCLUDES = "./.imgconv ./lost+found ./lib/modules ./usr/lib/modules"
@@ -66,6 +85,12 @@ PEERS = {
     "direct kernel boot": "qemu `-kernel -initrd -append` with the same kernel, initramfs, command line and disk, "
                           "run by the same `converter.boot.qemu.boot`: no bootloader, no kernel read through the "
                           "BIOS; the gap is what SeaBIOS plus extlinux cost.",
+    "Debian initramfs boot": "the same direct kernel boot (kernel, command line, disk, `converter.boot.qemu.boot`) "
+                             "with Debian's generic initramfs instead of imgconv's: `mkinitramfs` with the host's "
+                             "/etc/initramfs-tools (MODULES=most, as /boot/initrd.img-R) plus virtio_console and "
+                             "virtiofs, the host channels imgconv's init needs, which the stock one lacks; "
+                             "imgconv's init then runs as the root's init=. An image without /dev, /proc, /sys or "
+                             "/run boots from a copy that has them (initramfs-tools moves its mounts there).",
     "SeaBIOS boot": "the same `--firmware both` disk booted by the same `converter.boot.qemu.boot` under SeaBIOS "
                     "(extlinux) instead of OVMF (the unified kernel image): same kernel, initramfs, command line "
                     "and output; the gap is what OVMF's start-up costs under this accelerator.",
@@ -317,6 +342,9 @@ def load_fixture(name: str) -> Fixture:
         if reason is not None:
             raise BenchError(f"the debian fixture is not cached and cannot be built here: {reason}")
         say("building the debian fixture (cache is cold: a private dockerd is started and stopped, ~2 min)")
+    if name == "large" and not (entry / "fixture.json").exists():
+        say("building the large fixture (cache is cold: mmdebstrap downloads and installs about 1 GB of packages, "
+            "then it is gzipped; several minutes, once)")
     built = cached(name)
     with open_image(parse_reference(f"oci:{built.oci_dir}:1")) as image:
         packed = [layer.descriptor.size for layer in image.layers]
@@ -396,6 +424,11 @@ class Row:
     theirs: list[Sample] = field(default_factory=list)
     note: str = ""
     error: str = ""
+
+    @property
+    def goal(self) -> float | None:
+        """Issue 13's goal for this row: the largest ratio that meets it (None: the row has none)."""
+        return GOALS.get((self.task, self.peer, self.image), GOALS.get((self.task, self.peer, None)))
 
 
 def median(values: Sequence[float]) -> float:
@@ -513,12 +546,24 @@ class Bench:
 
     def boot(self, fx: Fixture, disk: Path, sidecar: dict[str, Any]) -> None:
         row = Row("boot (to the workload's exit)", fx.name, "direct kernel boot", fx.uncompressed)
+        # What a distribution's generic initramfs would cost instead of imgconv's small one.
+        deb = Row("boot (to the workload's exit)", fx.name, "Debian initramfs boot", fx.uncompressed)
         # What the default network (a NIC on QEMU's user network, configured by the init) costs a boot.
         net = Row("boot with the default network", fx.name, "boot --network none", fx.uncompressed)
-        self.rows += [row, net]
-        with self.guarded(row, net):
+        self.rows += [row, deb, net]
+        mine_out, peer_out = self.work / "boot.out", self.work / "direct.out"
+        scratch = [mine_out, peer_out, self.work / "debian-initramfs", self.work / "mount-points.qcow2"]
+        with self.guarded(row, deb, net):
             kernel, initrd, append = direct_kernel_parts(fx, disk, sidecar, self.work, self.env)
-            mine_out, peer_out = self.work / "boot.out", self.work / "direct.out"
+            scratch.append(initrd)
+            debian: tuple[Path, Path] | None = None  # (initrd, disk) of the Debian initramfs peer
+            with self.guarded(deb):
+                say(f"Debian's initramfs and a disk it can boot [{fx.name}] (untimed)")
+                debian_initrd = debian_initramfs(sidecar, self.work)
+                debian_disk, added = disk_with_mount_points(disk, self.work, self.env)
+                debian = (debian_initrd, debian_disk)
+                deb.note = ("same kernel, command line and output; Debian's initramfs"
+                            + (f"; the peer's disk copy has {', '.join(added)} added" if added else ", same disk"))
             for i in range(self.repeat):
                 say(f"boot [{fx.name}] run {i + 1}/{self.repeat}")
                 self.run(row, "imgconv", [IMGCONV, "boot", str(disk)], stdout=mine_out)
@@ -526,11 +571,45 @@ class Bench:
                          stdout=peer_out)
                 if mine_out.read_bytes() != peer_out.read_bytes():
                     raise BenchError("the direct kernel boot printed something else than imgconv boot")
+                if debian is not None:
+                    deb.mine.append(row.mine[-1])
+                    with self.guarded(deb):
+                        try:
+                            self.run(deb, "peer", [PY, HELPERS, "direct-boot", str(debian[1]), str(kernel),
+                                                   str(debian[0]), append], stdout=peer_out)
+                            if mine_out.read_bytes() != peer_out.read_bytes():
+                                raise BenchError("the boot with Debian's initramfs printed something else than "
+                                                 "imgconv boot")
+                        except BenchError:
+                            debian = None  # no more tries: each failure is a long boot to its panic
+                            raise
                 net.mine.append(row.mine[-1])
                 self.run(net, "peer", [IMGCONV, "boot", "--network", "none", str(disk)], stdout=peer_out)
             row.note = "same kernel, initramfs, disk and output"
             net.note = "the same disk and command; the ratio is what the NIC and its set-up cost"
-            remove(mine_out, peer_out, initrd)
+        remove(*scratch)
+
+    # -- 6: memory ---------------------------------------------------------------------------------------
+
+    def memory(self, fx: Fixture, disk: Path) -> None:
+        """imgconv's own peak RSS (and its tree's) for oci-to-qcow2 and vm-to-oci, where no other row measured
+        them: one run each, as the peak barely varies from run to run and a 1 GB conversion takes minutes."""
+        done = {r.task for r in self.rows if r.image == fx.name and r.mine}
+        build = Row("oci-to-qcow2", fx.name, MEMORY_ONLY, fx.uncompressed)
+        export = Row("vm-to-oci", fx.name, MEMORY_ONLY, fx.uncompressed)
+        layout = self.work / "vm-to-oci"
+        if "oci-to-qcow2" not in done or not disk.exists():
+            self.rows.append(build)
+            with self.guarded(build, export):
+                say(f"oci-to-qcow2 [{fx.name}] (memory)")
+                remove(*artifact_files(disk))
+                self.run(build, "imgconv", [IMGCONV, "oci-to-qcow2", "--json", fx.ref, str(disk)])
+        if "vm-to-oci" not in done and disk.exists():
+            self.rows.append(export)
+            with self.guarded(export):
+                say(f"vm-to-oci [{fx.name}] (memory)")
+                self.run(export, "imgconv", [IMGCONV, "vm-to-oci", "--json", str(disk), f"oci:{layout}:1"])
+            remove(layout)
 
     def boot_firmware(self, fx: Fixture) -> None:
         """One `--firmware both` disk (made once, untimed) booted to the workload's exit under OVMF and under
@@ -611,6 +690,60 @@ def direct_kernel_parts(fx: Fixture, disk: Path, sidecar: dict[str, Any], work: 
     return out / Path(boot["kernel"]).name, out / Path(boot["initrd"]).name, boot["cmdline"]
 
 
+def debian_initramfs(sidecar: dict[str, Any], work: Path) -> Path:
+    """Debian's generic initramfs for the disk's (host) kernel: `mkinitramfs` with the host's own
+    /etc/initramfs-tools (as /boot/initrd.img-R was made) plus DEBIAN_INITRAMFS_MODULES.
+
+    The stock /boot/initrd.img-R cannot boot imgconv's init: the init needs virtio_console for the stream port
+    `imgconv boot` gives it (and virtiofs for -v), which imgconv's own initramfs loads in its stage 1; under
+    another initramfs the init starts at its stage 2 on the root, where a container image has no modules.
+    """
+    kernel = sidecar.get("kernel") or {}
+    release = str(kernel.get("release"))
+    if kernel.get("origin") != "host" or not (Path("/boot") / f"initrd.img-{release}").is_file():
+        raise BenchError(f"the disk's kernel {release} is not the host's: there is no Debian initramfs for it here")
+    if shutil.which("mkinitramfs") is None or not Path("/etc/initramfs-tools").is_dir():
+        raise BenchError("Debian's initramfs needs initramfs-tools (mkinitramfs, /etc/initramfs-tools)")
+    conf, out = work / "initramfs-tools", work / "debian-initramfs"
+    remove(conf)
+    shutil.copytree("/etc/initramfs-tools", conf, symlinks=True)
+    with open(conf / "modules", "a") as modules:
+        modules.write("".join(f"{name}\n" for name in DEBIAN_INITRAMFS_MODULES))
+    made = subprocess.run(["mkinitramfs", "-d", str(conf), "-o", str(out), release], capture_output=True, text=True,
+                          check=False)
+    remove(conf)
+    if made.returncode != 0:
+        raise BenchError(f"mkinitramfs exited {made.returncode}: {made.stderr[-600:]}", made.stderr)
+    return out
+
+
+def disk_with_mount_points(disk: Path, work: Path, env: dict[str, str]) -> tuple[Path, list[str]]:
+    """*disk* if its root has MOUNT_POINTS, else a copy with the missing ones added, and which they were.
+
+    initramfs-tools moves /dev, /run, /sys and /proc onto the root and runs init= with ROOT/dev/console as its
+    stdio: without them its /init exits and the kernel panics ("Attempted to kill init"). imgconv's own stage 1
+    needs none of them (its stage 2 makes them), so an image such as busybox has none.
+    """
+    probe = subprocess.run(["guestfish", "--ro", "--format=qcow2", "-a", str(disk), "-m", "/dev/sda1", "--",
+                            *[arg for path, _mode in MOUNT_POINTS for arg in ("is-dir", path, ":")][:-1]],
+                           env=env, capture_output=True, text=True, check=False)
+    answers = probe.stdout.split()
+    if probe.returncode != 0 or len(answers) != len(MOUNT_POINTS):
+        raise BenchError(f"guestfish could not look into {disk}: {probe.stderr[-600:]}", probe.stderr)
+    missing = [(path, mode) for (path, mode), answer in zip(MOUNT_POINTS, answers, strict=True) if answer != "true"]
+    if not missing:
+        return disk, []
+    copy = work / "mount-points.qcow2"
+    shutil.copyfile(disk, copy)
+    made = subprocess.run(["guestfish", "--format=qcow2", "-a", str(copy), "-m", "/dev/sda1", "--",
+                           *[arg for path, mode in missing for arg in ("mkdir-mode", path, mode, ":")][:-1]],
+                          env=env, capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        raise BenchError(f"guestfish could not add {' '.join(p for p, _m in missing)}: {made.stderr[-600:]}",
+                         made.stderr)
+    return copy, [path for path, _mode in missing]
+
+
 # -- output -----------------------------------------------------------------------------------------------
 
 
@@ -622,16 +755,28 @@ def _cell_seconds(samples: list[Sample]) -> str:
     return f"{median([s.seconds for s in samples]):.2f} s" if samples else "–"
 
 
+def _goal_cell(row: Row, ratio: float | None) -> str:
+    if row.goal is None:
+        return "–"
+    if ratio is None:
+        return f"≤ {row.goal:.2f}×"
+    return f"≤ {row.goal:.2f}×: {'met' if ratio <= row.goal else 'missed'}"
+
+
 def table(rows: list[Row]) -> str:
     lines = [
-        "| task | image | imgconv | peer | peer time | ratio | CPU ratio | imgconv peak RSS (tree / own) "
+        "| task | image | imgconv | peer | peer time | ratio | goal | CPU ratio | imgconv peak RSS (tree / own) "
         "| peer peak RSS | imgconv RSS ÷ image |",
-        "|---|---|--:|---|--:|--:|--:|--:|--:|--:|",
+        "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
+        if row.peer == MEMORY_ONLY:
+            continue
         if row.error and not (row.mine and row.theirs):
+            # 200 characters: the reason must be readable (a row that cannot be measured says why here)
             lines.append(f"| {row.task} | {row.image} | {_cell_seconds(row.mine)} | {row.peer} | "
-                         f"{_cell_seconds(row.theirs)} | failed: {row.error[:80].replace('|', '/')} | | | | |")
+                         f"{_cell_seconds(row.theirs)} | failed: {row.error[:200].replace('|', '/')} | "
+                         f"{_goal_cell(row, None)} | | | | |")
             continue
         mine = median([s.seconds for s in row.mine])
         theirs = median([s.seconds for s in row.theirs])
@@ -639,12 +784,50 @@ def table(rows: list[Row]) -> str:
         own = median([s.own_rss for s in row.mine])
         peer_rss = median([s.tree_rss for s in row.theirs])
         ratio = f"**{mine / theirs:.2f}×**" if theirs > 0 else "–"
+        goal = _goal_cell(row, mine / theirs if theirs > 0 else None)
         cpu_mine, cpu_theirs = median([s.cpu for s in row.mine]), median([s.cpu for s in row.theirs])
         cpu = f"{cpu_mine / cpu_theirs:.2f}×" if cpu_theirs >= 0.05 else "–"
         lines.append(
-            f"| {row.task} | {row.image} | {mine:.2f} s | {row.peer} | {theirs:.2f} s | {ratio} | {cpu} | "
+            f"| {row.task} | {row.image} | {mine:.2f} s | {row.peer} | {theirs:.2f} s | {ratio} | {goal} | {cpu} | "
             f"{_mib(tree)} / {_mib(own)} | {_mib(peer_rss)} | {tree / row.image_bytes:.1f}× |"
         )
+    return "\n".join(lines)
+
+
+def memory_rows(rows: list[Row]) -> list[Row]:
+    """One row per (conversion, image) with imgconv samples: the build and export rows' own, or the memory
+    group's where those did not run."""
+    seen: dict[tuple[str, str], Row] = {}
+    for row in rows:
+        if row.task in ("oci-to-qcow2", "vm-to-oci") and row.mine and (row.task, row.image) not in seen:
+            seen[(row.task, row.image)] = row
+    return list(seen.values())
+
+
+MEMORY_SENTENCE = ("Own: the `VmHWM` of imgconv's Python process; tree: the largest sum of RSS over it and its "
+                   "descendants, sampled every 50 ms; for the busybox and debian fixtures these are the table's "
+                   "own runs, for `large` (about 1 GB of Debian packages in one layer, built for `make bench` "
+                   "only) one run of each conversion.")
+MEMORY_INTRO = (f"Peak memory of the conversions, goal: imgconv's own process at most {OWN_RSS_GOAL // MiB} MiB "
+                "whatever the image size (issue 13); the tree's peak (the libguestfs appliance's qemu included) "
+                "beside it.")
+
+
+def memory_table(rows: list[Row]) -> str:
+    lines = ["| task | image | image (layer tar) | imgconv own peak RSS | goal | tree peak RSS | of which qemu | "
+             "time | runs |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in memory_rows(rows):
+        own = max(s.own_rss for s in row.mine)  # the worst run: a bound must hold for every run
+        tree = max(s.tree_rss for s in row.mine)
+        qemu = max(s.by_comm.get("qemu-system-x86", 0) for s in row.mine)
+        met = "met" if own <= OWN_RSS_GOAL else f"missed by {_mib(own - OWN_RSS_GOAL)}"
+        lines.append(f"| {row.task} | {row.image} | {_mib(row.image_bytes)} | {_mib(own)} | "
+                     f"≤ {OWN_RSS_GOAL // MiB} MiB: {met} | {_mib(tree)} | {_mib(qemu)} | "
+                     f"{median([s.seconds for s in row.mine]):.1f} s | {len(row.mine)} |")
+    failed = [r for r in rows if r.peer == MEMORY_ONLY and r.error and not r.mine]
+    lines += [f"| {r.task} | {r.image} | {_mib(r.image_bytes)} | failed: {r.error[:200].replace('|', '/')} "
+              "| | | | | |" for r in failed]
     return "\n".join(lines)
 
 
@@ -723,14 +906,18 @@ class Report:
                f"Other processes kept {self.busy:.0%} of the machine's CPU busy during the bench"
                + (" (a busy machine: wall-time ratios are noisy, CPU ratios less so)." if self.busy > 0.1 else "."),
                "", table(self.rows)]
+        if memory_rows(self.rows):
+            out += ["", MEMORY_INTRO, "", memory_table(self.rows)]
         built = [r for r in self.rows if r.mine and r.mine[0].steps and r.peer != "no-VM floor"]
         if built:
             out += ["", "Where imgconv's time goes (median seconds per step, from --json):", "", step_table(built)]
         out.append("")
         out += [f"- {note}" for note in self.notes]
+        shown: set[tuple[str, str]] = set()
         for row in self.rows:
             rss = median([s.by_comm.get("qemu-system-x86", 0) for s in row.mine]) if row.mine else 0
-            if rss and row.peer != "no-VM floor":
+            if rss and row.peer != MEMORY_ONLY and (row.task, row.image) not in shown:  # rows may share samples
+                shown.add((row.task, row.image))
                 out.append(f"- {row.task} [{row.image}]: of the imgconv peak, qemu {_mib(rss)}")
         out += [f"- {row.task} vs {row.peer} [{row.image}]: {row.note}" for row in self.rows if row.note]
         out += ["", f"(bench took {self.seconds:.0f}s)"]
@@ -754,6 +941,8 @@ class Report:
             "",
             *[f"- **{p}**: {PEERS[p]}" for p in used],
             "",
+            *([MEMORY_INTRO + " " + MEMORY_SENTENCE, "", memory_table(self.rows), ""] if memory_rows(self.rows)
+              else []),
         ])
 
 
@@ -777,7 +966,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown (3)")
     parser.add_argument("--quick", action="store_true", help="one run per measurement (--repeat 1)")
-    parser.add_argument("--images", default=",".join(DEFAULT_IMAGES), help="fixture images (busybox,debian)")
+    parser.add_argument("--images", default=",".join(DEFAULT_IMAGES),
+                        help=f"fixture images ({','.join(DEFAULT_IMAGES)}; {','.join(MEMORY_ONLY_IMAGES)} only runs "
+                             "the memory group)")
     parser.add_argument("--groups", default=",".join(GROUPS),
                         help=f"which rows: {','.join(GROUPS)} (export and boot use the disk build makes)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
@@ -799,6 +990,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g for g in args.groups.split(",") if g]
     if unknown := [g for g in groups if g not in GROUPS]:
         parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
+    if "memory" not in groups:  # nothing else runs on them: not even built
+        names = [n for n in names if n not in MEMORY_ONLY_IMAGES]
     signal.signal(signal.SIGTERM, _on_term)
     become_subreaper()
 
@@ -822,20 +1015,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fx.uncompressed / MiB:.1f} MiB uncompressed")
             disk = work / f"{fx.name}.qcow2"
             sidecar = None
-            if {"build", "export", "boot"} & set(groups):
-                if "build" in groups:
+            groups_here = [g for g in groups if fx.name not in MEMORY_ONLY_IMAGES or g == "memory"]
+            if {"build", "export", "boot"} & set(groups_here):
+                if "build" in groups_here:
                     sidecar = bench.build(fx, disk)
                 else:  # the other rows still need a disk made by imgconv: made once, untimed
                     subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, str(disk)], env=env, check=True)
                     sidecar = json.loads(Path(f"{disk}.json").read_text())
             if sidecar is not None and disk.exists():
-                if "export" in groups:
+                if "export" in groups_here:
                     bench.export(fx, disk)
-                if "boot" in groups:
+                if "boot" in groups_here:
                     bench.boot(fx, disk, sidecar)
                     bench.boot_firmware(fx)
-            if "read" in groups:
+            if "read" in groups_here:
                 bench.read(fx)
+            if "memory" in groups_here:
+                bench.memory(fx, disk)
             remove(*artifact_files(disk))
     except KeyboardInterrupt:
         say("interrupted")
