@@ -253,7 +253,7 @@ def _statement(name: DockerName, digest: str, tls_verify: bool, scratch: Path,
         raw = run(["skopeo", "inspect", "--raw", *_tls(tls_verify), url], purpose="read the statement").stdout
     except ToolError as exc:
         if isinstance(registry.registry_error(source, exc), ImageError):
-            return None, None  # pushed without one (a version made before statements, or by a commit)
+            return None, None  # pushed without one (a version made before versions had statements)
         raise registry.registry_error(source, exc) from exc
     layers = load_json(raw, f"{source} statement manifest").get("layers")
     layer = layers[0] if isinstance(layers, list) and len(layers) == 1 and isinstance(layers[0], dict) else {}

@@ -136,6 +136,11 @@ def test_a_disk_made_with_debians_generic_kernel_package_boots_and_records_it(
                                  "package_sha256": "sha256:" + hashlib.sha256(deb.read_bytes()).hexdigest()}
     assert sidecar["boot"]["kernel"] == f"/.imgconv/boot/vmlinuz-{release}"
     assert sidecar["boot"]["kernel_sha256"] == "sha256:" + hashlib.sha256(vmlinuz).hexdigest()
+    statement = json.loads(Path(f"{out}.intoto.json").read_text())  # the package is a dependency, by its digest
+    deps = {d["name"]: d for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]}
+    assert deps["kernel-package"]["digest"] == {"sha256": hashlib.sha256(deb.read_bytes()).hexdigest()}
+    assert deps["kernel-package"]["annotations"] == {"release": release, "file": str(deb)}
+    assert deps["kernel"]["digest"] == {"sha256": hashlib.sha256(vmlinuz).hexdigest()}
 
     booted = imgconv("boot", "--timeout", "300", str(out), timeout=400)
     assert (booted.stdout_bytes, booted.code) == (busybox.EXPECTED_STDOUT.encode(), 0), booted.stderr[-3000:]

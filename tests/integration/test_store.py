@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from tests.cli import Ran, imgconv, start
+from tests.cli import Ran, assert_one_line_error, imgconv, start
 from tests.integration.judge import layer_tar, tar_names
-from tests.world import FixtureImage
+from tests.world import FixtureImage, _run
 
 pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
 
@@ -148,6 +148,47 @@ def test_a_committed_state_is_a_new_version_with_the_change(store: Versions, tmp
     manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest.removeprefix("sha256:")).read_text())
     names = {name for layer in manifest["layers"] for name in tar_names(layer_tar(layout, layer))}
     assert {"etc/marker", "./etc/marker"} & names, sorted(names)[:50]
+
+    # Its provenance: a statement of the new bytes that names the base version and the base's source image (the
+    # judges: hashlib for the disk and the state, skopeo for the source's config), which verify checks.
+    verified = store.run("verify", "store:base:v2")
+    assert verified.code == 0 and verified.stdout == f"store:base:v2: OK ({committed['sha256']}, from {store.source})\n"
+    statement = store.run("provenance", "store:base:v2").ok().json
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert statement["subject"] == [{"name": path.name, "digest": {"sha256": hashlib.sha256(path.read_bytes())
+                                                                   .hexdigest()}}]
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["buildType"] == "urn:imgconv:commit:v1"
+    assert definition["externalParameters"] == {"state": str(state), "base": store.first, "dest": "store:base:v2"}
+    deps = {d["name"]: d for d in definition["resolvedDependencies"]}
+    assert deps["base"]["digest"] == {"sha256": store.first.removeprefix("sha256:")}
+    assert deps["base"]["annotations"] == {"source": store.source}
+    config = _run(["skopeo", "inspect", "--config", "--raw", store.source]).stdout
+    assert deps["image-config"]["digest"] == {"sha256": hashlib.sha256(config.encode()).hexdigest()}
+    assert deps["state"]["digest"] == {"sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+    refused = store.run("verify", "--rebuild", "store:base:v2")
+    assert_one_line_error(refused, "made by imgconv commit", code=2)
+
+    # The same state committed into a file: DEST, DEST.json and DEST.intoto.json, which verify and provenance read.
+    dest = tmp_path / "v2.qcow2"
+    store.run("commit", "--quiet", str(state), str(dest)).ok()
+    assert sorted(p.name for p in tmp_path.glob("v2.*")) == ["v2.qcow2", "v2.qcow2.intoto.json", "v2.qcow2.json"]
+    assert store.run("verify", str(dest)).ok().stdout.startswith(f"{dest}: OK (sha256:")
+    in_file = store.run("provenance", str(dest)).ok().json
+    assert in_file["subject"] == [{"name": "v2.qcow2", "digest": {"sha256": hashlib.sha256(dest.read_bytes())
+                                                                  .hexdigest()}}]
+    assert {d["name"]: d["digest"] for d in in_file["predicate"]["buildDefinition"]["resolvedDependencies"]}[
+        "base"] == {"sha256": store.first.removeprefix("sha256:")}
+
+
+def test_verify_rebuild_of_a_store_version_reproduces_it(store: Versions) -> None:
+    """store:NAME as verify --rebuild's DISK: its recorded source converted again (in the store's tmp/, removed)."""
+    ran = store.run("verify", "--rebuild", "--quiet", "store:other:x", timeout=900)
+    expected = f"store:other:x: OK, rebuilt identical ({store.other}) from {store.source}\n"
+    assert (ran.code, ran.stdout) == (0, expected), ran.stderr[-3000:]
+    assert list((store.root / "tmp").iterdir()) == []
+    assert _intact(store, store.other)
 
 
 
