@@ -81,6 +81,11 @@ FirmwareOpt = Annotated[str, typer.Option("--firmware", metavar="bios|uefi|both"
                                           help="What the disk boots under: bios (MBR, extlinux), uefi (GPT, a "
                                                "unified kernel image on an EFI system partition) or both.")]
 
+IncrementalOpt = Annotated[bool, typer.Option(
+    "--incremental/--no-incremental",
+    help="Into store:NAME[:TAG]: when the store holds a version made with the same options from the image's "
+         "older layers (a prefix of them), start from its disk and apply only the new layers, on the host with "
+         "no appliance; anything that cannot be applied so falls back to a full build, saying why.")]
 InitOpt = Annotated[str, typer.Option(
     "--init", metavar="auto|container|system",
     help="Who is PID 1. container: imgconv's init runs Entrypoint + Cmd, as docker run; system: the image's own "
@@ -219,6 +224,7 @@ def oci_to_qcow2(
              "system; imgconv's initramfs already loads what a boot needs.")] = None,
     firmware: FirmwareOpt = "bios",
     init: InitOpt = "auto",
+    incremental: IncrementalOpt = True,
     platform: PlatformOpt = None,
     tls_verify: TlsOpt = True,
     json_output: JsonOpt = False,
@@ -247,7 +253,7 @@ def oci_to_qcow2(
         output=out_path, format=fmt, compress=compress, size=parse_size(size) if size else None, force=force,
         kernel=kernel, initrd=initrd, hostname=validate_hostname(hostname), store=target,
         platform=Platform.parse(platform) if platform else None, tls_verify=tls_verify,
-        kernel_modules=kernel_modules, firmware=Firmware(firmware), init=InitMode(init),
+        kernel_modules=kernel_modules, firmware=Firmware(firmware), init=InitMode(init), incremental=incremental,
     )
     record = convert(source, options, monitor_for(json_output, quiet))
     if json_output or not quiet:

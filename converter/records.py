@@ -101,6 +101,8 @@ class BuildRecord:
     created: str
     run: RunRecord
     firmware: str = "bios"  # bios | uefi | both (--firmware): what the disk boots under
+    # An incremental rebuild: the store version (sha256:HEX) whose disk it started from; left out otherwise.
+    built_on: str = field(default="", metadata={"omit_empty": True})
     sha256: str = ""
     size: int = 0
     output: str = ""
@@ -165,7 +167,7 @@ def to_json(record: Any) -> dict[str, Any]:
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             doc[f.name] = {key: item for key, item in dataclasses.asdict(value).items()
                            if item or not _omit_empty(value, key)}
-        else:
+        elif value or not f.metadata.get("omit_empty"):
             doc[f.name] = value
     return doc
 

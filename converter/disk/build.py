@@ -28,7 +28,9 @@ take them out again.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shlex
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -39,10 +41,22 @@ from converter import __version__
 from converter.artifact import check_output, now_utc, publish, sha256_file, temp_beside
 from converter.boot.extlinux import MBR_CODE, install_extlinux
 from converter.boot.initbin import init_binary
-from converter.boot.initramfs import InitSpec, encode_spec
+from converter.boot.initramfs import InitSpec, decode_spec, encode_spec
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
 from converter.disk.appliance import Drive
 from converter.disk.bootfiles import boot_files_on_host, place_kernel
+from converter.disk.increment import (
+    BLOCK,
+    SLACK_BLOCKS,
+    Base,
+    Delta,
+    FullBuild,
+    delta,
+    find_base,
+    free_space,
+    guest_file,
+    script,
+)
 from converter.disk.plan import (
     IMGCONV_ENTRIES,
     IMGCONV_FILES,
@@ -57,11 +71,22 @@ from converter.disk.plan import (
     tree_size,
     volume_uuid,
 )
-from converter.disk.reproducible import SECTOR, build_epoch, derived_id, make_ext4, mbr, settle_ext4, write_at
+from converter.disk.reproducible import (
+    SECTOR,
+    build_epoch,
+    debugfs_script,
+    derived_id,
+    e2fs_tool,
+    make_ext4,
+    mbr,
+    settle_ext4,
+    write_at,
+)
 from converter.disk.rootfs import (
     Additions,
     GuestFile,
     ImageTree,
+    check_tree,
     stream_into,
     write_image_tree,
     write_imgconv_files,
@@ -77,6 +102,7 @@ from converter.disk.uefi import (
 )
 from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
+from converter.guest import ORIGIN, RESERVED
 from converter.oci.image import Image
 from converter.oci.model import Platform
 from converter.oci.reference import Reference, parse_reference
@@ -97,7 +123,7 @@ from converter.records import (
 from converter.records import dumps as record_json
 from converter.run import run
 from converter.scratch import scratch_dir
-from converter.store.store import Target
+from converter.store.store import Store, Target
 
 DEVICE = "/dev/sda"
 
@@ -126,11 +152,12 @@ class BuildOptions:
     firmware: Firmware = Firmware.BIOS
     init: InitMode = InitMode.AUTO
     store: Target | None = None  # OUTPUT store:NAME[:TAG]; output is then the store's work path
+    incremental: bool = True  # into the store: build on a version of the image's older layers (disk/increment.py)
 
     def recorded(self) -> dict[str, Any]:
         """The options as the sidecar and origin record keep them (paths as text, no output or --force)."""
         doc = asdict(self)
-        for key in ("output", "force", "tls_verify", "store"):
+        for key in ("output", "force", "tls_verify", "store", "incremental"):
             del doc[key]
         return {key: str(value) if isinstance(value, Path | Platform | DiskFormat | Firmware | InitMode) else value
                 for key, value in doc.items()}
@@ -157,6 +184,7 @@ class Plan:
 SOURCE: Slot[str] = Slot("source")
 OPTIONS: Slot[BuildOptions] = Slot("options")
 FINISHED: Slot[Path] = Slot("finished disk")  # made by convert_format
+WORK_DISK: Slot[Path] = Slot("work disk")  # the raw disk being built: create_disk's, or copy_base's (incremental)
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -253,7 +281,7 @@ def create_disk(ctx: Context) -> Path:
 def partition(ctx: Context) -> None:
     """Partition table and root filesystem, made on the host before the appliance starts (faster than parted and
     mke2fs in it under TCG, and given the ids a reproducible disk needs: converter/disk/reproducible.py)."""
-    plan_, disk = ctx[plan], ctx[create_disk]
+    plan_, disk = ctx[plan], ctx[WORK_DISK]
     sectors = -(-plan_.disk.size // SECTOR)
     if plan_.layout.table == "gpt":
         partition_gpt(disk, plan_.layout, plan_.disk.size, plan_.uuid, ctx[OPTIONS].firmware)
@@ -334,7 +362,7 @@ def install_uefi(ctx: Context) -> None:
     check_efi_kernel(kernel, ctx[choose_kernel].describe())
     uki = scratch / "BOOTX64.EFI"
     build_uki(kernel, initrd, entry.cmdline, uki, epoch=ctx[plan].epoch)
-    install_uki(ctx[create_disk], uki, ctx[plan].layout, ctx[plan].epoch)
+    install_uki(ctx[WORK_DISK], uki, ctx[plan].layout, ctx[plan].epoch)
 
 
 def settle_filesystem(ctx: Context) -> None:
@@ -342,7 +370,7 @@ def settle_filesystem(ctx: Context) -> None:
     plan_, tree = ctx[plan], ctx[write_rootfs].tree
     first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
     root = tree.dirs.get("")
-    settle_ext4(ctx[create_disk], first * SECTOR, plan_.epoch, int(root.mtime) if root else plan_.epoch,
+    settle_ext4(ctx[WORK_DISK], first * SECTOR, plan_.epoch, int(root.mtime) if root else plan_.epoch,
                 ctx[check_inputs].scratch)
 
 
@@ -353,34 +381,38 @@ def convert_format(ctx: Context) -> Path:
     argv = ["qemu-img", "convert", "-f", "raw", "-O", str(options.format)]
     if options.compress:
         argv += ["-c", "-o", "compression_type=zstd"]
-    run([*argv, str(ctx[create_disk]), str(converted)], purpose=f"write the {options.format} disk")
+    run([*argv, str(ctx[WORK_DISK]), str(converted)], purpose=f"write the {options.format} disk")
     return converted
 
 
-def build_record(ctx: Context) -> BuildRecord:
-    image, options, kernel, spec = ctx[read_image], ctx[OPTIONS], ctx[choose_kernel], ctx[plan].spec
-    record = BuildRecord(
-        imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest,
-        kernel=KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), boot=ctx[install_boot],
-        format=str(options.format),
-        virtual_size=ctx[plan].disk.size, options=options.recorded(), created=now_utc(),
-        run=RunRecord(tuple(spec.argv), spec.user, spec.cwd), firmware=str(options.firmware),
+def _record(ctx: Context, kernel: KernelRecord, boot: BootEntry, spec: InitSpec, size: int,
+            built_on: str = "") -> BuildRecord:
+    image, options = ctx[read_image], ctx[OPTIONS]
+    return BuildRecord(
+        imgconv=__version__, identity=ImageIdentity.of(image), config_digest=image.config.digest, kernel=kernel,
+        boot=boot, format=str(options.format), virtual_size=size, options=options.recorded(), created=now_utc(),
+        run=RunRecord(tuple(spec.argv), spec.user, spec.cwd), firmware=str(options.firmware), built_on=built_on,
     )
-    return record
 
 
-def publish_disk(ctx: Context) -> BuildRecord:
-    record, output = build_record(ctx), ctx[OPTIONS].output
+def build_record(ctx: Context) -> BuildRecord:
+    kernel = ctx[choose_kernel]
+    return _record(ctx, KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), ctx[install_boot],
+                   ctx[plan].spec, ctx[plan].disk.size)
+
+
+def _publish_file(ctx: Context, record: BuildRecord) -> BuildRecord:
+    output = ctx[OPTIONS].output
     predicate = provenance_of(record, ctx[SOURCE], sha256_file(init_binary()), source_date_epoch())
     published = publish(ctx[FINISHED], output, to_json(record), statement_for(output.name, predicate))
     return replace(record, sha256=published["sha256"], size=published["size"], output=str(output))
 
 
-def publish_version(ctx: Context) -> BuildRecord:
+def _publish_store(ctx: Context, record: BuildRecord) -> BuildRecord:
     """publish's twin for OUTPUT store:NAME[:TAG]: the disk becomes a version of the store and the tag moves."""
-    record, target = build_record(ctx), ctx[OPTIONS].store
+    target = ctx[OPTIONS].store
     if target is None:
-        raise LookupError("publish_version is chosen only for a store target")
+        raise LookupError("publishing into the store is chosen only for a store target")
     predicate = provenance_of(record, ctx[SOURCE], sha256_file(init_binary()), source_date_epoch())
     # The statement's subject is the version's object file (objects/sha256/HEX), which verify reads.
     published = target.publish(ctx[FINISHED], to_json(record), statement=lambda sha256: statement_for(
@@ -388,8 +420,159 @@ def publish_version(ctx: Context) -> BuildRecord:
     return replace(record, sha256=published["sha256"], size=published["size"], output=str(target.ref))
 
 
+def publish_disk(ctx: Context) -> BuildRecord:
+    return _publish_file(ctx, build_record(ctx))
+
+
+def publish_version(ctx: Context) -> BuildRecord:
+    return _publish_store(ctx, build_record(ctx))
+
+
+# -- an incremental rebuild (converter/disk/increment.py): the same result from a store version's disk ---------
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """What an incremental rebuild starts from and keeps of its base."""
+
+    base: Base
+    spec: InitSpec
+    layout: PartitionLayout
+    size: int  # the base's virtual size: the disk keeps it
+    epoch: int
+    kernel: KernelRecord
+    boot: BootEntry
+
+
+def find_base_version(ctx: Context) -> Rebuild:
+    """The store version to build on (:func:`converter.disk.increment.find_base`), kept from gc meanwhile."""
+    options, image, explicit = ctx[OPTIONS], ctx[read_image], ctx[check_inputs].kernel
+    if options.store is None:
+        raise LookupError("an incremental rebuild is chosen only for a store target")
+    store = Store(options.store.root)
+    found = find_base(store, image, options.recorded())
+    if isinstance(found, str):
+        raise FullBuild(found)
+    version = ctx.enter(store.use_digest(found[0]))
+    try:
+        kernel, boot = KernelRecord(**version.sidecar["kernel"]), BootEntry(**version.sidecar["boot"])
+        size = int(version.sidecar["virtual_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FullBuild(f"the sidecar of {found[0]} lacks {exc}") from exc
+    _same_kernel(explicit, kernel, boot)
+    ctx.monitor.note(f"incremental: building on {found[0]} (it holds {found[1]} of the image's "
+                     f"{len(image.layers)} layers; --no-incremental builds in full)")
+    return Rebuild(Base(version, found[1]), run_spec(image, options.hostname, options.init),
+                   plan_layout(options, explicit), size, build_epoch(image), kernel, boot)
+
+
+def _same_kernel(explicit: Kernel | None, kernel: KernelRecord, boot: BootEntry) -> None:
+    """A full build would choose the base's kernel: --kernel's, the image's own (the new layers leave the kernel's
+    paths alone, or apply-layers says so), or this machine's newest, which may have changed since."""
+    if explicit is None and kernel.origin == "image":
+        return
+    chosen = explicit or host_kernel()
+    same = chosen.release == kernel.release and chosen.host_path is not None and (
+        not boot.kernel_sha256 or sha256_file(chosen.host_path) == boot.kernel_sha256)
+    if not same:
+        raise FullBuild(f"a full build would boot {chosen.describe()}, the base boots kernel {kernel.release}")
+
+
+def copy_base(ctx: Context) -> Path:
+    """The base version as a raw work disk (its bytes stay as they are in the store)."""
+    rebuild, options = ctx[find_base_version], ctx[OPTIONS]
+    work = ctx.enter(temp_beside(options.output, ".raw"))
+    run(["qemu-img", "convert", "-f", str(rebuild.base.sidecar.get("format", "qcow2")), "-O", "raw",
+         str(rebuild.base.version.path), str(work)], purpose="copy the base version's disk")
+    return work
+
+
+def _root_device(ctx: Context) -> tuple[int, str]:
+    """The root filesystem's byte offset in the work disk, and the disk as e2fsprogs opens it there."""
+    rebuild = ctx[find_base_version]
+    first, _ = rebuild.layout.root_sectors(-(-rebuild.size // SECTOR))
+    return first * SECTOR, f"{ctx[WORK_DISK]}?offset={first * SECTOR}"
+
+
+def check_base(ctx: Context) -> dict[str, Any]:
+    """The base's init is this imgconv's and it runs in the new image's mode; returns its origin record."""
+    rebuild, (_, device) = ctx[find_base_version], _root_device(ctx)
+    tool = e2fs_tool("debugfs")
+    if guest_file(device, f"{RESERVED}/init", tool) != init_binary().read_bytes():
+        raise FullBuild("the base's init is not this imgconv's")
+    try:
+        mode = decode_spec(guest_file(device, f"{RESERVED}/init.spec", tool)).mode
+        origin = json.loads(guest_file(device, ORIGIN, tool))
+    except ValueError as exc:
+        raise FullBuild(f"the base's records cannot be read ({exc})") from exc
+    if mode != rebuild.spec.mode:
+        raise FullBuild(f"the base runs in {mode} mode, the new image in {rebuild.spec.mode} mode")
+    if not isinstance(origin, dict):
+        raise FullBuild("the base's origin record is not an object")
+    return origin
+
+
+def apply_layers(ctx: Context) -> Delta:
+    """The new layers' changes, written into the filesystem by debugfs (no appliance)."""
+    rebuild, scratch, image = ctx[find_base_version], ctx[check_inputs].scratch, ctx[read_image]
+    change = delta(image, rebuild.base.layers, scratch, ctx[check_base].get("injected", []))
+    check_tree(change.final)
+    _, device = _root_device(ctx)
+    blocks, inodes = free_space(device, e2fs_tool("dumpe2fs"))
+    needed = -(-change.content // BLOCK) + len(change.written) + SLACK_BLOCKS
+    if needed > blocks or len(change.written) + 16 > inodes:
+        raise FullBuild(f"the base's filesystem has {blocks} free blocks and {inodes} free inodes; the new layers "
+                        f"need about {needed} and {len(change.written)}")
+    ctx.monitor.note(f"incremental: {len(change.written)} entries written, {len(change.removed)} removed")
+    debugfs_script(device, script(change, scratch / "increment"), scratch, rebuild.epoch, "apply the new layers")
+    return change
+
+
+def update_imgconv_files(ctx: Context) -> None:
+    """init.spec, the image's config and manifest, the tar-split records and the origin record: the new image's."""
+    rebuild, image, options, scratch = ctx[find_base_version], ctx[read_image], ctx[OPTIONS], ctx[check_inputs].scratch
+    base_origin, final = ctx[check_base], ctx[apply_layers].final
+    touched = {path: (final.dirs[path].mtime if path in final.dirs else mtime)
+               for path, mtime in dict(base_origin.get("touched_dirs", {})).items()}
+    origin = OriginRecord(__version__, ImageIdentity.of(image), rebuild.kernel,
+                          tuple(base_origin.get("injected", [])), touched, options.recorded())
+    files = {"init.spec": encode_spec(rebuild.spec), "config.json": image.config.raw,
+             "origin.json": record_json(origin).encode()}
+    if image.manifest.raw is not None:
+        files["manifest.json"] = image.manifest.raw
+    for name, path in finish_records(scratch / "tar-split", list(image.config.diff_ids)):
+        files[name] = path.read_bytes()
+    _, device = _root_device(ctx)
+    present = set(re.findall(r"^/\d+/\d+/\d+/\d+/([^/]*)/", debugfs_script(
+        device, [f"ls -p /{RESERVED}"], scratch, rebuild.epoch, "list imgconv's files"), re.M))
+    spool = scratch / "imgconv-files"
+    spool.mkdir()
+    commands = []
+    for n, (name, data) in enumerate(sorted(files.items())):
+        held = spool / str(n)
+        held.write_bytes(data)
+        target = f'"/{RESERVED}/{name}"'
+        commands += [f"rm {target}"] if name in present else []
+        commands += [f'write "{held}" {target}', f"sif {target} mode 0100644", f"sif {target} uid 0",
+                     f"sif {target} gid 0"]
+    debugfs_script(device, commands, scratch, rebuild.epoch, "update imgconv's files")
+
+
+def settle_rebuilt(ctx: Context) -> None:
+    rebuild, root = ctx[find_base_version], ctx[apply_layers].final.dirs.get("")
+    offset, _ = _root_device(ctx)
+    settle_ext4(ctx[WORK_DISK], offset, rebuild.epoch, int(root.mtime) if root else rebuild.epoch,
+                ctx[check_inputs].scratch)
+
+
+def publish_rebuilt(ctx: Context) -> BuildRecord:
+    rebuild = ctx[find_base_version]
+    return _publish_store(ctx, _record(ctx, rebuild.kernel, rebuild.boot, rebuild.spec, rebuild.size,
+                                       built_on=rebuild.base.version.sha256))
+
+
 def _drives(ctx: Context) -> list[Drive]:
-    return [Drive(ctx[create_disk], "raw", False)]
+    return [Drive(ctx[WORK_DISK], "raw", False)]
 
 
 @functools.cache
@@ -403,8 +586,8 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
         Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
         Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
         Step("plan", "planning the disk", plan, needs=(read_image,)),
-        Step("create-disk", "creating the disk", create_disk, needs=(plan,)),
-        Step("partition", "partitioning and formatting", partition, needs=(create_disk,)),
+        Step("create-disk", "creating the disk", create_disk, WORK_DISK, needs=(plan,)),
+        Step("partition", "partitioning and formatting", partition, needs=(WORK_DISK,)),
         ApplianceSession(_drives, (
             Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
             Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(write_rootfs,)),
@@ -412,15 +595,39 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
             Step("install-boot", "installing kernel, initramfs and bootloader", install_boot,
                  needs=(choose_kernel, add_imgconv_files)),
             *uefi,
-        ), needs=(create_disk,)),
+        ), needs=(WORK_DISK,)),
         Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
-             needs=(create_disk, install_boot)),
-        Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(create_disk,)),
+             needs=(WORK_DISK, install_boot)),
+        Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(WORK_DISK,)),
         Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, install_boot)),
     ), result=publish_version if store else publish_disk, given=(SOURCE, OPTIONS))
 
 
+@functools.cache
+def rebuild_pipeline() -> Pipeline[BuildRecord]:
+    """An incremental rebuild's steps: no appliance, the base version's disk changed on the host."""
+    return Pipeline("oci-to-qcow2", (
+        Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
+        Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
+        Step("find-base", "finding the version to build on", find_base_version, needs=(read_image,)),
+        Step("copy-base", "copying its disk", copy_base, WORK_DISK, needs=(find_base_version,)),
+        Step("check-base", "reading its records", check_base, needs=(WORK_DISK,)),
+        Step("apply-layers", "applying the new layers", apply_layers, needs=(check_base,)),
+        Step("update-imgconv-files", "updating imgconv's files", update_imgconv_files, needs=(apply_layers,)),
+        Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_rebuilt,
+             needs=(update_imgconv_files,)),
+        Step("finish-disk", "writing the disk format", convert_format, FINISHED, needs=(WORK_DISK,)),
+        Step("publish", "publishing", publish_rebuilt, needs=(FINISHED, settle_rebuilt)),
+    ), result=publish_rebuilt, given=(SOURCE, OPTIONS))
+
+
 def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord:
+    """A full build, or into the store an incremental rebuild when a version allows one (else, saying why, the
+    full build)."""
+    if options.store is not None and options.incremental:
+        try:
+            return rebuild_pipeline().run(monitor, source=source, options=options)
+        except FullBuild as why:
+            monitor.note(f"incremental: not possible ({why}); building in full")
     finish = "convert" if options.format is not DiskFormat.QCOW2 or options.compress else "keep"
     return pipeline(finish, options.firmware, options.store is not None).run(monitor, source=source, options=options)
-

@@ -189,7 +189,7 @@ def _time_commands(target: str, fields: Iterable[str], epoch: int) -> list[str]:
     return [line for f in fields for line in (f"sif {target} {f}_extra 0", f"sif {target} {f} @{epoch}")]
 
 
-def _debugfs(device: str, commands: list[str], scratch: Path, epoch: int, purpose: str) -> str:
+def debugfs_script(device: str, commands: list[str], scratch: Path, epoch: int, purpose: str) -> str:
     script = scratch / "debugfs.cmd"
     script.write_text("\n".join(commands) + "\n")
     ran = run([e2fs_tool("debugfs"), "-w", "-f", str(script), device], purpose=purpose, env=_e2fs_env(epoch),
@@ -204,7 +204,7 @@ def _debugfs(device: str, commands: list[str], scratch: Path, epoch: int, purpos
 def _entries(device: str, directories: tuple[str, ...], scratch: Path, epoch: int) -> list[str]:
     """The inodes of *directories* and what they hold (imgconv's own files: written by tar, uploads and extlinux
     at the appliance's time), as debugfs targets (by number: names are never parsed back)."""
-    listed = _debugfs(device, [f"ls -p {d}" for d in directories], scratch, epoch, "list imgconv's files")
+    listed = debugfs_script(device, [f"ls -p {d}" for d in directories], scratch, epoch, "list imgconv's files")
     inodes = {int(ino) for ino, name in re.findall(r"^/(\d+)/\d+/\d+/\d+/([^/]*)/", listed, re.M) if name != ".."}
     return [f"<{ino}>" for ino in sorted(inodes)]
 
@@ -225,7 +225,7 @@ def renew_journal(disk: Path, offset: int, device: str, scratch: Path, epoch: in
     """A new, empty journal. The used one holds commit times, a timing-dependent sequence and copies of metadata
     blocks placed by when commits happened; removing it frees its blocks but leaves those bytes in them, so they
     are zeroed before the new journal is made (which may take some of them back)."""
-    runs = journal_blocks(_debugfs(device, ["blocks <8>"], scratch, epoch, "find the journal"))
+    runs = journal_blocks(debugfs_script(device, ["blocks <8>"], scratch, epoch, "find the journal"))
     env = _e2fs_env(epoch)
     run([e2fs_tool("tune2fs"), "-O^has_journal", device], purpose="remove the used ext4 journal", env=env,
         timeout=E2FS_TIMEOUT)
@@ -256,14 +256,14 @@ def settle_ext4(disk: Path, offset: int, epoch: int, root_mtime: int, scratch: P
     for target in _entries(device, (f"/{RESERVED}", f"/{BOOT_DIR}"), scratch, epoch):
         commands += _time_commands(target, ("mtime",), epoch)
     commands += _time_commands("<2>", ("mtime",), root_mtime)
-    _debugfs(device, commands + _superblock_commands(epoch), scratch, epoch, "set the filesystem's times")
+    debugfs_script(device, commands + _superblock_commands(epoch), scratch, epoch, "set the filesystem's times")
     with _image_lost_found(device, scratch, epoch):
         checked = run([e2fs_tool("e2fsck"), "-f", "-y", "-D", device],
                       purpose="recompute the filesystem's checksums", env=env, timeout=E2FS_TIMEOUT, check=False)
     if checked.returncode not in (0, 1):
         found = one_line(checked.stdout.decode(errors="replace"), 300)
         raise ToolError(f"e2fsck found errors in the new filesystem: {found}")
-    _debugfs(device, [*_superblock_commands(epoch), "close_filesys -a"], scratch, epoch,
+    debugfs_script(device, [*_superblock_commands(epoch), "close_filesys -a"], scratch, epoch,
              "set the superblock's times")
 
 
@@ -276,16 +276,16 @@ def _image_lost_found(device: str, scratch: Path, epoch: int) -> Iterator[None]:
     The image's entry is moved aside (a second name, then the first unlinked: link counts unchanged) while
     e2fsck runs, and put back after, in place of the empty directory e2fsck made."""
     try:
-        listing = _debugfs(device, ["stat /lost+found"], scratch, epoch, "look at /lost+found")
+        listing = debugfs_script(device, ["stat /lost+found"], scratch, epoch, "look at /lost+found")
     except ToolError:  # none at all: e2fsck makes one, as mke2fs did
         listing = ""
     if "Type: directory" in listing or "Type:" not in listing:
         yield
         return
-    _debugfs(device, [f"ln /lost+found {LOST_FOUND_ASIDE}", "unlink /lost+found"], scratch, epoch,
+    debugfs_script(device, [f"ln /lost+found {LOST_FOUND_ASIDE}", "unlink /lost+found"], scratch, epoch,
              "set the image's /lost+found aside")
     yield
-    _debugfs(device, ["rmdir /lost+found", f"ln {LOST_FOUND_ASIDE} /lost+found", f"unlink {LOST_FOUND_ASIDE}"],
+    debugfs_script(device, ["rmdir /lost+found", f"ln {LOST_FOUND_ASIDE} /lost+found", f"unlink {LOST_FOUND_ASIDE}"],
              scratch, epoch, "put the image's /lost+found back")
 
 

@@ -274,6 +274,12 @@ def write_imgconv_files(tree: FlatTree, files: list[GuestFile], kernel: Kernel, 
         # its time, which then becomes the appliance's clock (a disk that differs from run to run).
         for info in tree.dirs.values():
             tar.addfile(for_gnu_tar(info))
+        # Directories no layer has an entry for (parents of deeper entries): GNU tar made them 0755 with the
+        # appliance's clock as their time; they get time 0, as the flattener's implied directories have.
+        ours = set(added.injected)
+        for path in [p for p in tree.kinds if p and p not in tree.dirs and p not in ours]:
+            if tree.kinds[path] == DIR:
+                _add_dir(tar, path, mtime=0)
         _add_bytes(tar, ORIGIN, origin(added), mtime=epoch)
     return added
 

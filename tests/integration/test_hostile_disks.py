@@ -509,7 +509,7 @@ def test_an_encrypted_disk_is_called_encrypted(started: None, tmp_path: Path) ->
     # qemu-img times its PBKDF with the thread's CPU clock, which the kernel samples at its tick:
     # a pass that falls between two ticks measures 0 ms and qemu-img gives up ("Unable to get
     # accurate CPU usage"), about one time in five here. The disk is the fixture, so try again.
-    for attempt in range(10):
+    for _attempt in range(10):
         made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=abc",
                                "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
                                str(disk), "64M"], capture_output=True, text=True)
