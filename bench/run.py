@@ -992,8 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = [g for g in args.groups.split(",") if g]
     if unknown := [g for g in groups if g not in GROUPS]:
         parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
-    if "memory" not in groups:  # nothing else runs on them: not even built
-        names = [n for n in names if n not in MEMORY_ONLY_IMAGES]
+    if "memory" not in groups and (skipped := [n for n in names if n in MEMORY_ONLY_IMAGES]):
+        say(f"{', '.join(skipped)}: only the memory group runs on it, and it was not asked for")
+        names = [n for n in names if n not in skipped]  # nothing runs on them: not even built
     signal.signal(signal.SIGTERM, _on_term)
     become_subreaper()
 
