@@ -49,10 +49,15 @@ def extlinux_conf(entry: BootEntry) -> str:
     )
 
 
-def install_extlinux(app: Appliance, entry: BootEntry, scratch: Path) -> None:
-    """Configuration, extlinux's boot sector in the partition, syslinux's MBR code in the disk."""
+def install_extlinux(app: Appliance) -> None:
+    """extlinux's boot sector in the partition and ldlinux.sys beside where its configuration will be: the one
+    thing that needs the filesystem mounted (extlinux records where ldlinux.sys's blocks are). The configuration,
+    the kernel and the MBR code are written on the host afterwards (:func:`extlinux_files`)."""
+    app.call("install extlinux", app.g.extlinux, f"/{BOOT_DIR}")
+
+
+def extlinux_files(entry: BootEntry, scratch: Path) -> tuple[str, Path]:
+    """The configuration file, as (guest path, host file)."""
     conf = scratch / "extlinux.conf"
     conf.write_text(extlinux_conf(entry))
-    app.call("write the bootloader configuration", app.g.upload, str(conf), f"/{BOOT_DIR}/extlinux.conf")
-    app.call("install extlinux", app.g.extlinux, f"/{BOOT_DIR}")
-    app.call("write the MBR boot code", app.g.pwrite_device, DEVICE, MBR_CODE.read_bytes()[:MBR_CODE_BYTES], 0)
+    return f"{BOOT_DIR}/extlinux.conf", conf

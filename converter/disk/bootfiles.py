@@ -1,13 +1,16 @@
-"""The kernel and initramfs a converted disk boots, put in place inside the appliance.
+"""The kernel and initramfs a converted disk boots, and where they go in it.
 
-A host kernel (or ``--kernel``) is copied in; an image's own kernel stays where the image has it. The
-initramfs is the user's ``--initrd`` or one imgconv builds with the modules the boot needs: a host kernel's
-from the host, an image kernel's read out of the image (each name checked: modules.dep is image data).
+A host kernel (or ``--kernel``) is copied in (on the host, after the appliance); an image's own kernel stays
+where the image has it. The initramfs is the user's ``--initrd`` or one imgconv builds with the modules the boot
+needs: a host kernel's from the host, an image kernel's read out of the image (each name checked: modules.dep is
+image data).
 """
 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from converter.boot.extlinux import boot_entry
@@ -59,29 +62,45 @@ def fetch_guest_modules(app: Appliance, release: str, guest_modules: str, scratc
     return local
 
 
-def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, uuid: str) -> BootEntry:
-    """Kernel and initramfs into the disk; the boot entry that names them."""
+@dataclass(frozen=True)
+class PlacedKernel:
+    """What :func:`place_kernel` decided: the boot entry, and the host files that go into the disk at guest paths
+    (written on the host once the appliance is gone: converter.disk.reproducible.write_guest_files)."""
+
+    entry: BootEntry
+    files: tuple[tuple[str, Path], ...]
+
+
+def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, uuid: str,
+                 prebuilt: Callable[[Kernel], bytes | None] = lambda _: None) -> PlacedKernel:
+    """Kernel and initramfs for the disk; the boot entry that names them. Only an image kernel's modules are read
+    through the appliance: the files themselves are written on the host, which is faster than uploading them.
+    *prebuilt* may have the initramfs of a host kernel ready (built while the appliance started)."""
+    files: list[tuple[str, Path]] = []
     if kernel.host_path is not None:
         kernel_guest = f"{BOOT_DIR}/vmlinuz-{kernel.release}"
-        app.call("copy the kernel in", app.g.upload, str(kernel.host_path), f"/{kernel_guest}")
+        files.append((kernel_guest, kernel.host_path))
     elif kernel.guest_path is not None:
         kernel_guest = resolve_in_tree(kernel.guest_path, tree.symlinks)
     else:
         raise ValueError(f"{kernel.describe()} has no file")
     initrd_guest = f"{BOOT_DIR}/initramfs-{kernel.release}.img"
     if kernel.host_initrd is not None:
-        app.call("copy the initrd in", app.g.upload, str(kernel.host_initrd), f"/{initrd_guest}")
+        files.append((initrd_guest, kernel.host_initrd))
     else:
-        if kernel.host_modules is not None:
-            modules = kernel.host_modules
-        elif kernel.guest_modules is not None:
-            modules = fetch_guest_modules(app, kernel.release, kernel.guest_modules, scratch)
-        else:  # ruled out when the kernel is chosen (build.check_inputs)
-            raise ValueError(f"{kernel.describe()} has no modules")
+        built = prebuilt(kernel)
+        if built is None:
+            if kernel.host_modules is not None:
+                modules = kernel.host_modules
+            elif kernel.guest_modules is not None:
+                modules = fetch_guest_modules(app, kernel.release, kernel.guest_modules, scratch)
+            else:  # ruled out when the kernel is chosen (build.check_inputs)
+                raise ValueError(f"{kernel.describe()} has no modules")
+            built = build_initramfs(kernel.release, modules, init_binary())
         initramfs = scratch / BUILT_INITRAMFS
-        initramfs.write_bytes(build_initramfs(kernel.release, modules, init_binary()))
-        app.call("copy the initramfs in", app.g.upload, str(initramfs), f"/{initrd_guest}")
-    return boot_entry(kernel_guest, initrd_guest, uuid)
+        initramfs.write_bytes(built)
+        files.append((initrd_guest, initramfs))
+    return PlacedKernel(boot_entry(kernel_guest, initrd_guest, uuid), tuple(files))
 
 
 def boot_files_on_host(app: Appliance, kernel: Kernel, entry: BootEntry, scratch: Path) -> tuple[Path, Path]:

@@ -27,21 +27,24 @@ take them out again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import shlex
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from converter import __version__
 from converter.artifact import check_output, now_utc, publish, sha256_file, temp_beside
-from converter.boot.extlinux import MBR_CODE, install_extlinux
+from converter.boot.extlinux import MBR_CODE, MBR_CODE_BYTES, extlinux_files, install_extlinux
 from converter.boot.initbin import init_binary
-from converter.boot.initramfs import InitSpec, decode_spec, encode_spec
+from converter.boot.initramfs import InitSpec, build_initramfs, decode_spec, encode_spec
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
 from converter.disk.appliance import Drive
 from converter.disk.bootfiles import boot_files_on_host, place_kernel
@@ -81,6 +84,7 @@ from converter.disk.reproducible import (
     mbr,
     settle_ext4,
     write_at,
+    write_guest_files,
 )
 from converter.disk.rootfs import (
     Additions,
@@ -96,9 +100,9 @@ from converter.disk.uefi import (
     build_uki,
     check_efi_kernel,
     check_tools,
+    gpt_mbr_code,
     install_uki,
     partition_gpt,
-    write_gpt_mbr_code,
 )
 from converter.epoch import source_date_epoch
 from converter.errors import ImageError, UsageError
@@ -168,6 +172,9 @@ class Inputs:
     ref: Reference
     scratch: Path
     kernel: Kernel | None  # --kernel, chosen before anything else
+    # The initramfs of the kernel a full build will likely boot (--kernel's, else this machine's newest), built in a
+    # thread while the appliance starts; None for any other kernel (see _prebuild_initramfs).
+    prebuilt: Callable[[Kernel], bytes | None] = field(default=lambda _: None)
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,39 @@ def check_inputs(ctx: Context) -> Inputs:
                          "to build an initramfs from; pass --initrd")
     init_binary()  # compile (once, cached) before the appliance starts, so a missing compiler fails fast
     source_date_epoch()  # a malformed value fails now, not at publish after the whole build
-    return Inputs(ref, scratch, kernel)
+    return Inputs(ref, scratch, kernel, _prebuild_initramfs(ctx, kernel or _newest_host_kernel()))
+
+
+def _newest_host_kernel() -> Kernel | None:
+    try:
+        return host_kernel()
+    except UsageError:
+        return None
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="imgconv-initramfs")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _prebuild_initramfs(ctx: Context, likely: Kernel | None) -> Callable[[Kernel], bytes | None]:
+    """Start building the initramfs of *likely* now: the appliance takes seconds to start, on one core under TCG,
+    and the initramfs (compressing the boot's modules) takes one or two on the other. Whether it is used is
+    decided when the kernel is chosen (an image's own kernel wins over the host's)."""
+    if likely is None or likely.host_initrd is not None or likely.host_modules is None:
+        return lambda _: None
+    future = ctx.enter(_one_thread()).submit(build_initramfs, likely.release, likely.host_modules, init_binary())
+
+    def prebuilt(chosen: Kernel) -> bytes | None:
+        if (chosen.release, chosen.host_modules, chosen.host_initrd) != (likely.release, likely.host_modules, None):
+            return None
+        return future.result()
+
+    return prebuilt
 
 
 def read_image(ctx: Context) -> Image:
@@ -343,21 +382,45 @@ def add_imgconv_files(ctx: Context) -> Additions:
     return found[0]
 
 
-def install_boot(ctx: Context) -> BootEntry:
-    app, scratch = ctx[APPLIANCE], ctx[check_inputs].scratch
-    entry = place_kernel(app, ctx[choose_kernel], ctx[write_rootfs].tree, scratch, ctx[plan].uuid)
-    firmware = ctx[OPTIONS].firmware
+@dataclass(frozen=True)
+class Booted:
+    """What install-boot decided: the boot entry, and what write-boot-files writes on the host."""
+
+    entry: BootEntry
+    files: tuple[tuple[str, Path], ...]  # (guest path, host file)
+    mbr_code: bytes  # for the first 440 bytes of the disk; b"" for a disk without a BIOS path
+
+
+def install_boot(ctx: Context) -> Booted:
+    """The boot entry, the initramfs and, with a BIOS path, extlinux (the one part that needs the appliance)."""
+    app, scratch, kernel = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[choose_kernel]
+    placed = place_kernel(app, kernel, ctx[write_rootfs].tree, scratch, ctx[plan].uuid, ctx[check_inputs].prebuilt)
+    firmware, files = ctx[OPTIONS].firmware, list(placed.files)
+    mbr_code = b""
     if firmware.bios_path:
-        install_extlinux(app, entry, scratch)
-    if firmware is Firmware.BOTH:  # the protective MBR of a GPT disk: code that boots the legacy-bootable partition
-        write_gpt_mbr_code(app, DEVICE)
+        install_extlinux(app)
+        files.append(extlinux_files(placed.entry, scratch))
+        # The protective MBR of a GPT disk gets code that boots the legacy-bootable partition.
+        mbr_code = gpt_mbr_code() if firmware is Firmware.BOTH else MBR_CODE.read_bytes()[:MBR_CODE_BYTES]
     # The file booted, whichever kernel it is, named by digest in the provenance statement.
-    return replace(entry, kernel_sha256="sha256:" + app.call("hash the kernel", app.g.checksum, "sha256", entry.kernel))
+    digest = (sha256_file(kernel.host_path) if kernel.host_path is not None else
+              "sha256:" + app.call("hash the kernel", app.g.checksum, "sha256", placed.entry.kernel))
+    return Booted(replace(placed.entry, kernel_sha256=digest), tuple(files), mbr_code)
+
+
+def write_boot_files(ctx: Context) -> None:
+    """Kernel, initramfs and bootloader configuration into the root filesystem, the MBR code into the disk: on the
+    host, once the appliance is gone (debugfs writes in no time what the appliance needs a round trip for)."""
+    booted, plan_, disk = ctx[install_boot], ctx[plan], ctx[WORK_DISK]
+    first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
+    write_guest_files(disk, first * SECTOR, booted.files, ctx[check_inputs].scratch, plan_.epoch)
+    if booted.mbr_code:
+        write_at(disk, booted.mbr_code, 0)
 
 
 def install_uefi(ctx: Context) -> None:
     """The kernel, initramfs and command line the BIOS path boots, as one UKI in the EFI system partition."""
-    app, scratch, entry = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[install_boot]
+    app, scratch, entry = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[install_boot].entry
     kernel, initrd = boot_files_on_host(app, ctx[choose_kernel], entry, scratch)
     check_efi_kernel(kernel, ctx[choose_kernel].describe())
     uki = scratch / "BOOTX64.EFI"
@@ -397,7 +460,7 @@ def _record(ctx: Context, kernel: KernelRecord, boot: BootEntry, spec: InitSpec,
 
 def build_record(ctx: Context) -> BuildRecord:
     kernel = ctx[choose_kernel]
-    return _record(ctx, KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), ctx[install_boot],
+    return _record(ctx, KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), ctx[install_boot].entry,
                    ctx[plan].spec, ctx[plan].disk.size)
 
 
@@ -596,8 +659,10 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
                  needs=(choose_kernel, add_imgconv_files)),
             *uefi,
         ), needs=(WORK_DISK,)),
-        Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
+        Step("write-boot-files", "writing kernel, initramfs and bootloader configuration", write_boot_files,
              needs=(WORK_DISK, install_boot)),
+        Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
+             needs=(write_boot_files,)),
         Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(WORK_DISK,)),
         Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, install_boot)),
     ), result=publish_version if store else publish_disk, given=(SOURCE, OPTIONS))

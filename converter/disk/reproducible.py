@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from converter.epoch import source_date_epoch
-from converter.errors import MissingToolError, ToolError, one_line
+from converter.errors import ImageError, MissingToolError, ToolError, one_line
 from converter.guest import BOOT_DIR, RESERVED, ROOT_LABEL
 from converter.run import run
 
@@ -199,6 +199,21 @@ def debugfs_script(device: str, commands: list[str], scratch: Path, epoch: int, 
     if errors:
         raise ToolError(f"debugfs failed to {purpose}: {errors[0]}")
     return ran.stdout.decode(errors="replace")
+
+
+def write_guest_files(disk: Path, offset: int, files: Iterable[tuple[str, Path]], scratch: Path, epoch: int) -> None:
+    """Host files into the filesystem at *offset* of *disk* (guest path, host file), root's and 0644, written by
+    debugfs once the appliance is gone: a kernel and an initramfs cost a round trip each through the appliance,
+    and no time here (settle_ext4 gives them the build's times with the rest of /.imgconv)."""
+    commands = []
+    for guest, host in files:
+        if '"' in guest or '"' in str(host):
+            raise ImageError(f"cannot write /{guest} into the disk: its name has a double quote")
+        target = f'"/{guest}"'
+        commands += [f'write "{host}" {target}', f"sif {target} mode 0100644", f"sif {target} uid 0",
+                     f"sif {target} gid 0"]
+    if commands:
+        debugfs_script(f"{disk}?offset={offset}", commands, scratch, epoch, "write the boot files")
 
 
 def _entries(device: str, directories: tuple[str, ...], scratch: Path, epoch: int) -> list[str]:

@@ -42,7 +42,6 @@ from converter.errors import DiskError, ImageError, MissingToolError, ToolError
 from converter.run import run
 
 if TYPE_CHECKING:
-    from converter.disk.appliance import Appliance
     from converter.disk.plan import PartitionLayout
     from converter.disk.safety import SafeDisk
 
@@ -315,10 +314,9 @@ def install_uki(disk: Path, uki: Path, layout: PartitionLayout, epoch: int) -> N
         env=env)
 
 
-def write_gpt_mbr_code(app: Appliance, device: str) -> None:
-    """syslinux's GPT-aware MBR code in the protective MBR (its partition entry left as it is)."""
-    app.call("write the GPT MBR boot code", app.g.pwrite_device, device,
-             GPT_MBR_CODE.read_bytes()[:MBR_CODE_BYTES], 0)
+def gpt_mbr_code() -> bytes:
+    """syslinux's GPT-aware MBR code, for the protective MBR (its partition entry left as it is)."""
+    return GPT_MBR_CODE.read_bytes()[:MBR_CODE_BYTES]
 
 
 # -- which firmware a disk wants ------------------------------------------------------------------------------------

@@ -116,9 +116,13 @@ def test_a_signal_interrupts_the_main_thread_while_the_work_blocks() -> None:
 def test_every_verb_declares_its_steps_with_stable_ids() -> None:
     assert build.pipeline("keep").step_ids == (
         "check-inputs", "read-image", "plan", "create-disk", "partition", "launch-appliance", "write-rootfs",
-        "choose-kernel", "add-imgconv-files", "install-boot", "close-appliance", "settle-filesystem", "finish-disk",
-        "publish")
+        "choose-kernel", "add-imgconv-files", "install-boot", "close-appliance", "write-boot-files",
+        "settle-filesystem", "finish-disk", "publish")
     assert build.pipeline("convert").step_ids == build.pipeline("keep").step_ids
+    # an incremental rebuild starts no appliance
+    assert build.rebuild_pipeline().step_ids == (
+        "check-inputs", "read-image", "find-base", "copy-base", "check-base", "apply-layers", "update-imgconv-files",
+        "settle-filesystem", "finish-disk", "publish")
     assert export.PIPELINE.step_ids == ("check-inputs", "open-disk", "read-base", "launch-appliance", "find-os",
                                         "write-layer", "close-appliance", "write-image", "deliver")
     assert INSPECT.step_ids == ("read-image", "verify-layers", "report")
