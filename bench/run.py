@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -50,10 +51,15 @@ DEFAULT_IMAGES = ("busybox", "debian", "large")
 MEMORY_ONLY_IMAGES = ("large",)
 MEMORY_ONLY = "(memory only)"  # the peer of a memory group row: there is none
 OWN_RSS_GOAL = 150 * (1 << 20)  # issue 13: imgconv's own peak RSS, whatever the image size
-# Issue 13's goals, as the largest ratio (imgconv / peer) that meets them: (task, peer, image or None for all).
+INCREMENTAL = "incremental oci-to-qcow2 (one small layer added)"
+FULL_BUILD = "full build (--no-incremental)"
+# Issue 13's goals (and issue 12's), as the largest ratio (imgconv / peer) that meets them: (task, peer, image or
+# None for all).
 GOALS: dict[tuple[str, str, str | None], float] = {
     ("oci-to-qcow2", "virt-make-fs", None): 0.8,
     ("oci-to-qcow2", "no-VM floor", "debian"): 3.0,
+    # issue 12: an incremental rebuild after a one-small-layer change, against a full build of the same image
+    (INCREMENTAL, FULL_BUILD, None): 0.3,
     ("vm-to-oci", "guestfish tar-out", None): 0.8,
     ("boot (to the workload's exit)", "direct kernel boot", None): 1.0,
     ("boot (to the workload's exit)", "Debian initramfs boot", None): 0.5,
@@ -70,6 +76,8 @@ TAR_OUT_EXCLUDES = "./.imgconv ./lost+found ./lib/modules ./usr/lib/modules"
 # The --kernel-modules row (what the host modules tree costs; the default leaves it out for containers) costs N
 # more conversions: only where the image's own content is large enough for that comparison to matter.
 NO_MODULES_ROW = ("debian",)
+# The incremental row's small layer deletes the first of these the image has (a whiteout).
+WHITEOUT_CANDIDATES = ("etc/motd", "etc/fixture-release", "etc/issue", "etc/hostname")
 FS_OPTIONS = ("-b", "4096", "-i", "8192", "-m", "1", "-L", "imgconv-root")  # as converter/disk/build.py's mke2fs
 
 PEERS = {
@@ -79,6 +87,11 @@ PEERS = {
     "no-VM floor": "the host-only minimum: `umoci unpack` (verify, decompress and apply the layers onto the host "
                    "filesystem) then `mkfs.ext4 -d` into a raw file of imgconv's disk size: no VM, no partition "
                    "table, no boot files, and it extracts onto the host, which imgconv must never do.",
+    FULL_BUILD: "the same image (the fixture plus one small layer: three new files, a changed /etc/group, a "
+                "whiteout of one of the fixture's files) converted into the same store by the same imgconv with "
+                "`--no-incremental`: the libguestfs appliance builds the whole disk, where the incremental rebuild "
+                "copies the disk of the fixture's stored version and applies the new layer on the host with "
+                "debugfs (no appliance).",
     "guestfish tar-out": "`guestfish --ro -i tar-out / - | gzip` (same disk, same excludes, inspection included) "
                          "streams the files out and compresses them, but writes no OCI layout, computes no "
                          "digests and does not normalise or filter entries.",
@@ -447,8 +460,9 @@ class Bench:
         self.notes: list[str] = []
         self.failed = False
 
-    def run(self, row: Row, who: str, argv: Sequence[str], **kwargs: Any) -> Sample:
-        sample = measure(argv, env=self.env, logs=self.logs, **kwargs)
+    def run(self, row: Row, who: str, argv: Sequence[str], env: dict[str, str] | None = None,
+            **kwargs: Any) -> Sample:
+        sample = measure(argv, env=self.env if env is None else env, logs=self.logs, **kwargs)
         (row.mine if who == "imgconv" else row.theirs).append(sample)
         say(f"  {row.task} [{row.image}] {who if who == 'imgconv' else row.peer}: {sample.seconds:.1f}s, "
             f"peak RSS {sample.tree_rss / MiB:.0f} MiB")
@@ -511,6 +525,45 @@ class Bench:
         vmf.note = "peer gets the flattened tar for free; builds no boot files"
         floor.note = "host-only: extracts onto the host"
         return sidecar
+
+    # -- 2b: an incremental rebuild into the store --------------------------------------------------------
+
+    def incremental(self, fx: Fixture) -> None:
+        """`oci-to-qcow2 DERIVED store:NAME:v2` on a store holding the fixture's version (v1), DERIVED being the
+        fixture plus one small layer, against a full build of DERIVED into the same store (--no-incremental).
+
+        Each repeat builds on v1 again: a version of DERIVED itself (v2, or the full build's tag) holds all its
+        layers, not a strict prefix of them, so it is never a base. The store, v1 and DERIVED are made untimed.
+        """
+        row = Row(INCREMENTAL, fx.name, FULL_BUILD, fx.uncompressed)
+        self.rows.append(row)
+        store, layout = self.work / f"store-{fx.name}", self.work / f"derived-{fx.name}"
+        env = {**self.env, "IMGCONV_STORE": str(store)}
+        name = f"bench-{fx.name}"
+        with self.guarded(row):
+            say(f"oci-to-qcow2 [{fx.name}] into a fresh store as store:{name}:v1, and the image plus one small "
+                "layer (untimed)")
+            made = subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, f"store:{name}:v1"], env=env,
+                                  capture_output=True, text=True, check=False)
+            if made.returncode != 0:
+                raise BenchError(f"oci-to-qcow2 into the store exited {made.returncode}: {made.stderr[-600:]}",
+                                 made.stderr)
+            changes = derive_small(fx, layout)
+            derived_ref = f"oci:{layout}:1"
+            for i in range(self.repeat):
+                say(f"incremental oci-to-qcow2 and full build [{fx.name}] run {i + 1}/{self.repeat}")
+                self.run(row, "imgconv", [IMGCONV, "oci-to-qcow2", "--json", derived_ref, f"store:{name}:v2"],
+                         env=env, ok=built_incrementally)
+                self.run(row, "peer", [IMGCONV, "oci-to-qcow2", "--json", "--no-incremental", derived_ref,
+                                       f"store:{name}:full"], env=env)
+            listed = subprocess.run([IMGCONV, "store", "list", "--json"], env=env, capture_output=True, text=True,
+                                    check=False)
+            shas = {entry["tag"]: entry["sha256"] for entry in json.loads(listed.stdout or "[]")
+                    if entry.get("name") == name}
+            same = shas.get("v2") is not None and shas.get("v2") == shas.get("full")
+            row.note = (f"on store:{name}:v1; the layer: {changes}; the two disks' sha256 "
+                        + ("are the same" if same else "differ (a rebuild promises a full build's files, not bytes)"))
+        remove(store, layout)
 
     # -- 3: vm-to-oci ------------------------------------------------------------------------------------
 
@@ -660,6 +713,72 @@ class Bench:
             self.notes.append(f"imgconv inspect [{fx.name}] peak RSS {own / MiB:.0f} MiB (own process) vs largest "
                               f"layer {fx.largest_compressed / MiB:.1f} MiB compressed / "
                               f"{fx.largest_uncompressed / MiB:.1f} MiB uncompressed")
+
+
+def built_incrementally(returncode: int, stderr_text: str) -> bool:
+    """measure's check of the incremental row: the conversion succeeded and its note says it built on a store
+    version; a full build instead fails the row with the conversion's own reason."""
+    if returncode != 0:
+        return False
+    notes = []
+    for line in stderr_text.splitlines():
+        with suppress(ValueError):
+            event = json.loads(line) if line.startswith("{") else None
+            if isinstance(event, dict) and event.get("event") == "note":
+                notes.append(str(event.get("message", "")))
+    if any(note.startswith("incremental: building on ") for note in notes):
+        return True
+    why = next((note for note in notes if note.startswith("incremental:")), "it printed no incremental note")
+    raise BenchError(f"the rebuild into the store was not incremental: {why}", stderr_text)
+
+
+def _top_down(fx: Fixture) -> Iterator[tarfile.TarFile]:
+    """The fixture's layer tars, the last layer first (streamed: the fixtures' layers are gzip or plain tar)."""
+    root = fx.oci_dir
+    index = json.loads((root / "index.json").read_text())
+
+    def blob(digest: str) -> Path:
+        return root / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+    manifest = json.loads(blob(index["manifests"][0]["digest"]).read_bytes())
+    for desc in reversed(manifest["layers"]):
+        with tarfile.open(blob(desc["digest"]), mode="r|*") as tar:
+            yield tar
+
+
+def derive_small(fx: Fixture, dest: Path) -> str:
+    """An OCI layout at *dest* (tag 1): the fixture plus one small layer, as a small change to an application
+    would add: three new files, the image's /etc/group with a line added, and a whiteout of one of the image's
+    files. Returns what the layer does, for the row's note."""
+    from tests.builders.derive import derived
+    from tests.builders.layers import d, f, layer, wh
+
+    wanted = {"etc/group", *WHITEOUT_CANDIDATES}
+    found: dict[str, bytes | None] = {}  # path -> its final content (b"" for a non-file), None: deleted
+    for tar in _top_down(fx):
+        for member in tar:
+            path = member.name.removeprefix("./").rstrip("/")
+            head, _, base = path.rpartition("/")
+            whiteout = base.startswith(".wh.") and base != ".wh..wh..opq"
+            if whiteout:
+                path = f"{head}/{base[4:]}" if head else base[4:]
+            if path not in wanted or path in found:
+                continue
+            stream = None if whiteout or not member.isfile() else tar.extractfile(member)
+            found[path] = None if whiteout else (stream.read() if stream is not None else b"")
+        if wanted <= found.keys():
+            break
+    group = found.get("etc/group") or b"root:x:0:\n"
+    gone = next((p for p in WHITEOUT_CANDIDATES if found.get(p) is not None), None)
+    specs = [d("opt/bench-app"), f("opt/bench-app/app.conf", "listen = 8080\nworkers = 2\n"),
+             f("opt/bench-app/run.sh", "#!/bin/sh\nexec echo bench app\n", mode=0o755),
+             f("opt/bench-app/VERSION", "2\n"),
+             f("etc/group", group.rstrip(b"\n") + b"\nbench:x:1000:\n")]
+    if gone is not None:
+        specs.append(wh(gone))
+    derived(fx.oci_dir, dest, [layer(*specs)], tag="1")
+    return ("3 new files, /etc/group changed" + (f", /{gone} deleted" if gone is not None else "")
+            + f" ({len(layer(*specs))} bytes of tar)")
 
 
 def direct_kernel_parts(fx: Fixture, disk: Path, sidecar: dict[str, Any], work: Path,
@@ -1022,6 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
             if {"build", "export", "boot"} & set(groups_here):
                 if "build" in groups_here:
                     sidecar = bench.build(fx, disk)
+                    bench.incremental(fx)
                 else:  # the other rows still need a disk made by imgconv: made once, untimed
                     subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, str(disk)], env=env, check=True)
                     sidecar = json.loads(Path(f"{disk}.json").read_text())
