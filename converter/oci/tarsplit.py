@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 from converter.errors import DiskError
-from converter.oci.flatten import flatten
+from converter.oci.flatten import DIR, flatten
 from converter.oci.image import LayerInput
 from converter.oci.layout import LayoutWriter
 from converter.oci.model import Descriptor, MediaType, canonical_json
@@ -365,15 +365,20 @@ def tree_changes(layers: list[Path], files: DiskFiles) -> str | None:
     difference found."""
     index = SignatureIndex()
     inputs = [LayerInput(f"reassembled layer {i}", functools.partial(_open, path)) for i, path in enumerate(layers)]
-    flatten(inputs, index)
+    tree = flatten(inputs, index)
     disk = files.signatures
     for path, sig in index.entries.items():
         if disk.get(path) != sig:
             return f"/{path} changed" if path in disk else f"/{path} was removed"
     for path in disk:
-        if path not in index.entries:
+        # A directory no layer names but entries beneath it imply has no entry of its own: the disk holds it as
+        # the conversion made it (0755, root's).
+        if path not in index.entries and not (disk[path] == IMPLIED_DIR and tree.kinds.get(path) == DIR):
             return f"/{path} was added"
     return None
+
+
+IMPLIED_DIR = Signature(tarfile.DIRTYPE, 0o755, 0, 0, 0, "", "", (0, 0), ())
 
 
 def wanted_hashes(records: list[Path], max_raw: int) -> dict[str, tuple[str, int]]:
