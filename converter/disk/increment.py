@@ -13,21 +13,23 @@ What changes is worked out from the layers, never from the old disk's contents:
   makes, with the tar-split recorder, so the records under /.imgconv are a full build's) say what goes away: every
   path of the base that the final tree lacks or holds as another kind, removed with what is beneath it;
 - the new layers flattened alone say what is written: their entries, contents, owners, modes, times and xattrs,
-  hard links among them.
+  hard links among them;
+- a directory of the base that stays but whose header is no longer the base's (a new layer names it again, or an
+  opaque marker or whiteout hid the base's entry) gets the final tree's attributes, and loses the base's xattrs.
 
 Anything this cannot do as a full build would is not attempted: :class:`FullBuild` names why, and the conversion
-builds in full (a new layer touching the kernel's files or imgconv's, a hard link into an older layer, names
-debugfs cannot be given, too little free space, another kernel or init than the base's).
+builds in full (a new layer touching the kernel's files or imgconv's, a hard link into an older layer, names,
+times or device numbers debugfs cannot be given, too little free space, another kernel or init than the base's).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -174,6 +176,10 @@ class Delta:
 
     final: FlatTree
     base_dirs: set[str] = field(default_factory=set)  # the base's directories
+    # Directories of the base that stay but whose header is no longer the base's (a new layer names them, or an
+    # opaque marker or whiteout hid the base's header): their attributes set again, the base's xattrs that the
+    # new header lacks (these names) removed.
+    restamped: dict[str, list[str]] = field(default_factory=dict)
     removed: list[tuple[str, str]] = field(default_factory=list)  # (path, kind), deepest first
     written: list[NewEntry] = field(default_factory=list)
     content: int = 0
@@ -192,17 +198,31 @@ def delta(image: Image, base_layers: int, scratch: Path, injected: Iterable[str]
         raise FullBuild(f"a new layer refers to an older layer's file ({exc})") from exc
     written = {entry.info.name.strip("/") for entry in collect.entries}
     doomed: set[str] = set()
+    restamped: dict[str, list[str]] = {}
     for path in base.kinds:
         kind = base.kinds[path]
         now = final.kinds.get(path)
         if now is None or now != kind or (kind == NONDIR and path in written):
             doomed.add(path)
+        elif kind == DIR and _dir_attributes(base.dirs.get(path)) != _dir_attributes(final.dirs.get(path)):
+            old, new = _dir_attributes(base.dirs.get(path))[4], _dir_attributes(final.dirs.get(path))[4]
+            restamped[path] = sorted({name for name, _ in old} - {name for name, _ in new})
     removed = [(path, base.kinds[path]) for path in base.kinds
                if path in doomed or any(parent in doomed for parent in parents(path))]
     removed.sort(key=lambda item: item[0].count("/"), reverse=True)
     _check(removed, written, injected)
     base_dirs = {path for path in base.kinds if base.kinds[path] == DIR}
-    return Delta(final, base_dirs, removed, collect.entries, collect.content)
+    return Delta(final, base_dirs, restamped, removed, collect.entries, collect.content)
+
+
+def _dir_attributes(header: tarfile.TarInfo | None) -> tuple[int, int, int, str, tuple[tuple[str, str], ...]]:
+    """What a directory's header gives it on a full build's disk; None: a directory no layer names (made 0755,
+    root's, time 0)."""
+    if header is None:
+        return 0o755, 0, 0, "0", ()
+    xattrs = tuple(sorted((key[len("SCHILY.xattr."):], value) for key, value in header.pax_headers.items()
+                          if key.startswith("SCHILY.xattr.")))
+    return header.mode & 0o7777, header.uid, header.gid, _exact_mtime(header), xattrs
 
 
 def _check(removed: list[tuple[str, str]], written: set[str], injected: Iterable[str]) -> None:
@@ -235,17 +255,26 @@ def _q(path: str) -> str:
     return f'"/{path}"' if path else '"/"'
 
 
-def _time(target: str, name: str, value: float) -> list[str]:
-    if not 0 <= value < 1 << 32 or math.isnan(value):
+def _exact_mtime(info: tarfile.TarInfo) -> str:
+    """A header's time as a full build's tar stream gives it to GNU tar: the layer's own PAX text where the
+    flattener kept it, else what tarfile writes for the value (a float's shortest repr, not its binary value)."""
+    return info.pax_headers.get("mtime") or str(info.mtime)
+
+
+def _time(target: str, name: str, value: str) -> list[str]:
+    """Set a time given as decimal text, to the nanosecond as GNU tar reads it (further digits dropped); other
+    spellings (exponents, signs, spaces) are left to a full build's GNU tar."""
+    exact = Decimal(value) if re.fullmatch(r"\d+(\.\d*)?", value) else Decimal(-1)
+    if not 0 <= exact < 1 << 32:
         raise FullBuild(f"a time of {target} ({value}) is outside what this rebuild sets")
-    seconds = int(value)
-    nanos = min(round((value - seconds) * 1e9), 999_999_999)
+    seconds = int(exact)
+    nanos = int((exact - seconds) * 1_000_000_000)
     return [f"sif {target} {name}_extra {nanos << 2}", f"sif {target} {name} @{seconds}"]
 
 
 def _attributes(target: str, info: tarfile.TarInfo, type_bits: int, spool: Path, n: int) -> list[str]:
     commands = [f"sif {target} mode 0{type_bits | (info.mode & 0o7777):o}", f"sif {target} uid {info.uid}",
-                f"sif {target} gid {info.gid}", *_time(target, "mtime", float(info.mtime))]
+                f"sif {target} gid {info.gid}", *_time(target, "mtime", _exact_mtime(info))]
     for i, (key, value) in enumerate(sorted(info.pax_headers.items())):
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr."):]
@@ -267,7 +296,8 @@ def script(change: Delta, spool: Path) -> list[str]:
     shallowest first, then files, links, everyone's attributes, link counts and the touched directories' times."""
     commands = [f"rmdir {_q(path)}" if kind == DIR else f"rm {_q(path)}" for path, kind in change.removed]
     gone = {path for path, _ in change.removed}
-    entries = sorted(change.written, key=lambda e: e.info.name.strip("/").count("/"))
+    # Hard links last: a link may be shallower than its target (/bin/x -> /usr/lib/x), which must exist first.
+    entries = sorted(change.written, key=lambda e: (e.info.islnk(), e.info.name.strip("/").count("/")))
     written_dirs = {e.info.name.strip("/") for e in entries if e.info.isdir()}
     links: dict[str, int] = {}
     touched_parents: set[str] = set(parent_of(path) for path in gone)
@@ -296,6 +326,8 @@ def script(change: Delta, spool: Path) -> list[str]:
                 raise FullBuild(f"the symlink /{path} points to a name debugfs cannot be given")
             commands.append(f'symlink {_q(path)} "{info.linkname}"')
         elif info.ischr() or info.isblk() or info.isfifo():
+            if not info.isfifo() and (info.devmajor > 4095 or info.devminor > 65535):  # debugfs' mknod refuses
+                raise FullBuild(f"the device /{path} is {info.devmajor}:{info.devminor}, past what debugfs makes")
             kind = "p" if info.isfifo() else ("c" if info.ischr() else "b")
             numbers = "" if info.isfifo() else f" {info.devmajor} {info.devminor}"
             commands += [f"cd {_q(parent)}", f'mknod "{name}" {kind}{numbers}', "cd /"]
@@ -312,10 +344,19 @@ def script(change: Delta, spool: Path) -> list[str]:
         header = change.final.dirs.get(path, info) if info.isdir() else info
         commands += _attributes(_q(path), header, TYPE_BITS[info.type], spool, n)
     commands += [f"sif {_q(target)} links_count {count}" for target, count in sorted(links.items())]
+    for n, (path, stale) in enumerate(sorted(change.restamped.items()), start=len(entries)):
+        kept = change.final.dirs.get(path)
+        if path not in written_dirs:
+            commands += _implicit_dir(path, change) if kept is None else _attributes(
+                _q(path), kept, TYPE_BITS[tarfile.DIRTYPE], spool, n)
+        for name in stale:
+            if not _safe_name(name) or " " in name:
+                raise FullBuild(f"the xattr name {name!r} cannot be given to debugfs")
+            commands.append(f"ea_rm {_q(path)} {name}")
     for parent in sorted(touched_parents):
         kept = change.final.dirs.get(parent)
         if kept is not None and parent:
-            commands += _time(_q(parent), "mtime", float(kept.mtime))
+            commands += _time(_q(parent), "mtime", _exact_mtime(kept))
     return commands
 
 
@@ -323,7 +364,7 @@ def _implicit_dir(path: str, change: Delta) -> list[str]:
     """A directory no layer has an entry for, made as GNU tar makes a missing parent (root's, 0755) and with the
     time the flattened tree gives it."""
     kept = change.final.dirs.get(path)
-    mtime = float(kept.mtime) if kept is not None else 0.0
+    mtime = _exact_mtime(kept) if kept is not None else "0"
     return [f"sif {_q(path)} mode 040755", f"sif {_q(path)} uid 0", f"sif {_q(path)} gid 0",
             *_time(_q(path), "mtime", mtime)]
 
