@@ -48,6 +48,10 @@ PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 T = 1_650_000_000
 # security.capability of cap_net_bind_service+ep (VFS_CAP_REVISION_2), as a PAX value carries binary bytes.
 CAP = bytes.fromhex("0100000200040000000000000000000000000000").decode("utf-8", "surrogateescape")
+# system.posix_acl_access of u::rw-,u:1000:r--,g::r--,m::r--,o::--- (the kernel's xattr form, which ext4 stores
+# in another)
+ACL = bytes.fromhex("02000000" "01000600ffffffff" "02000400e8030000" "04000400ffffffff" "10000400ffffffff"
+                    "20000000ffffffff").decode("utf-8", "surrogateescape")
 BOOTLOADER = (".imgconv/boot/extlinux.conf", ".imgconv/boot/ldlinux.sys")  # they name the base's filesystem UUID
 ROOT_OFFSET = 2048 * 512  # the root partition of a BIOS disk
 
@@ -115,6 +119,8 @@ LAYER_C = layer(
     f("unicode/é ü 日本 \\back", "unicode\n"),
     f("xattrs", "x", pax={"SCHILY.xattr.user.x": "v", "SCHILY.xattr.security.capability": CAP,
                           "SCHILY.xattr.user.per%cent": "p"}),
+    f("acl", "x", 0o640, pax={"SCHILY.xattr.system.posix_acl_access": ACL}),
+    f("xattr-odd", "x", pax={"SCHILY.xattr.user.empty": "", "SCHILY.xattr.trusted.t": "t"}),
     dev("chardev", tarfile.CHRTYPE, 1, 3), dev("blockdev", tarfile.BLKTYPE, 259, 70_000 - 65_536, mode=0o660),
     fifo("fifo"),
     f("time/frac", "fractional mtime\n", mtime=1_600_000_000.123456789),
@@ -208,8 +214,9 @@ class Versions:
     v3: Conversion
     wiped: Conversion  # v3 plus LAYER_WIPED, rebuilt on v3
     full: Conversion  # v3 with --no-incremental
-    kernel: Conversion  # v3 plus a layer writing /boot: a full build
+    kernel: Conversion  # v3 plus a layer writing /boot (and an image's own /lost+found): a full build
     old_link: Conversion  # v3 plus a layer with a hard link to a file of an older layer: a full build
+    unlost: Conversion  # the kernel image plus a whiteout of its /lost+found, rebuilt on it
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +230,9 @@ def versions(built_fixture: Callable[[str], BuiltFixture], tmp_path_factory: pyt
     refs["v2"] = store.derive("v2", "busybox", [LAYER_A, LAYER_B], **CONFIG_B)
     refs["v3"] = store.derive("v3", "v2", [LAYER_C], **CONFIG_C)
     refs["wiped"] = store.derive("wiped", "v3", [LAYER_WIPED])
-    refs["kernel"] = store.derive("kernel", "v3", [layer(d("boot"), f("boot/notes", "not a kernel\n"))])
+    refs["kernel"] = store.derive("kernel", "v3", [layer(d("boot"), f("boot/notes", "not a kernel\n"),
+                                                         d("lost+found", 0o755, mtime=T), f("lost+found/mine", "x"))])
+    refs["unlost"] = store.derive("unlost", "kernel", [layer(wh("lost+found"))])
     refs["old-link"] = store.derive("old-link", "v3", [layer(hl("app/message.third", "app/message", 0o640,
                                                                 uid=1000, gid=1000))])
     v1 = store.convert(refs["busybox"], "store:app")
@@ -233,7 +242,8 @@ def versions(built_fixture: Callable[[str], BuiltFixture], tmp_path_factory: pyt
     full, kernel, old_link = store.convert_all((refs["v3"], "store:full", ("--no-incremental",)),
                                                (refs["kernel"], "store:kernel", ()),
                                                (refs["old-link"], "store:old-link", ()))
-    return Versions(store, refs, v1, v2, v3, wiped, full, kernel, old_link)
+    unlost = store.convert(refs["unlost"], "store:unlost")
+    return Versions(store, refs, v1, v2, v3, wiped, full, kernel, old_link, unlost)
 
 
 def _tar_out(disks: dict[str, Path], dest: Path) -> dict[str, Path]:
@@ -280,7 +290,7 @@ class Trees:
 def trees(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> Trees:
     store = versions.store
     disks = {"v3": versions.v3, "full": versions.full, "wiped": versions.wiped, "kernel": versions.kernel,
-             "old-link": versions.old_link}
+             "old-link": versions.old_link, "unlost": versions.unlost}
     return Trees(_tar_out({name: store.object(c.sha256) for name, c in disks.items()},
                           tmp_path_factory.mktemp("trees")))
 
@@ -291,7 +301,7 @@ def trees(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> Trees
 def test_a_new_image_is_built_on_the_version_of_its_older_layers(versions: Versions) -> None:
     store = versions.store
     for conversion, base, held in ((versions.v2, versions.v1, 1), (versions.v3, versions.v2, 3),
-                                   (versions.wiped, versions.v3, 4)):
+                                   (versions.wiped, versions.v3, 4), (versions.unlost, versions.kernel, 5)):
         note = conversion.note("incremental: building on")
         assert f"incremental: building on {base.sha256} (it holds {held} of the image's" in note
         assert "launch-appliance" not in conversion.steps and "apply-layers" in conversion.steps
@@ -339,6 +349,8 @@ def test_the_rebuilt_disk_holds_what_a_full_build_holds(trees: Trees) -> None:
     # (GNU tar writes a "%" of an xattr name as %25)
     assert dict(rebuilt["xattrs"].xattrs) == {"user.x": b"v", "user.per%25cent": b"p",
                                               "security.capability": CAP.encode("utf-8", "surrogateescape")}
+    assert dict(rebuilt["acl"].xattrs) == {"system.posix_acl_access": ACL.encode("utf-8", "surrogateescape")}
+    assert dict(rebuilt["xattr-odd"].xattrs) == {"user.empty": b"", "trusted.t": b"t"}
     assert rebuilt_times["time/frac"] == Decimal("1600000000.1234567")  # the layer's PAX text, as tar gives it
     assert rebuilt_times["time/huge"] == 3_000_000_000 and rebuilt_times["time/zero"] == 0
 
@@ -355,8 +367,17 @@ def test_an_opaque_marker_at_the_root_leaves_only_the_new_layer(trees: Trees) ->
     assert {p: times[p] for p in expected} == {p: layer_times[p] for p in expected}
 
 
+def test_an_images_own_lost_found_whited_out_is_made_as_a_full_build_makes_it(trees: Trees) -> None:
+    """A full build of an image without /lost+found has mke2fs's; the rebuild's base had the image's own there."""
+    unlost, kernel, full = trees.tree("unlost"), trees.tree("kernel"), trees.tree("full")
+    assert diff_trees(unlost, kernel, ignore=[".imgconv"]) == ["lost+found: mode a=0700 b=0755",
+                                                               "only in b: lost+found/mine"]
+    assert unlost["lost+found"] == full["lost+found"]
+    assert trees.times("unlost")["lost+found"] == trees.times("full")["lost+found"]
+
+
 def test_rebuilt_filesystems_are_clean_for_e2fsck(versions: Versions, tmp_path: Path) -> None:
-    for conversion in (versions.v2, versions.v3, versions.wiped):
+    for conversion in (versions.v2, versions.v3, versions.wiped, versions.unlost):
         raw = tmp_path / "disk.raw"
         tool("qemu-img", "convert", "-O", "raw", str(versions.store.object(conversion.sha256)), str(raw))
         checked = subprocess.run([shutil.which("e2fsck") or "/sbin/e2fsck", "-fn", f"{raw}?offset={ROOT_OFFSET}"],
