@@ -303,40 +303,52 @@ def script(change: Delta, spool: Path) -> list[str]:
     touched_parents: set[str] = set(parent_of(path) for path in gone)
     created: set[str] = set()
     for entry in entries:
-        info, path = entry.info, entry.info.name.strip("/")
-        parent, name = parent_of(path), path.rsplit("/", 1)[-1]
-        touched_parents.add(parent)
+        path = entry.info.name.strip("/")
+        touched_parents.add(parent_of(path))
         for ancestor in reversed(list(parents(path))):  # implicit parents (tar would make them): shallowest first
             if ancestor not in created and (ancestor in gone or ancestor not in change.base_dirs) \
                     and ancestor not in written_dirs:
                 commands.append(f"mkdir {_q(ancestor)}")
                 commands += _implicit_dir(ancestor, change)
                 created.add(ancestor)
-        if info.isdir():
+        if entry.info.isdir():
             created.add(path)
-        if info.isdir():
-            if path in gone or path not in change.base_dirs:
-                commands.append(f"mkdir {_q(path)}")
-        elif info.isreg():
-            if entry.data is None:
-                raise FullBuild(f"/{path} came without its contents")
-            commands.append(f'write "{entry.data}" {_q(path)}')
-        elif info.issym():
-            if not _safe_name(info.linkname):
-                raise FullBuild(f"the symlink /{path} points to a name debugfs cannot be given")
-            commands.append(f'symlink {_q(path)} "{info.linkname}"')
-        elif info.ischr() or info.isblk() or info.isfifo():
-            if not info.isfifo() and (info.devmajor > 4095 or info.devminor > 65535):  # debugfs' mknod refuses
-                raise FullBuild(f"the device /{path} is {info.devmajor}:{info.devminor}, past what debugfs makes")
-            kind = "p" if info.isfifo() else ("c" if info.ischr() else "b")
-            numbers = "" if info.isfifo() else f" {info.devmajor} {info.devminor}"
-            commands += [f"cd {_q(parent)}", f'mknod "{name}" {kind}{numbers}', "cd /"]
-        elif info.islnk():
-            target = info.linkname.strip("/")
-            commands.append(f"ln {_q(target)} {_q(path)}")
-            links[target] = links.get(target, 1) + 1
-        else:
-            raise FullBuild(f"/{path} is of a kind this rebuild does not write")
+        commands += _create(entry, path, path in gone or path not in change.base_dirs, links)
+    return commands + _settle_attributes(change, entries, written_dirs, links, touched_parents, spool)
+
+
+def _create(entry: NewEntry, path: str, new_dir: bool, links: dict[str, int]) -> list[str]:
+    """The commands that make *entry* at *path* (a directory only when *new_dir*: else it stays and only its
+    attributes change); a hard link counts one more name for its target in *links*."""
+    info, parent, name = entry.info, parent_of(path), path.rsplit("/", 1)[-1]
+    if info.isdir():
+        return [f"mkdir {_q(path)}"] if new_dir else []
+    if info.isreg():
+        if entry.data is None:
+            raise FullBuild(f"/{path} came without its contents")
+        return [f'write "{entry.data}" {_q(path)}']
+    if info.issym():
+        if not _safe_name(info.linkname):
+            raise FullBuild(f"the symlink /{path} points to a name debugfs cannot be given")
+        return [f'symlink {_q(path)} "{info.linkname}"']
+    if info.ischr() or info.isblk() or info.isfifo():
+        if not info.isfifo() and (info.devmajor > 4095 or info.devminor > 65535):  # debugfs' mknod refuses
+            raise FullBuild(f"the device /{path} is {info.devmajor}:{info.devminor}, past what debugfs makes")
+        kind = "p" if info.isfifo() else ("c" if info.ischr() else "b")
+        numbers = "" if info.isfifo() else f" {info.devmajor} {info.devminor}"
+        return [f"cd {_q(parent)}", f'mknod "{name}" {kind}{numbers}', "cd /"]
+    if info.islnk():
+        target = info.linkname.strip("/")
+        links[target] = links.get(target, 1) + 1
+        return [f"ln {_q(target)} {_q(path)}"]
+    raise FullBuild(f"/{path} is of a kind this rebuild does not write")
+
+
+def _settle_attributes(change: Delta, entries: list[NewEntry], written_dirs: set[str], links: dict[str, int],
+                       touched_parents: set[str], spool: Path) -> list[str]:
+    """Owners, modes, times and xattrs of what was written and of the base's directories whose header changed;
+    link counts; the times of the directories whose entries changed."""
+    commands: list[str] = []
     for n, entry in enumerate(entries):
         info, path = entry.info, entry.info.name.strip("/")
         if info.islnk():
