@@ -610,7 +610,9 @@ def update_imgconv_files(ctx: Context) -> None:
         device, [f"ls -p /{RESERVED}"], scratch, rebuild.epoch, "list imgconv's files"), re.M))
     spool = scratch / "imgconv-files"
     spool.mkdir()
-    commands = []
+    # A base made from a layout keeps its manifest; a new image from a `docker save` archive has none to write.
+    commands = [f'rm "/{RESERVED}/manifest.json"'] if "manifest.json" in present and "manifest.json" not in files \
+        else []
     for n, (name, data) in enumerate(sorted(files.items())):
         held = spool / str(n)
         held.write_bytes(data)

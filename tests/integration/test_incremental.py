@@ -19,6 +19,7 @@ five rebuilds, one boot and one vm-to-oci.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -217,6 +218,7 @@ class Versions:
     kernel: Conversion  # v3 plus a layer writing /boot (and an image's own /lost+found): a full build
     old_link: Conversion  # v3 plus a layer with a hard link to a file of an older layer: a full build
     unlost: Conversion  # the kernel image plus a whiteout of its /lost+found, rebuilt on it
+    archived: Conversion  # v3 plus a layer, from a `docker save` archive (no manifest), rebuilt on v3
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +235,10 @@ def versions(built_fixture: Callable[[str], BuiltFixture], tmp_path_factory: pyt
     refs["kernel"] = store.derive("kernel", "v3", [layer(d("boot"), f("boot/notes", "not a kernel\n"),
                                                          d("lost+found", 0o755, mtime=T), f("lost+found/mine", "x"))])
     refs["unlost"] = store.derive("unlost", "kernel", [layer(wh("lost+found"))])
+    store.derive("archived", "v3", [layer(f("archived", "from an archive\n"))])
+    refs["archived"] = f"docker-archive:{top / 'archived.tar'}"
+    tool("skopeo", "copy", "--quiet", f"oci:{store.layouts / 'archived'}:archived",
+         f"{refs['archived']}:imgconv-test/archived:1")
     refs["old-link"] = store.derive("old-link", "v3", [layer(hl("app/message.third", "app/message", 0o640,
                                                                 uid=1000, gid=1000))])
     v1 = store.convert(refs["busybox"], "store:app")
@@ -243,7 +249,8 @@ def versions(built_fixture: Callable[[str], BuiltFixture], tmp_path_factory: pyt
                                                (refs["kernel"], "store:kernel", ()),
                                                (refs["old-link"], "store:old-link", ()))
     unlost = store.convert(refs["unlost"], "store:unlost")
-    return Versions(store, refs, v1, v2, v3, wiped, full, kernel, old_link, unlost)
+    archived = store.convert(refs["archived"], "store:archived")
+    return Versions(store, refs, v1, v2, v3, wiped, full, kernel, old_link, unlost, archived)
 
 
 def _tar_out(disks: dict[str, Path], dest: Path) -> dict[str, Path]:
@@ -290,7 +297,7 @@ class Trees:
 def trees(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> Trees:
     store = versions.store
     disks = {"v3": versions.v3, "full": versions.full, "wiped": versions.wiped, "kernel": versions.kernel,
-             "old-link": versions.old_link, "unlost": versions.unlost}
+             "old-link": versions.old_link, "unlost": versions.unlost, "archived": versions.archived}
     return Trees(_tar_out({name: store.object(c.sha256) for name, c in disks.items()},
                           tmp_path_factory.mktemp("trees")))
 
@@ -376,8 +383,19 @@ def test_an_images_own_lost_found_whited_out_is_made_as_a_full_build_makes_it(tr
     assert trees.times("unlost")["lost+found"] == trees.times("full")["lost+found"]
 
 
+def test_a_rebuild_from_a_docker_save_archive_keeps_no_manifest_of_its_base(versions: Versions,
+                                                                          trees: Trees) -> None:
+    """Such an archive has no manifest to keep (a full build writes none under /.imgconv); the base's is gone."""
+    assert "launch-appliance" not in versions.archived.steps
+    archived, v3 = trees.tree("archived"), trees.tree("v3")
+    assert ".imgconv/manifest.json" in v3 and ".imgconv/manifest.json" not in archived
+    assert diff_trees(archived, v3, ignore=[".imgconv"]) == ["only in a: archived"]
+    config = tool("skopeo", "inspect", "--raw", "--config", versions.refs["archived"])
+    assert archived[".imgconv/config.json"].sha256 == hashlib.sha256(config.encode()).hexdigest()
+
+
 def test_rebuilt_filesystems_are_clean_for_e2fsck(versions: Versions, tmp_path: Path) -> None:
-    for conversion in (versions.v2, versions.v3, versions.wiped, versions.unlost):
+    for conversion in (versions.v2, versions.v3, versions.wiped, versions.unlost, versions.archived):
         raw = tmp_path / "disk.raw"
         tool("qemu-img", "convert", "-O", "raw", str(versions.store.object(conversion.sha256)), str(raw))
         checked = subprocess.run([shutil.which("e2fsck") or "/sbin/e2fsck", "-fn", f"{raw}?offset={ROOT_OFFSET}"],
