@@ -116,9 +116,14 @@ def provenance_of(record: BuildRecord, source: str, init_sha256: str, epoch: int
         kernel.append(Resource("kernel-package", _sha(record.kernel.package_sha256),
                                annotations={"release": record.kernel.release,
                                             "file": str(record.options.get("kernel") or "")}))
+    external: dict[str, Any] = {"source": source, "options": record.options, "source_date_epoch": epoch}
+    base = []
+    if record.built_on:  # an incremental rebuild: the store version whose disk it started from
+        external["built_on"] = record.built_on
+        base.append(Resource("base-version", _sha(record.built_on)))
     return Provenance(
-        external={"source": source, "options": record.options, "source_date_epoch": epoch},
-        dependencies=(*image, *kernel, Resource("imgconv-init", _sha(init_sha256)),
+        external=external,
+        dependencies=(*image, *kernel, *base, Resource("imgconv-init", _sha(init_sha256)),
                       Resource("imgconv", {}, f"pkg:pypi/imgconv@{record.imgconv}",
                                {"version": record.imgconv})),
         builder_version={"imgconv": record.imgconv}, finished=record.created)
@@ -235,7 +240,8 @@ class Rebuild:
 def rebuild_disk(disk: Path, tls_verify: bool, monitor: Monitor, work_dir: Path | None = None) -> Rebuild:
     """Build *disk* again from the source its sidecar records, with the options and SOURCE_DATE_EPOCH its
     statement records, into a temporary directory in *work_dir* (default: beside it; removed after), and compare
-    the bytes' sha256. A version made by ``imgconv commit`` has no source to be built from: refused."""
+    the bytes' sha256. A version made by ``imgconv commit`` has no source to be built from, and one rebuilt
+    incrementally is not a full build's bytes: both refused."""
     statement = read_json(statement_path(disk), "provenance statement")
     sidecar = read_json(sidecar_path(disk), "sidecar")
     definition = statement.get("predicate", {}).get("buildDefinition", {})
@@ -244,6 +250,12 @@ def rebuild_disk(disk: Path, tls_verify: bool, monitor: Monitor, work_dir: Path 
                               f"{sidecar.get('base', '?')}), not converted from a source: it cannot be rebuilt; "
                               "verify --rebuild its base instead")
     external = definition.get("externalParameters", {})
+    built_on = sidecar.get("built_on") or (external.get("built_on") if isinstance(external, dict) else None)
+    if built_on:
+        raise ProvenanceError(f"{disk.name} was rebuilt incrementally on the version {built_on}: it has a full "
+                              "build's files but not its bytes (the bootloader keeps the base's filesystem UUID, "
+                              "inodes lie elsewhere); verify --rebuild its base, or convert with --no-incremental "
+                              "for versions that rebuild bit for bit")
     source = str(sidecar.get("source") or external.get("source") or "")
     if not source:
         raise ProvenanceError(f"{sidecar_path(disk)} records no source to rebuild {disk.name} from")

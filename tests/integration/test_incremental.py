@@ -38,7 +38,7 @@ import pytest
 from fixtures import BuiltFixture
 from tests.builders.derive import derived
 from tests.builders.layers import d, dev, f, fifo, hl, layer, opq, sym, wh
-from tests.cli import Ran, imgconv, start
+from tests.cli import Ran, assert_one_line_error, imgconv, start
 from tests.integration.judge import tool
 from tests.treecmp import Entry, diff_trees, hardlink_groups, normalize, tree_from_tar
 from tests.world import DockerWorld
@@ -327,6 +327,13 @@ def test_a_new_image_is_built_on_the_version_of_its_older_layers(versions: Versi
         assert rebuilt.get(key) == full.get(key), key
     verified = store.run("verify", "store:app").ok()
     assert verified.stdout.startswith(f"store:app: OK ({versions.v3.sha256}")
+    # the statement names the version it was built on; a full rebuild would not give these bytes: refused
+    statement = json.loads(store.run("provenance", "store:app").ok().stdout)
+    definition = statement["predicate"]["buildDefinition"]
+    assert definition["externalParameters"]["built_on"] == versions.v2.sha256
+    assert {"name": "base-version", "digest": {"sha256": versions.v2.sha256.removeprefix("sha256:")}} in \
+        definition["resolvedDependencies"]
+    assert_one_line_error(store.run("verify", "--rebuild", "store:app"), "rebuilt incrementally", code=2)
 
 
 def test_the_rebuilt_disk_holds_what_a_full_build_holds(trees: Trees) -> None:
