@@ -88,6 +88,8 @@ def test_sidecar_and_read_only_artifact(converted_disk: Callable[[str], Path],
     assert sidecar["imgconv"] and sidecar["created"].endswith("Z")
     assert sidecar["format"] == "qcow2"
     assert stat.S_IMODE(Path(f"{disk}.json").stat().st_mode) == 0o444
+    # issue 13: a 2 MB image gives a disk of at most 32 MiB on the host (no host modules tree by default)
+    assert disk.stat().st_size <= 32 << 20, disk.stat().st_size
 
 
 def test_boot_never_writes_the_disk(converted_disk: Callable[[str], Path]) -> None:
