@@ -611,16 +611,15 @@ def update_imgconv_files(ctx: Context) -> None:
     spool = scratch / "imgconv-files"
     spool.mkdir()
     # A base made from a layout keeps its manifest; a new image from a `docker save` archive has none to write.
-    commands = [f'rm "/{RESERVED}/manifest.json"'] if "manifest.json" in present and "manifest.json" not in files \
-        else []
+    stale = [name for name in sorted(present) if name in files or name == "manifest.json"]
+    if stale:
+        debugfs_script(device, [f'rm "/{RESERVED}/{name}"' for name in stale], scratch, rebuild.epoch,
+                       "remove imgconv's old files")
+    written = []
     for n, (name, data) in enumerate(sorted(files.items())):
-        held = spool / str(n)
-        held.write_bytes(data)
-        target = f'"/{RESERVED}/{name}"'
-        commands += [f"rm {target}"] if name in present else []
-        commands += [f'write "{held}" {target}', f"sif {target} mode 0100644", f"sif {target} uid 0",
-                     f"sif {target} gid 0"]
-    debugfs_script(device, commands, scratch, rebuild.epoch, "update imgconv's files")
+        (spool / str(n)).write_bytes(data)
+        written.append((f"{RESERVED}/{name}", spool / str(n)))
+    write_guest_files(ctx[WORK_DISK], _root_device(ctx)[0], written, scratch, rebuild.epoch)
 
 
 def settle_rebuilt(ctx: Context) -> None:
@@ -640,6 +639,13 @@ def _drives(ctx: Context) -> list[Drive]:
     return [Drive(ctx[WORK_DISK], "raw", False)]
 
 
+# Both ways of building start by checking the inputs and reading the image.
+_READ_STEPS = (
+    Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
+    Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
+)
+
+
 @functools.cache
 def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False) -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
@@ -648,8 +654,7 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
     uefi = (Step("install-uefi", "installing the unified kernel image (UEFI)", install_uefi,
                  needs=(install_boot,)),) if firmware.uefi_path else ()
     return Pipeline("oci-to-qcow2", (
-        Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
-        Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
+        *_READ_STEPS,
         Step("plan", "planning the disk", plan, needs=(read_image,)),
         Step("create-disk", "creating the disk", create_disk, WORK_DISK, needs=(plan,)),
         Step("partition", "partitioning and formatting", partition, needs=(WORK_DISK,)),
@@ -674,8 +679,7 @@ def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bo
 def rebuild_pipeline() -> Pipeline[BuildRecord]:
     """An incremental rebuild's steps: no appliance, the base version's disk changed on the host."""
     return Pipeline("oci-to-qcow2", (
-        Step("check-inputs", "checking the inputs", check_inputs, needs=(OPTIONS, SOURCE)),
-        Step("read-image", "reading the image", read_image, needs=(check_inputs,)),
+        *_READ_STEPS,
         Step("find-base", "finding the version to build on", find_base_version, needs=(read_image,)),
         Step("copy-base", "copying its disk", copy_base, WORK_DISK, needs=(find_base_version,)),
         Step("check-base", "reading its records", check_base, needs=(WORK_DISK,)),
