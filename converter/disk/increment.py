@@ -24,7 +24,6 @@ times or device numbers debugfs cannot be given, too little free space, another 
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -83,7 +82,7 @@ def find_base(store: Store, image: Image, recorded_options: dict[str, Any]) -> t
     with store.locked(exclusive=False):
         shas = {entry.sha256 for tag in store.tags() for entry in tag.entries}
     for sha256 in sorted(shas):
-        sidecar = _sidecar(store, sha256)
+        sidecar = store.sidecar(sha256)
         held = diff_ids(sidecar)
         if not held or len(held) >= len(wanted) or wanted[:len(held)] != held:
             continue
@@ -99,15 +98,6 @@ def find_base(store: Store, image: Image, recorded_options: dict[str, Any]) -> t
     if seen_prefix:
         return "the versions built from the image's older layers were made with other options or another imgconv"
     return "no version in the store was built from the image's older layers"
-
-
-def _sidecar(store: Store, sha256: str) -> dict[str, Any]:
-    path = store.object_path(sha256)
-    try:
-        doc = json.loads(path.with_name(path.name + ".json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 # -- reading the base disk --------------------------------------------------------------------------------------

@@ -265,15 +265,20 @@ class Store:
     def object_path(self, sha256: str) -> Path:
         return self.objects / sha256.removeprefix("sha256:")
 
+    def sidecar(self, sha256: str) -> dict[str, Any]:
+        """The version's sidecar, or {} when it is missing or not a JSON object."""
+        path = self.object_path(sha256)
+        try:
+            sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return sidecar if isinstance(sidecar, dict) else {}
+
     def _version(self, sha256: str, what: str) -> Version:
         path = self.object_path(sha256)
         if not path.is_file():
             raise StoreError(f"{what}: its version {sha256} is missing from the store {self.root} (damaged store)")
-        try:
-            sidecar = json.loads(path.with_name(path.name + ".json").read_text())
-        except (OSError, ValueError):
-            sidecar = {}
-        return Version(sha256, path, sidecar if isinstance(sidecar, dict) else {})
+        return Version(sha256, path, self.sidecar(sha256))
 
     def resolve(self, ref: StoreRef) -> Version:
         """The version *ref* names (the caller holds the lock)."""
