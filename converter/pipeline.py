@@ -116,6 +116,9 @@ class ApplianceSession:
     steps: tuple[Step[Any], ...]
     needs: tuple[Key[Any], ...] = ()
     memory_mib: int = 768
+    # Host steps run while the appliance starts (seconds under TCG); they may not use it. The drives' contents
+    # may change meanwhile: a step that reads them in the appliance first drops its block caches.
+    meanwhile: tuple[Step[Any], ...] = ()
 
 
 Item = Step[Any] | ApplianceSession
@@ -135,12 +138,14 @@ class Pipeline(Generic[R]):
         made: set[Key[Any]] = set(self.given)
         ids: list[str] = []
         for item in self.items:
-            inner: Sequence[Step[Any]] = item.steps if isinstance(item, ApplianceSession) else (item,)
+            inner: Sequence[Step[Any]] = (*item.meanwhile, *item.steps) if isinstance(item, ApplianceSession) \
+                else (item,)
             missing = [key_name(k) for k in item.needs if k not in made]
             if isinstance(item, ApplianceSession):
-                made.add(APPLIANCE)
                 ids += ["launch-appliance"]
             for step in inner:
+                if isinstance(item, ApplianceSession) and step in item.steps:
+                    made.add(APPLIANCE)  # the meanwhile steps run before it is up
                 missing += [key_name(k) for k in step.needs if k not in made]
                 made.add(step.key)
                 ids.append(step.id)
@@ -183,13 +188,54 @@ def _timed(step: Step[Any], ctx: Context) -> None:
 
 def _session(session: ApplianceSession, ctx: Context) -> None:
     with ExitStack() as appliance_stack:
-        with ctx.monitor.step("launch-appliance", "starting the appliance"):
-            app = appliance_stack.enter_context(launch(session.drives(ctx), memory_mib=session.memory_mib))
-        ctx.put(APPLIANCE, app)
+        ctx.put(APPLIANCE, _launch(session, ctx, appliance_stack))
         for step in session.steps:
             _timed(step, ctx)
         with ctx.monitor.step("close-appliance", "closing the disk"):
             appliance_stack.close()  # the appliance's shutdown: a failed flush fails the run
+
+
+def _launch(session: ApplianceSession, ctx: Context, stack: ExitStack) -> Appliance:
+    """The appliance, started while the session's *meanwhile* steps run; it is closed with *stack*. When one of
+    them fails the appliance is closed as soon as it is up, without waiting for it (a caller may fall back to
+    another pipeline meanwhile)."""
+    def start() -> tuple[ExitStack, Appliance]:
+        with ExitStack() as own, ctx.monitor.step("launch-appliance", "starting the appliance"):
+            app = own.enter_context(launch(session.drives(ctx), memory_mib=session.memory_mib))
+            return own.pop_all(), app
+
+    if not session.meanwhile:
+        own, app = start()
+        stack.enter_context(own)
+        return app
+    launched: list[tuple[ExitStack, Appliance]] = []
+    failed: list[BaseException] = []
+
+    def background() -> None:
+        try:
+            launched.append(start())
+        except BaseException as exc:  # reported to the main thread below
+            failed.append(exc)
+
+    launcher = threading.Thread(target=background, name="imgconv-launch", daemon=True)
+    launcher.start()
+    try:
+        for step in session.meanwhile:
+            _timed(step, ctx)
+    except BaseException:
+        threading.Thread(target=_close_when_up, args=(launcher, launched), daemon=True).start()
+        raise
+    launcher.join()
+    if failed:
+        raise failed[0]
+    stack.enter_context(launched[0][0])
+    return launched[0][1]
+
+
+def _close_when_up(launcher: threading.Thread, launched: list[tuple[ExitStack, Appliance]]) -> None:
+    launcher.join()
+    for own, _ in launched:
+        own.close()
 
 
 def run_interruptibly(work: Callable[[], T]) -> T:

@@ -48,6 +48,8 @@ from converter.boot.initramfs import InitSpec, build_initramfs, decode_spec, enc
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
 from converter.disk.appliance import Drive
 from converter.disk.bootfiles import boot_files_on_host, place_kernel
+from converter.disk.hostwrite import HostFiles, collect_image, collect_imgconv
+from converter.disk.hostwrite import write_files as write_host_files
 from converter.disk.increment import (
     BLOCK,
     SLACK_BLOCKS,
@@ -112,7 +114,7 @@ from converter.oci.model import Platform
 from converter.oci.reference import Reference, parse_reference
 from converter.oci.tarsplit import Recorder, finish_records
 from converter.oci.transport import open_image
-from converter.pipeline import APPLIANCE, ApplianceSession, Context, Pipeline, Slot, Step
+from converter.pipeline import APPLIANCE, ApplianceSession, Context, Item, Pipeline, Slot, Step
 from converter.progress import Monitor
 from converter.provenance import provenance_of, statement_for
 from converter.records import (
@@ -192,6 +194,8 @@ SOURCE: Slot[str] = Slot("source")
 OPTIONS: Slot[BuildOptions] = Slot("options")
 FINISHED: Slot[Path] = Slot("finished disk")  # made by convert_format
 WORK_DISK: Slot[Path] = Slot("work disk")  # the raw disk being built: create_disk's, or copy_base's (incremental)
+# Set (to anything) to unpack every image in the appliance, as imgconv did before it wrote files on the host.
+UNPACK_IN_APPLIANCE = "IMGCONV_UNPACK_IN_APPLIANCE"
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -349,7 +353,7 @@ def write_rootfs(ctx: Context) -> ImageTree:
 
 
 def choose_kernel(ctx: Context) -> Kernel:
-    written = ctx[write_rootfs]
+    written = _image_tree(ctx)
     kernel = (ctx[check_inputs].kernel
               or image_kernel(written.tree.kinds, written.tree.symlinks, written.kernel_releases)
               or host_kernel())
@@ -357,7 +361,8 @@ def choose_kernel(ctx: Context) -> Kernel:
     return kernel
 
 
-def add_imgconv_files(ctx: Context) -> Additions:
+def _imgconv_files(ctx: Context) -> tuple[list[GuestFile], Callable[[Additions], bytes]]:
+    """imgconv's files under /.imgconv, and the origin record as a function of what was added."""
     image, kernel, options = ctx[read_image], ctx[choose_kernel], ctx[OPTIONS]
     files = [GuestFile("init", init_binary().read_bytes(), 0o755), GuestFile("init.spec", encode_spec(ctx[plan].spec)),
              GuestFile("config.json", image.config.raw)]
@@ -373,13 +378,66 @@ def add_imgconv_files(ctx: Context) -> Additions:
                               tuple(sorted(set(added.injected))), added.touched_dirs, options.recorded())
         return record_json(record).encode()
 
-    tree = ctx[write_rootfs].tree
+    return files, origin
+
+
+def add_imgconv_files(ctx: Context) -> Additions:
+    files, origin = _imgconv_files(ctx)
+    tree, kernel, modules, epoch = ctx[write_rootfs].tree, ctx[choose_kernel], ctx[plan].modules, ctx[plan].epoch
     found: list[Additions] = []
     stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "imgconv.fifo",
-                lambda out: found.append(write_imgconv_files(tree, files, kernel, ctx[plan].modules, origin,
-                                                             out, ctx[plan].epoch)),
+                lambda out: found.append(write_imgconv_files(tree, files, kernel, modules, origin, out, epoch)),
                 "add imgconv's files to the disk")
     return found[0]
+
+
+# -- the files written on the host (converter/disk/hostwrite.py) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Collected:
+    """The image's tree and its files spooled for debugfs."""
+
+    image: ImageTree
+    files: HostFiles
+
+
+def read_layers(ctx: Context) -> Collected:
+    """The layers flattened once (tar-split recorded on the way), each file spooled for debugfs."""
+    with ctx.monitor.bar("layers", ctx[plan].content) as bar:
+        tree, files = collect_image(ctx[read_image], ctx[check_inputs].scratch, bar.update,
+                                    Recorder(ctx[check_inputs].scratch / "tar-split"))
+    return Collected(tree, files)
+
+
+def _image_tree(ctx: Context) -> ImageTree:
+    """The image's files as the disk holds them, whichever way they were written."""
+    return ctx[read_layers].image if read_layers in ctx else ctx[write_rootfs]
+
+
+def collect_imgconv_files(ctx: Context) -> HostFiles:
+    files, origin = _imgconv_files(ctx)
+    _, collected = collect_imgconv(ctx[read_layers].image.tree, files, ctx[choose_kernel], ctx[plan].modules,
+                                   origin, ctx[check_inputs].scratch, ctx[plan].epoch)
+    return collected
+
+
+def write_files(ctx: Context) -> None:
+    """Everything collected into the empty root filesystem, by one debugfs run on the host."""
+    plan_, collected = ctx[plan], ctx[read_layers]
+    first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
+    write_host_files(f"{ctx[WORK_DISK]}?offset={first * SECTOR}", collected.image.tree,
+                     [collected.files, ctx[collect_imgconv_files]], ctx[check_inputs].scratch, plan_.epoch)
+
+
+def mount_root(ctx: Context) -> None:
+    """The root filesystem mounted for extlinux (and an image kernel's files), as write-rootfs mounts it."""
+    app, device = ctx[APPLIANCE], ctx[plan].layout.root_device
+    # The appliance started while debugfs wrote: what its kernel read of the disk at boot (the partition table,
+    # the superblock udev probed) may be stale in its block caches.
+    for cached in (device.rstrip("0123456789"), device):
+        app.call("drop the disk's block caches", app.g.blockdev_flushbufs, cached)
+    app.call("mount the root filesystem", app.g.mount_options, "nodelalloc,noinit_itable", device, "/")
 
 
 @dataclass(frozen=True)
@@ -394,7 +452,7 @@ class Booted:
 def install_boot(ctx: Context) -> Booted:
     """The boot entry, the initramfs and, with a BIOS path, extlinux (the one part that needs the appliance)."""
     app, scratch, kernel = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[choose_kernel]
-    placed = place_kernel(app, kernel, ctx[write_rootfs].tree, scratch, ctx[plan].uuid, ctx[check_inputs].prebuilt)
+    placed = place_kernel(app, kernel, _image_tree(ctx).tree, scratch, ctx[plan].uuid, ctx[check_inputs].prebuilt)
     firmware, files = ctx[OPTIONS].firmware, list(placed.files)
     mbr_code = b""
     if firmware.bios_path:
@@ -430,7 +488,7 @@ def install_uefi(ctx: Context) -> None:
 
 def settle_filesystem(ctx: Context) -> None:
     """Times, generations, journal and superblock made the build's own once the appliance is gone."""
-    plan_, tree = ctx[plan], ctx[write_rootfs].tree
+    plan_, tree = ctx[plan], _image_tree(ctx).tree
     first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
     root = tree.dirs.get("")
     settle_ext4(ctx[WORK_DISK], first * SECTOR, plan_.epoch, int(root.mtime) if root else plan_.epoch,
@@ -647,25 +705,42 @@ _READ_STEPS = (
 
 
 @functools.cache
-def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False) -> Pipeline[BuildRecord]:
+def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False,
+             host: bool = True) -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
-    *firmware* with a UEFI path adds ``install-uefi``."""
+    *firmware* with a UEFI path adds ``install-uefi``; *host*: the files are written by debugfs on the host
+    (converter/disk/hostwrite.py) and the appliance only installs the bootloader, else its tar unpacks them."""
     finish_step = {"keep": convert_format, "convert": convert_format}[finish]  # the raw work disk: always converted
     uefi = (Step("install-uefi", "installing the unified kernel image (UEFI)", install_uefi,
                  needs=(install_boot,)),) if firmware.uefi_path else ()
-    return Pipeline("oci-to-qcow2", (
-        *_READ_STEPS,
-        Step("plan", "planning the disk", plan, needs=(read_image,)),
-        Step("create-disk", "creating the disk", create_disk, WORK_DISK, needs=(plan,)),
-        Step("partition", "partitioning and formatting", partition, needs=(WORK_DISK,)),
-        ApplianceSession(_drives, (
+    files: tuple[Item, ...]
+    if host:
+        files = (  # on the host, while the appliance starts
+            Step("read-layers", "reading the layers", read_layers, needs=(read_image, plan)),
+            Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(read_layers,)),
+            Step("add-imgconv-files", "adding imgconv's files", collect_imgconv_files, needs=(choose_kernel,)),
+            Step("write-files", "writing the files into the disk", write_files, needs=(WORK_DISK,
+                                                                                       collect_imgconv_files)))
+        files = (ApplianceSession(_drives, (
+            Step("mount-root", "mounting the root filesystem", mount_root, needs=(write_files,)),
+            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot, needs=(choose_kernel,)),
+            *uefi,
+        ), needs=(WORK_DISK,), meanwhile=files),)
+    else:
+        files = (ApplianceSession(_drives, (
             Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
             Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(write_rootfs,)),
             Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(choose_kernel,)),
             Step("install-boot", "installing kernel, initramfs and bootloader", install_boot,
                  needs=(choose_kernel, add_imgconv_files)),
             *uefi,
-        ), needs=(WORK_DISK,)),
+        ), needs=(WORK_DISK,)),)
+    return Pipeline("oci-to-qcow2", (
+        *_READ_STEPS,
+        Step("plan", "planning the disk", plan, needs=(read_image,)),
+        Step("create-disk", "creating the disk", create_disk, WORK_DISK, needs=(plan,)),
+        Step("partition", "partitioning and formatting", partition, needs=(WORK_DISK,)),
+        *files,
         Step("write-boot-files", "writing kernel, initramfs and bootloader configuration", write_boot_files,
              needs=(WORK_DISK, install_boot)),
         Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
@@ -701,4 +776,10 @@ def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord
         except FullBuild as why:
             monitor.note(f"incremental: not possible ({why}); building in full")
     finish = "convert" if options.format is not DiskFormat.QCOW2 or options.compress else "keep"
-    return pipeline(finish, options.firmware, options.store is not None).run(monitor, source=source, options=options)
+    store = options.store is not None
+    if not os.environ.get(UNPACK_IN_APPLIANCE):
+        try:
+            return pipeline(finish, options.firmware, store).run(monitor, source=source, options=options)
+        except FullBuild as why:
+            monitor.note(f"the files cannot be written on the host ({why}); unpacking them in the appliance")
+    return pipeline(finish, options.firmware, store, host=False).run(monitor, source=source, options=options)

@@ -135,7 +135,7 @@ class NewEntry:
     data: Path | None = None
 
 
-class _Collect:
+class Collect:
     """A flattener sink keeping the new layers' entries, contents spooled to files (the layers are small)."""
 
     def __init__(self, spool: Path) -> None:
@@ -181,7 +181,7 @@ def delta(image: Image, base_layers: int, scratch: Path, injected: Iterable[str]
     layers: Sequence[LayerInput] = image.layer_inputs()
     base = flatten(layers[:base_layers], _Discard())
     final = flatten(layers, _Discard(), tap=Recorder(scratch / "tar-split"))
-    collect = _Collect(scratch / "increment")
+    collect = Collect(scratch / "increment")
     try:
         flatten(layers[base_layers:], collect)
     except LayerError as exc:
@@ -225,7 +225,12 @@ def _check(removed: list[tuple[str, str]], written: set[str], injected: Iterable
         if path in ours or path == RESERVED or path.startswith(f"{RESERVED}/") \
                 or any(p in ours for p in parents(path)) or any(p.startswith(f"{path}/") for p in ours):
             raise FullBuild(f"a new layer changes /{path}, where imgconv placed files of its own")
-    bad = next((path for path in touched if not _safe_name(path)), None)
+    check_names(touched)
+
+
+def check_names(paths: Iterable[str]) -> None:
+    """FullBuild when a path cannot be given to debugfs (its command parser takes no escapes)."""
+    bad = next((path for path in paths if not _safe_name(path)), None)
     if bad is not None:
         raise FullBuild(f"the path {bad!r} cannot be written by debugfs (a quote, control character or non-UTF-8)")
 

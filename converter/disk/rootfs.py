@@ -35,7 +35,7 @@ from converter.disk.appliance import Appliance
 from converter.disk.fifo import through_fifo
 from converter.errors import ImageError, ToolError
 from converter.guest import BOOT_DIR, MOUNTED_BY_INIT, ORIGIN, RESERVED
-from converter.oci.flatten import DIR, FlatTree, LayerTap, flatten
+from converter.oci.flatten import DIR, FlatTree, LayerTap, TarSink, flatten
 from converter.oci.image import Image
 from converter.oci.tarutil import abandon_output, gnu_xattrs_encoded, open_output, parents
 
@@ -74,14 +74,15 @@ class ApplianceSink:
     a real bzImage names (the image's kernel is chosen from those without reading any file twice). At most
     MAX_KERNEL_CANDIDATES files are looked at, so an image of many such names costs no memory."""
 
-    def __init__(self, inner: tarfile.TarFile) -> None:
+    def __init__(self, inner: TarSink, escape: bool = True) -> None:
         self.inner = inner
+        self.escape = escape  # GNU tar's escaping of xattr names (debugfs takes them as they are)
         self._releases: dict[str, str] = {}
         self._links: dict[str, str] = {}
         self._looked = 0
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: IO[bytes] | None = None) -> None:
-        tarinfo = for_gnu_tar(tarinfo)
+        tarinfo = for_gnu_tar(tarinfo) if self.escape else tarinfo
         name = tarinfo.name.strip("/")
         if KERNEL_NAME.fullmatch(name) and self._looked < MAX_KERNEL_CANDIDATES:
             self._looked += 1
@@ -194,19 +195,19 @@ def _tar_output(out: BinaryIO) -> Iterator[tarfile.TarFile]:
     tar.close()
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644, mtime: float = 0) -> None:
+def _add_bytes(tar: TarSink, name: str, data: bytes, mode: int = 0o644, mtime: float = 0) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uname, info.gname = len(data), mode, mtime, "", ""
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_dir(tar: tarfile.TarFile, name: str, mode: int = 0o755, mtime: float = 0) -> None:
+def _add_dir(tar: TarSink, name: str, mode: int = 0o755, mtime: float = 0) -> None:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime, info.uname, info.gname = tarfile.DIRTYPE, mode, mtime, "", ""
     tar.addfile(info)
 
 
-def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str, mtime: float) -> None:
+def _add_host_tree(tar: TarSink, source: Path, dest: str, mtime: float) -> None:
     """Copy a host directory (a kernel's modules) into the stream: root-owned, symlinks not followed, every entry
     with *mtime* (the build's time: the host's own times would differ from one machine to the next)."""
     for root, dirs, files in os.walk(source):
@@ -229,7 +230,7 @@ def _add_host_tree(tar: tarfile.TarFile, source: Path, dest: str, mtime: float) 
                     tar.addfile(info, f)
 
 
-def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile, mtime: float = 0) -> str:
+def place(tree: FlatTree, wanted: str, added: Additions, tar: TarSink, mtime: float = 0) -> str:
     """Where *wanted* lands in the image once its symlinks are followed; create missing parents.
 
     Existing directories that receive new entries are remembered with their mtime, so their header can be
@@ -256,32 +257,45 @@ def place(tree: FlatTree, wanted: str, added: Additions, tar: tarfile.TarFile, m
 
 def write_imgconv_files(tree: FlatTree, files: list[GuestFile], kernel: Kernel, modules: bool,
                         origin: Callable[[Additions], bytes], out: BinaryIO, epoch: int = 0) -> Additions:
-    """imgconv's files as one tar stream on *out*, each with the time *epoch*; *origin* renders the origin record
-    from what was added."""
-    added = Additions(injected=[RESERVED] + ([] if "lost+found" in tree.kinds else ["lost+found"]))
+    """imgconv's files as one tar stream on *out* for the appliance's GNU tar, each with the time *epoch*;
+    *origin* renders the origin record from what was added."""
     with _tar_output(out) as tar:
-        _add_dir(tar, RESERVED, mtime=epoch)
-        _add_dir(tar, BOOT_DIR, mtime=epoch)
-        for guest_file in files:
-            _add_bytes(tar, f"{RESERVED}/{guest_file.name}", guest_file.data, guest_file.mode, epoch)
-        if kernel.host_modules is not None and modules:
-            dest = place(tree, f"lib/modules/{kernel.release}", added, tar, epoch)
-            if dest not in tree.kinds:
-                _add_host_tree(tar, kernel.host_modules, dest, epoch)
-                added.injected.append(dest)
-        # Every directory's header again (the touched ones included), so tar sets each one's mtime last: the
-        # image's stream is newest layer first, so an older layer's files land in a directory after tar has set
-        # its time, which then becomes the appliance's clock (a disk that differs from run to run).
-        for info in tree.dirs.values():
-            tar.addfile(for_gnu_tar(info))
-        # Directories no layer has an entry for (parents of deeper entries): GNU tar made them 0755 with the
-        # appliance's clock as their time; they get time 0, as the flattener's implied directories have.
-        ours = set(added.injected)
-        for path in [p for p in tree.kinds if p and p not in tree.dirs and p not in ours]:
-            if tree.kinds[path] == DIR:
-                _add_dir(tar, path, mtime=0)
-        _add_bytes(tar, ORIGIN, origin(added), mtime=epoch)
+        return imgconv_entries(tree, files, kernel, modules, origin, tar, epoch, for_gnu_tar=True)
+
+
+def imgconv_entries(tree: FlatTree, files: list[GuestFile], kernel: Kernel, modules: bool,
+                      origin: Callable[[Additions], bytes], tar: TarSink, epoch: int = 0,
+                      for_gnu_tar: bool = False) -> Additions:
+    """imgconv's files as entries into *tar*; *for_gnu_tar* adds the directory headers GNU tar needs to leave
+    every directory's time as the image has it (a debugfs writer sets those times itself)."""
+    added = Additions(injected=[RESERVED] + ([] if "lost+found" in tree.kinds else ["lost+found"]))
+    _add_dir(tar, RESERVED, mtime=epoch)
+    _add_dir(tar, BOOT_DIR, mtime=epoch)
+    for guest_file in files:
+        _add_bytes(tar, f"{RESERVED}/{guest_file.name}", guest_file.data, guest_file.mode, epoch)
+    if kernel.host_modules is not None and modules:
+        dest = place(tree, f"lib/modules/{kernel.release}", added, tar, epoch)
+        if dest not in tree.kinds:
+            _add_host_tree(tar, kernel.host_modules, dest, epoch)
+            added.injected.append(dest)
+    if for_gnu_tar:
+        _restamp_directories(tree, added, tar)
+    _add_bytes(tar, ORIGIN, origin(added), mtime=epoch)
     return added
+
+
+def _restamp_directories(tree: FlatTree, added: Additions, tar: TarSink) -> None:
+    """Every directory's header again (the touched ones included), so tar sets each one's mtime last: the image's
+    stream is newest layer first, so an older layer's files land in a directory after tar has set its time, which
+    then becomes the appliance's clock (a disk that differs from run to run)."""
+    for info in tree.dirs.values():
+        tar.addfile(for_gnu_tar(info))
+    # Directories no layer has an entry for (parents of deeper entries): GNU tar made them 0755 with the
+    # appliance's clock as their time; they get time 0, as the flattener's implied directories have.
+    ours = set(added.injected)
+    for path in [p for p in tree.kinds if p and p not in tree.dirs and p not in ours]:
+        if tree.kinds[path] == DIR:
+            _add_dir(tar, path, mtime=0)
 
 
 def stream_into(app: Appliance, fifo: Path, work: Callable[[BinaryIO], None], doing: str) -> None:
