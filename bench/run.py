@@ -1,6 +1,6 @@
 """`make bench`: imgconv against its peers, measured in the same run on the same inputs, printed as ratios.
 
-    .venv/bin/python bench/run.py [--repeat N | --quick] [--images busybox,debian] [--groups build,export,...]
+    .venv/bin/python bench/run.py [--repeat N | --quick] [--images busybox,debian,lvm] [--groups build,export,...]
                                   [--json PATH] [--write-readme] [--keep]
 
 Each number is the median of N runs (default 3) of a whole command as a subprocess: wall time, and the peak
@@ -12,6 +12,9 @@ why each peer was chosen: bench/README.md. Only ratios are meant to be compared 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import inspect
 import json
 import os
 import platform
@@ -44,8 +47,12 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 1 << 20
 SAMPLE_EVERY = 0.05
 RUN_TIMEOUT = 900.0
-GROUPS = ("build", "export", "boot", "read", "memory")
-DEFAULT_IMAGES = ("busybox", "debian", "large")
+GROUPS = ("build", "export", "boot", "read", "memory", "size")
+DEFAULT_IMAGES = ("busybox", "debian", "lvm", "large")
+# Foreign VM disks (no OCI image), which only the export group reads: `lvm` is the layered disk of
+# tests/integration/foreign.py (built with libguestfs, never imgconv) with LVM_CONTENT's tree on its root LV.
+FOREIGN_IMAGES = ("lvm",)
+LVM_CONTENT = "debian"
 # Images only the memory group runs on (one oci-to-qcow2 and one vm-to-oci each): `large` is about 1 GB, where
 # the peers' comparisons would add an hour and say nothing the smaller fixtures do not.
 MEMORY_ONLY_IMAGES = ("large",)
@@ -73,6 +80,14 @@ MOUNT_POINTS = (("/dev", "0755"), ("/proc", "0555"), ("/sys", "0555"), ("/run", 
 # vm-to-oci leaves out what oci-to-qcow2 injected; the peer is told the same with tar excludes. The fixtures have
 # no kernel of their own, so the host modules tree imgconv adds is the only thing under lib/modules.
 TAR_OUT_EXCLUDES = "./.imgconv ./lost+found ./lib/modules ./usr/lib/modules"
+# On a foreign disk vm-to-oci keeps the runtime directories, /boot and the modules trees, but not what is in them,
+# nor the filesystems' lost+found (/boot's is under ./boot/*; /home is xfs, which has none).
+FOREIGN_TAR_OUT_EXCLUDES = ("./lost+found ./boot/* ./lib/modules/* ./usr/lib/modules/* ./tmp/* ./proc/* ./sys/* "
+                            "./dev/* ./run/*")
+# Issue 13's disk-size goals: a 2 MB image (busybox) gives at most 32 MiB on the host, and any disk at most 1.1x its
+# content plus kernel and initramfs.
+SMALL_DISK_GOALS = {"busybox": 32 * MiB}
+DISK_RATIO_GOAL = 1.1
 # The --kernel-modules row (what the host modules tree costs; the default leaves it out for containers) costs N
 # more conversions: only where the image's own content is large enough for that comparison to matter.
 NO_MODULES_ROW = ("debian",)
@@ -424,6 +439,82 @@ def remove(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class ForeignImage:
+    """A foreign VM disk the export group reads (FOREIGN_IMAGES): no OCI image, made by libguestfs."""
+
+    name: str
+    path: Path
+    tar_bytes: int  # the content's tar, as the fixtures' "uncompressed" (layer tar) bytes
+    content_bytes: int  # the regular files' bytes in it (hard links once)
+    disk_bytes: int  # the qcow2 file's size
+
+    def describe(self) -> str:
+        return (f"{self.name}: a foreign disk built with libguestfs (MBR; /boot ext4; an LVM PV whose root LV, ext4, "
+                "holds a merged-/usr busybox root with /etc/fstab by UUID= and LABEL=, and the "
+                f"{LVM_CONTENT} fixture's flattened tree under /srv/content; /home xfs), "
+                f"{self.tar_bytes / MiB:.1f} MiB of tar ({self.content_bytes / MiB:.1f} MiB of files), "
+                f"qcow2 {self.disk_bytes / MiB:.0f} MiB")
+
+
+def regular_bytes(tar: Path) -> int:
+    """The bytes of the regular files in *tar* (a hard link's entry carries none: each inode counts once)."""
+    with tarfile.open(tar, mode="r|*") as archive:
+        return sum(member.size for member in archive if member.isreg())
+
+
+def root_lv_mib(tar_bytes: int) -> int:
+    """A root LV that holds *tar_bytes* of content with room for ext4's metadata and a block per small file (the
+    layered disk's own files need a few MiB), in whole 4 MiB extents."""
+    wanted = tar_bytes * 13 // 10 + 64 * MiB
+    return -(-wanted // (4 * MiB)) * 4
+
+
+def _make_lvm(directory: Path, env: dict[str, str]) -> None:
+    """The lvm disk into *directory* (lvm.qcow2, disk.json): LVM_CONTENT's root filesystem flattened by umoci, put
+    on the layered disk's root LV by tests/integration/foreign.py's builder (libguestfs only, no imgconv)."""
+    from tests.integration.foreign import build_layered_disk
+
+    tar = rootfs_tar(load_fixture(LVM_CONTENT), directory, env)
+    lv = root_lv_mib(tar.stat().st_size)
+    say(f"building the lvm disk with libguestfs (once, cached: about a minute under TCG; root LV {lv} MiB)")
+    try:
+        build_layered_disk(directory / "lvm.qcow2", tar, lv)
+    except RuntimeError as exc:  # guestfs' errors
+        raise BenchError(f"building the lvm disk failed: {exc}") from None
+    (directory / "lvm.qcow2").chmod(0o444)
+    doc = {"tar_bytes": tar.stat().st_size, "content_bytes": regular_bytes(tar), "root_lv_mib": lv}
+    remove(tar)
+    (directory / "disk.json").write_text(json.dumps(doc))
+
+
+def lvm_image(env: dict[str, str]) -> ForeignImage:
+    """The lvm disk, from the cache (IMGCONV_TEST_CACHE/bench/lvm-KEY, built first under a lock if missing); KEY
+    hashes what it is made of: the foreign disks' recipe and tools, the content fixture's key, _make_lvm itself."""
+    from fixtures import cache_key, cache_root
+    from tests.integration import foreign
+
+    recipe = f"{foreign.cache_key()} {cache_key(LVM_CONTENT)}\n{inspect.getsource(_make_lvm)}"
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:20]
+    entry = cache_root() / "bench" / f"lvm-{key}"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".lvm-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / "disk.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-lvm-", dir=entry.parent))
+            try:
+                _make_lvm(tmp, env)
+                os.rename(tmp, entry)
+            finally:
+                remove(tmp)
+            for other in entry.parent.glob("lvm-*"):  # other recipes' disks
+                if other != entry:
+                    remove(other)
+    doc = json.loads((entry / "disk.json").read_text())
+    disk = entry / "lvm.qcow2"
+    return ForeignImage("lvm", disk, doc["tar_bytes"], doc["content_bytes"], disk.stat().st_size)
+
+
 # -- rows -------------------------------------------------------------------------------------------------
 
 
@@ -444,6 +535,29 @@ class Row:
         return GOALS.get((self.task, self.peer, self.image), GOALS.get((self.task, self.peer, None)))
 
 
+@dataclass(frozen=True)
+class DiskSize:
+    """One row of the disk-size table: an oci-to-qcow2 disk against what it must hold."""
+
+    image: str
+    content: int  # the flattened tree's regular-file bytes (hard links once)
+    kernel: int  # the kernel and the initramfs the disk boots
+    initramfs: int
+    qcow2: int  # the disk file's size on the host (st_size)
+
+    @property
+    def ratio(self) -> float:
+        return self.qcow2 / (self.content + self.kernel + self.initramfs)
+
+    def goal(self) -> str:
+        """Issue 13's goals for this disk and whether it met them."""
+        cells = []
+        if (bound := SMALL_DISK_GOALS.get(self.image)) is not None:
+            cells.append(f"≤ {bound // MiB} MiB: {'met' if self.qcow2 <= bound else 'missed'}")
+        cells.append(f"≤ {DISK_RATIO_GOAL:.2f}×: {'met' if self.ratio <= DISK_RATIO_GOAL else 'missed'}")
+        return "; ".join(cells)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
@@ -458,6 +572,8 @@ class Bench:
         self.logs = work / "logs"
         self.rows: list[Row] = []
         self.notes: list[str] = []
+        self.foreign: list[ForeignImage] = []
+        self.sizes: list[DiskSize] = []
         self.failed = False
 
     def run(self, row: Row, who: str, argv: Sequence[str], env: dict[str, str] | None = None,
@@ -478,6 +594,36 @@ class Bench:
             say(f"FAILED: {exc}")
             for row in rows:
                 row.error = row.error or str(exc)
+
+    def image(self, fx: Fixture, groups: Sequence[str]) -> None:
+        """The rows of *groups* on one fixture: the disk the build group makes (or, without it, one made untimed)
+        serves the export, boot and size rows; `large` runs the memory group only (and the size of its disk)."""
+        say(f"{fx.name}: {fx.layers} layers, {fx.compressed / MiB:.1f} MiB compressed, "
+            f"{fx.uncompressed / MiB:.1f} MiB uncompressed")
+        disk = self.work / f"{fx.name}.qcow2"
+        sidecar = None
+        if fx.name in MEMORY_ONLY_IMAGES:
+            groups = [g for g in groups if g in ("memory", "size")]
+        elif {"build", "export", "boot", "size"} & set(groups):
+            if "build" in groups:
+                sidecar = self.build(fx, disk)
+                self.incremental(fx)
+            else:  # the other rows still need a disk made by imgconv: made once, untimed
+                subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, str(disk)], env=self.env, check=True)
+                sidecar = json.loads(Path(f"{disk}.json").read_text())
+        if sidecar is not None and disk.exists():
+            if "export" in groups:
+                self.export(fx.name, fx.uncompressed, disk)
+            if "boot" in groups:
+                self.boot(fx, disk, sidecar)
+                self.boot_firmware(fx)
+        if "read" in groups:
+            self.read(fx)
+        if "memory" in groups:
+            self.memory(fx, disk)
+        if "size" in groups and disk.exists():
+            self.disk_size(fx, disk)
+        remove(*artifact_files(disk))
 
     # -- 1 and 2: oci-to-qcow2 ---------------------------------------------------------------------------
 
@@ -567,14 +713,14 @@ class Bench:
 
     # -- 3: vm-to-oci ------------------------------------------------------------------------------------
 
-    def export(self, fx: Fixture, disk: Path) -> None:
-        row = Row("vm-to-oci", fx.name, "guestfish tar-out", fx.uncompressed)
+    def export(self, name: str, image_bytes: int, disk: Path, excludes: str = TAR_OUT_EXCLUDES) -> None:
+        row = Row("vm-to-oci", name, "guestfish tar-out", image_bytes)
         self.rows.append(row)
         layout, peer_out = self.work / "vm-to-oci", self.work / "tar-out.tar.gz"
         mount = ["-i"]
         with self.guarded(row):
             for i in range(self.repeat):
-                say(f"vm-to-oci [{fx.name}] run {i + 1}/{self.repeat}")
+                say(f"vm-to-oci [{name}] run {i + 1}/{self.repeat}")
                 self.run(row, "imgconv", [IMGCONV, "vm-to-oci", "--json", str(disk), f"oci:{layout}:1"])
                 remove(layout)
 
@@ -582,7 +728,7 @@ class Bench:
                     return ["bash", "-o", "pipefail", "-c",
                             'guestfish --ro --format=qcow2 -a "$1" "${@:3}" tar-out / - numericowner:true '
                             'xattrs:true excludes:"$2" | gzip > "$0"',
-                            str(peer_out), str(disk), TAR_OUT_EXCLUDES, *how]
+                            str(peer_out), str(disk), excludes, *how]
 
                 try:
                     self.run(row, "peer", peer(mount))
@@ -594,6 +740,18 @@ class Bench:
                     row.note = "peer mounts with -m: inspection finds no OS in this image"
                     self.run(row, "peer", peer(mount))
                 remove(peer_out)
+
+    def export_foreign(self, name: str) -> None:
+        """vm-to-oci of a foreign disk (FOREIGN_IMAGES), made untimed (and cached) before its rows."""
+        try:
+            image = lvm_image(self.env)
+        except BenchError as exc:
+            self.failed = True
+            say(f"FAILED: {exc}")
+            self.rows.append(Row("vm-to-oci", name, "guestfish tar-out", 0, error=str(exc)))
+            return
+        self.foreign.append(image)
+        self.export(name, image.tar_bytes, image.path, FOREIGN_TAR_OUT_EXCLUDES)
 
     # -- 4: boot -----------------------------------------------------------------------------------------
 
@@ -641,6 +799,27 @@ class Bench:
             row.note = "same kernel, initramfs, disk and output"
             net.note = "the same disk and command; the ratio is what the NIC and its set-up cost"
         remove(*scratch)
+
+    # -- 7: disk sizes ------------------------------------------------------------------------------------
+
+    def disk_size(self, fx: Fixture, disk: Path) -> None:
+        """The size of a disk the rows above made (not converted again) against its content (imgconv's flattener
+        over the image, to /dev/null) plus the kernel and initramfs it boots (direct_kernel_parts)."""
+        sidecar = json.loads(Path(f"{disk}.json").read_text())
+        try:
+            flat = subprocess.run([PY, HELPERS, "flatten", fx.ref], env=self.env, capture_output=True, text=True,
+                                  check=True)
+            kernel, initrd, _append = direct_kernel_parts(fx, disk, sidecar, self.work, self.env)
+        except (BenchError, subprocess.CalledProcessError) as exc:
+            self.failed = True
+            say(f"FAILED: the disk size of {fx.name}: {exc}")
+            self.notes.append(f"disk size [{fx.name}]: failed: {exc}")
+            return
+        size = DiskSize(fx.name, int(json.loads(flat.stdout)["content_bytes"]), kernel.stat().st_size,
+                        initrd.stat().st_size, disk.stat().st_size)
+        remove(*(path for path in (kernel, initrd) if path.is_relative_to(self.work)))
+        self.sizes.append(size)
+        say(f"  disk size [{fx.name}]: {size.qcow2 / MiB:.1f} MiB, {size.ratio:.2f}× content + kernel + initramfs")
 
     # -- 6: memory ---------------------------------------------------------------------------------------
 
@@ -950,6 +1129,24 @@ def memory_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+SIZE_INTRO = (f"Disk sizes: the `oci-to-qcow2` disks of the rows above (not converted again), goal (issue 13): a 2 MB "
+              f"image (busybox) gives a disk of at most {SMALL_DISK_GOALS['busybox'] // MiB} MiB on the host, and "
+              f"any disk is at most {DISK_RATIO_GOAL}× its content plus kernel and initramfs. qcow2 size: the "
+              "file's size (st_size); content: the regular-file bytes of the image's flattened tree (hard links "
+              "once; not the layer tar, which also counts headers, padding and files later layers replace or "
+              "delete); kernel + initramfs: the files the disk boots (its sidecar's boot entry: the host's vmlinuz, "
+              "the initramfs rebuilt byte for byte).")
+
+
+def size_table(sizes: list[DiskSize]) -> str:
+    lines = ["| image | content | kernel + initramfs | qcow2 size | ratio to content + kernel + initramfs | goal |",
+             "|---|--:|--:|--:|--:|--:|"]
+    lines += [f"| {s.image} | {s.content / MiB:.1f} MiB | {(s.kernel + s.initramfs) / MiB:.1f} MiB "
+              f"({s.kernel / MiB:.1f} + {s.initramfs / MiB:.1f}) | {s.qcow2 / MiB:.1f} MiB | {s.ratio:.2f}× | "
+              f"{s.goal()} |" for s in sizes]
+    return "\n".join(lines)
+
+
 def step_table(rows: list[Row]) -> str:
     """Median seconds per imgconv step (from --json), for the rows whose imgconv printed steps."""
     lines = ["| imgconv step | " + " | ".join(f"{r.task} [{r.image}]" for r in rows) + " |",
@@ -1000,6 +1197,8 @@ class Report:
     fixtures: list[Fixture]
     rows: list[Row]
     notes: list[str]
+    foreign: list[ForeignImage] = field(default_factory=list)
+    sizes: list[DiskSize] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1009,6 +1208,8 @@ class Report:
             "rows": [{"task": r.task, "image": r.image, "peer": r.peer, "image_bytes": r.image_bytes, "note": r.note,
                       "error": r.error, "imgconv": [s.__dict__ for s in r.mine],
                       "peer_samples": [s.__dict__ for s in r.theirs]} for r in self.rows],
+            "foreign": [{**f.__dict__, "path": str(f.path)} for f in self.foreign],
+            "sizes": [s.__dict__ for s in self.sizes],
         }
 
     @classmethod
@@ -1016,8 +1217,9 @@ class Report:
         fixtures = [Fixture(**{**f, "oci_dir": Path(f["oci_dir"])}) for f in doc["fixtures"]]
         rows = [Row(r["task"], r["image"], r["peer"], r["image_bytes"], [Sample(**s) for s in r["imgconv"]],
                     [Sample(**s) for s in r["peer_samples"]], r["note"], r["error"]) for r in doc["rows"]]
+        foreign = [ForeignImage(**{**f, "path": Path(f["path"])}) for f in doc.get("foreign", [])]
         return cls(doc["date"], doc["machine"], doc["repeat"], doc["busy"], doc["seconds"], fixtures, rows,
-                   doc["notes"])
+                   doc["notes"], foreign, [DiskSize(**s) for s in doc.get("sizes", [])])
 
     def text(self) -> str:
         """What `make bench` prints."""
@@ -1028,11 +1230,14 @@ class Report:
             out += ["", table(self.rows)]
         if memory_rows(self.rows):
             out += ["", MEMORY_INTRO, "", memory_table(self.rows)]
+        if self.sizes:
+            out += ["", SIZE_INTRO, "", size_table(self.sizes)]
         built = [r for r in self.rows if r.mine and r.mine[0].steps and r.peer != "no-VM floor"]
         if built:
             out += ["", "Where imgconv's time goes (median seconds per step, from --json):", "", step_table(built)]
         out.append("")
         out += [f"- {note}" for note in self.notes]
+        out += [f"- {image.describe()}" for image in self.foreign]
         shown: set[tuple[str, str]] = set()
         for row in self.rows:
             rss = median([s.by_comm.get("qemu-system-x86", 0) for s in row.mine]) if row.mine else 0
@@ -1045,8 +1250,9 @@ class Report:
 
     def readme_section(self) -> str:
         used = [p for p in PEERS if any(r.peer == p for r in self.rows)]
-        images = "; ".join(f"{f.name}: {f.layers} layer{'s' if f.layers > 1 else ''}, {f.compressed / MiB:.1f} "
-                           f"MiB compressed, {f.uncompressed / MiB:.1f} MiB of tar" for f in self.fixtures)
+        images = "; ".join([*(f"{f.name}: {f.layers} layer{'s' if f.layers > 1 else ''}, {f.compressed / MiB:.1f} "
+                               f"MiB compressed, {f.uncompressed / MiB:.1f} MiB of tar" for f in self.fixtures),
+                            *(image.describe() for image in self.foreign)])
         return "\n".join([
             "## Benchmarks",
             "",
@@ -1064,6 +1270,7 @@ class Report:
             "",
             *([MEMORY_INTRO + " " + MEMORY_SENTENCE, "", memory_table(self.rows), ""] if memory_rows(self.rows)
               else []),
+            *([SIZE_INTRO, "", size_table(self.sizes), ""] if self.sizes else []),
         ])
 
 
@@ -1089,9 +1296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one run per measurement (--repeat 1)")
     parser.add_argument("--images", default=",".join(DEFAULT_IMAGES),
                         help=f"fixture images ({','.join(DEFAULT_IMAGES)}; {','.join(MEMORY_ONLY_IMAGES)} only runs "
-                             "the memory group)")
+                             f"the memory and size groups, {','.join(FOREIGN_IMAGES)} only the export group)")
     parser.add_argument("--groups", default=",".join(GROUPS),
-                        help=f"which rows: {','.join(GROUPS)} (export and boot use the disk build makes)")
+                        help=f"which rows: {','.join(GROUPS)} (export, boot and size use the disk build makes)")
     parser.add_argument("--json", type=Path, help="also write every sample here")
     parser.add_argument("--write-readme", action="store_true", help="replace README.md's Benchmarks section")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs of every run)")
@@ -1114,6 +1321,9 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" not in groups and (skipped := [n for n in names if n in MEMORY_ONLY_IMAGES]):
         say(f"{', '.join(skipped)}: only the memory group runs on it, and it was not asked for")
         names = [n for n in names if n not in skipped]  # nothing runs on them: not even built
+    if "export" not in groups and (skipped := [n for n in names if n in FOREIGN_IMAGES]):
+        say(f"{', '.join(skipped)}: only the export group runs on it, and it was not asked for")
+        names = [n for n in names if n not in skipped]
     signal.signal(signal.SIGTERM, _on_term)
     become_subreaper()
 
@@ -1125,37 +1335,19 @@ def main(argv: list[str] | None = None) -> int:
         from converter.boot.initbin import init_binary
 
         init_binary()  # compiled once and cached: not part of any measurement
-        fixtures = [load_fixture(n) for n in names]
+        fixtures = [load_fixture(n) for n in names if n not in FOREIGN_IMAGES]
     except BenchError as exc:
         say(str(exc))
         return 1
     work = Path(tempfile.mkdtemp(prefix="imgconv-bench-"))
     bench = Bench(work, repeat, env)
+    by_name = {fx.name: fx for fx in fixtures}
     try:
-        for fx in fixtures:
-            say(f"{fx.name}: {fx.layers} layers, {fx.compressed / MiB:.1f} MiB compressed, "
-                f"{fx.uncompressed / MiB:.1f} MiB uncompressed")
-            disk = work / f"{fx.name}.qcow2"
-            sidecar = None
-            groups_here = [g for g in groups if fx.name not in MEMORY_ONLY_IMAGES or g == "memory"]
-            if {"build", "export", "boot"} & set(groups_here):
-                if "build" in groups_here:
-                    sidecar = bench.build(fx, disk)
-                    bench.incremental(fx)
-                else:  # the other rows still need a disk made by imgconv: made once, untimed
-                    subprocess.run([IMGCONV, "oci-to-qcow2", "--quiet", fx.ref, str(disk)], env=env, check=True)
-                    sidecar = json.loads(Path(f"{disk}.json").read_text())
-            if sidecar is not None and disk.exists():
-                if "export" in groups_here:
-                    bench.export(fx, disk)
-                if "boot" in groups_here:
-                    bench.boot(fx, disk, sidecar)
-                    bench.boot_firmware(fx)
-            if "read" in groups_here:
-                bench.read(fx)
-            if "memory" in groups_here:
-                bench.memory(fx, disk)
-            remove(*artifact_files(disk))
+        for name in names:
+            if name in FOREIGN_IMAGES:
+                bench.export_foreign(name)
+            else:
+                bench.image(by_name[name], groups)
     except KeyboardInterrupt:
         say("interrupted")
         return 130
@@ -1169,7 +1361,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     others = (busy_cpu_seconds() - busy_start) - (own_cpu_seconds() - own_start)
     report = Report(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", machine(accel), repeat,
-                    max(0.0, others / (elapsed * (os.cpu_count() or 1))), elapsed, fixtures, bench.rows, bench.notes)
+                    max(0.0, others / (elapsed * (os.cpu_count() or 1))), elapsed, fixtures, bench.rows, bench.notes,
+                    bench.foreign, bench.sizes)
     print(report.text())
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=1))

@@ -15,6 +15,9 @@ One appliance launch builds every disk the vm-to-oci tests need:
     fakeimgconv  looks like an oci-to-qcow2 disk (root labelled imgconv-root, /.imgconv) with a broken
                  origin record.
 
+`make bench` builds a larger layered disk alone (`build_layered_disk`: the same builder, its root LV holding a
+fixture's tree too) for its vm-to-oci row on a foreign LVM disk.
+
 The judge's view of a disk (`ForeignDisk.truth`) is read in the same appliance through guestfs' own calls
 (lstatns, readlink, lgetxattrs, checksum), not through tar, with every filesystem mounted where the OS
 mounts it; `inspected` is what libguestfs inspection says of each disk (see EXPECTED_OS). The disks and their
@@ -279,23 +282,39 @@ def _build_plain(b: _Builder) -> dict[str, Any]:
     return {"root_uuid": uuid}
 
 
-def _build_layered(b: _Builder) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Layered:
+    """Where the layered disk goes and how big its root is: the tests' disk is /dev/sdb beside the others; make
+    bench's (`build_layered_disk`) is alone in its appliance, with a root LV large enough for its content."""
+
+    device: str = "/dev/sdb"
+    spare: str = "/dev/sdf"  # the drive holding the empty xfs copied into /home
+    lvm_mib: int = 192
+    root_lv_mib: int = 160
+    content: Path | None = None  # a tar unpacked into CONTENT_DIR on the root LV (make bench's payload)
+
+
+CONTENT_DIR = "/srv/content"
+
+
+def _build_layered(b: _Builder, where: Layered = Layered()) -> dict[str, Any]:
     g = b.g
-    dev = "/dev/sdb"
+    dev = where.device
+    lvm_end = 64 + where.lvm_mib  # MiB, after the 1 MiB before the first partition
     g.part_init(dev, "mbr")
     g.part_add(dev, "p", 2048, 2048 + 64 * 2048 - 1)  # /boot: 64 MiB
-    g.part_add(dev, "p", 2048 + 64 * 2048, 2048 + 256 * 2048 - 1)  # LVM: 192 MiB
-    g.part_add(dev, "p", 2048 + 256 * 2048, -1)  # /home: the rest (xfs needs 300 MiB)
+    g.part_add(dev, "p", 2048 + 64 * 2048, 2048 + lvm_end * 2048 - 1)  # LVM: 192 MiB for the tests
+    g.part_add(dev, "p", 2048 + lvm_end * 2048, -1)  # /home: the rest (xfs needs 300 MiB)
     g.pvcreate(f"{dev}2")
     g.vgcreate("legacyvg", [f"{dev}2"])
-    g.lvcreate("root", "legacyvg", 160)
+    g.lvcreate("root", "legacyvg", where.root_lv_mib)
     root_dev = "/dev/legacyvg/root"
     g.mkfs("ext4", f"{dev}1", label="BOOT")
     g.mkfs("ext4", root_dev, label="root")
     # The appliance has no mkfs.xfs (that is Debian's libguestfs-xfs): the host's made an empty xfs on the
     # spare drive, which is copied into the partition and then wiped, so its UUID is not seen twice.
-    g.copy_device_to_device(SPARE, f"{dev}3", sparse=True)
-    g.wipefs(SPARE)
+    g.copy_device_to_device(where.spare, f"{dev}3", sparse=True)
+    g.wipefs(where.spare)
     root_uuid, home_uuid = g.vfs_uuid(root_dev), g.vfs_uuid(f"{dev}3")
     fstab = (
         "# /etc/fstab: static file system information.\n"
@@ -322,6 +341,9 @@ def _build_layered(b: _Builder) -> dict[str, Any]:
     b.f("/etc/hard-one", "linked on the LVM root\n")
     g.ln("/etc/hard-one", "/etc/hard-two")
     g.mkfifo(0o600, "/var/lib/app/control")
+    if where.content is not None:
+        b.d(CONTENT_DIR)
+        g.tar_in(str(where.content), CONTENT_DIR, xattrs=True)
     g.mount(f"{dev}1", "/boot")
     b.kernel("/usr/lib/modules")
     b.f(f"/boot/config-{KERNEL}", "CONFIG_IMGCONV=y\n")
@@ -391,7 +413,6 @@ def _build_fakeimgconv(b: _Builder) -> dict[str, Any]:
     return {}
 
 
-SPARE = "/dev/sdf"
 XFS_SIZE = 320 << 20  # mkfs.xfs refuses less than 300 MiB
 
 BUILDERS: dict[str, tuple[str, int, Callable[[_Builder], dict[str, Any]]]] = {
@@ -477,8 +498,9 @@ def _sha256(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _build(directory: Path) -> None:
-    """Build every disk in one appliance and record what each holds in DIRECTORY/disks.json."""
+def _appliance(disks: dict[Path, int], directory: Path) -> tuple[Any, Path]:
+    """A launched guestfs handle with a new qcow2 of each size in *disks* (in order: /dev/sda, /dev/sdb, ...),
+    then the spare drive holding an empty xfs made by the host (returned, to be removed after)."""
     import subprocess
 
     import guestfs  # type: ignore[import-not-found]
@@ -490,8 +512,7 @@ def _build(directory: Path) -> None:
     configure_guestfs(g)
     g.set_network(False)
     g.set_memsize(768)
-    for name, (_device, size, _fn) in BUILDERS.items():
-        path = directory / f"{name}.qcow2"
+    for path, size in disks.items():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
         g.add_drive_opts(str(path), format="qcow2", readonly=False)
     spare = directory / "home.xfs"
@@ -500,6 +521,27 @@ def _build(directory: Path) -> None:
     subprocess.run(["mkfs.xfs", "-q", "-f", "-L", "home", str(spare)], check=True)
     g.add_drive_opts(str(spare), format="raw", readonly=False)
     g.launch()
+    return g, spare
+
+
+def build_layered_disk(path: Path, content: Path, root_lv_mib: int) -> dict[str, Any]:
+    """The layered disk alone at *path*, its root LV (*root_lv_mib*) holding the tar *content* under
+    CONTENT_DIR: `make bench`'s foreign LVM disk, built by the same code as the tests' one. Returns the notes."""
+    lvm_mib = root_lv_mib + 32  # the PV's metadata and the 4 MiB extents' rounding
+    size = (1 + 64 + lvm_mib + 2) * (1 << 20) + XFS_SIZE
+    g, spare = _appliance({path: size}, path.parent)
+    notes = _build_layered(_Builder(g, path.parent), Layered("/dev/sda", "/dev/sdb", lvm_mib, root_lv_mib, content))
+    g.sync()
+    g.shutdown()
+    g.close()
+    spare.unlink()
+    return notes
+
+
+def _build(directory: Path) -> None:
+    """Build every disk in one appliance and record what each holds in DIRECTORY/disks.json."""
+    g, spare = _appliance({directory / f"{name}.qcow2": size for name, (_device, size, _fn) in BUILDERS.items()},
+                          directory)
     record: dict[str, Any] = {}
     for name, (_device, _size, fn) in BUILDERS.items():
         builder = _Builder(g, directory)
