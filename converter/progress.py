@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ class TextMonitor:
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.bars = self.interactive
+        self._lock = threading.Lock()
 
     @contextmanager
     def step(self, step_id: str, title: str) -> Iterator[None]:
@@ -67,11 +69,11 @@ class TextMonitor:
             yield
             return
         start = time.monotonic()
-        print(f"imgconv: {title}...", file=self.stream, flush=True)
+        self._say(f"imgconv: {title}...")
         yield
         elapsed = time.monotonic() - start
         if elapsed >= 1.0:
-            print(f"imgconv: {title}: done in {elapsed:.1f}s", file=self.stream, flush=True)
+            self._say(f"imgconv: {title}: done in {elapsed:.1f}s")
 
     @contextmanager
     def bar(self, desc: str, total: int | None, unit: str = "B") -> Iterator[Bar]:
@@ -85,7 +87,13 @@ class TextMonitor:
             yield bar
 
     def note(self, message: str) -> None:
-        print(f"imgconv: {message}", file=self.stream, flush=True)
+        self._say(f"imgconv: {message}")
+
+    def _say(self, line: str) -> None:
+        """One write per line under a lock (steps may run in two threads: see JsonMonitor.emit)."""
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
 
 class _JsonBar:
@@ -106,9 +114,14 @@ class JsonMonitor:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._lock = threading.Lock()
 
     def emit(self, event: dict[str, Any]) -> None:
-        print(json.dumps(event), file=self.stream, flush=True)
+        # One write per line under a lock: a step may run while the appliance starts in another thread, and
+        # print() writes the newline apart (two events on one line are not JSON).
+        with self._lock:
+            self.stream.write(json.dumps(event) + "\n")
+            self.stream.flush()
 
     @contextmanager
     def step(self, step_id: str, title: str) -> Iterator[None]:
