@@ -75,6 +75,10 @@ class Context:
     def __contains__(self, key: Key[Any]) -> bool:
         return key in self._values
 
+    def optional(self, key: Key[T]) -> T | None:
+        """The value under *key*, or None where this run's pipeline has no step that makes it."""
+        return self._values.get(key)
+
     def put(self, key: Key[T], value: T) -> None:
         self._values[key] = value
 

@@ -71,7 +71,7 @@ class PlacedKernel:
     files: tuple[tuple[str, Path], ...]
 
 
-def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, uuid: str,
+def place_kernel(app: Appliance | None, kernel: Kernel, tree: FlatTree, scratch: Path, uuid: str,
                  prebuilt: Callable[[Kernel], bytes | None] = lambda _: None) -> PlacedKernel:
     """Kernel and initramfs for the disk; the boot entry that names them. Only an image kernel's modules are read
     through the appliance: the files themselves are written on the host, which is faster than uploading them.
@@ -92,7 +92,7 @@ def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, 
         if built is None:
             if kernel.host_modules is not None:
                 modules = kernel.host_modules
-            elif kernel.guest_modules is not None:
+            elif kernel.guest_modules is not None and app is not None:
                 modules = fetch_guest_modules(app, kernel.release, kernel.guest_modules, scratch)
             else:  # ruled out when the kernel is chosen (build.check_inputs)
                 raise ValueError(f"{kernel.describe()} has no modules")
@@ -103,12 +103,14 @@ def place_kernel(app: Appliance, kernel: Kernel, tree: FlatTree, scratch: Path, 
     return PlacedKernel(boot_entry(kernel_guest, initrd_guest, uuid), tuple(files))
 
 
-def boot_files_on_host(app: Appliance, kernel: Kernel, entry: BootEntry, scratch: Path) -> tuple[Path, Path]:
+def boot_files_on_host(app: Appliance | None, kernel: Kernel, entry: BootEntry, scratch: Path) -> tuple[Path, Path]:
     """The kernel and initramfs *entry* boots, as host files (a unified kernel image is built on the host): the
     host's or --kernel/--initrd's where they came from, the initramfs :func:`place_kernel` built, and an image's
     own kernel read back out of the disk (the file :func:`place_kernel` resolved inside the image)."""
     kernel_file = kernel.host_path
     if kernel_file is None:
+        if app is None:
+            raise ValueError("an image's own kernel is read in the appliance")
         kernel_file = scratch / "vmlinuz"
         app.call(f"read the image's kernel {entry.kernel}", app.g.download, entry.kernel, str(kernel_file))
     return kernel_file, kernel.host_initrd or scratch / BUILT_INITRAMFS

@@ -46,7 +46,8 @@ from converter.boot.extlinux import MBR_CODE, MBR_CODE_BYTES, extlinux_files, in
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, build_initramfs, decode_spec, encode_spec
 from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
-from converter.disk.appliance import Drive
+from converter.boot.syslinux import install as install_syslinux
+from converter.disk.appliance import Appliance, Drive
 from converter.disk.bootfiles import boot_files_on_host, place_kernel
 from converter.disk.hostwrite import HostFiles, collect_image, collect_imgconv
 from converter.disk.hostwrite import write_files as write_host_files
@@ -194,8 +195,13 @@ SOURCE: Slot[str] = Slot("source")
 OPTIONS: Slot[BuildOptions] = Slot("options")
 FINISHED: Slot[Path] = Slot("finished disk")  # made by convert_format
 WORK_DISK: Slot[Path] = Slot("work disk")  # the raw disk being built: create_disk's, or copy_base's (incremental)
+KERNEL: Slot[Kernel] = Slot("kernel")  # choose_kernel's, or choose_host_kernel's
 # Set (to anything) to unpack every image in the appliance, as imgconv did before it wrote files on the host.
 UNPACK_IN_APPLIANCE = "IMGCONV_UNPACK_IN_APPLIANCE"
+
+
+class NeedsAppliance(Exception):
+    """The build without an appliance cannot go on (the image's own kernel is read through it); says why."""
 
 
 def check_inputs(ctx: Context) -> Inputs:
@@ -352,6 +358,15 @@ def write_rootfs(ctx: Context) -> ImageTree:
     return found[0]
 
 
+def choose_host_kernel(ctx: Context) -> Kernel:
+    """choose_kernel, for the build that starts no appliance: a kernel that is a host file."""
+    kernel = choose_kernel(ctx)
+    if kernel.host_path is None:
+        raise NeedsAppliance(f"the image's own kernel ({kernel.describe()}) and its modules are read in the "
+                             "appliance")
+    return kernel
+
+
 def choose_kernel(ctx: Context) -> Kernel:
     written = _image_tree(ctx)
     kernel = (ctx[check_inputs].kernel
@@ -363,7 +378,7 @@ def choose_kernel(ctx: Context) -> Kernel:
 
 def _imgconv_files(ctx: Context) -> tuple[list[GuestFile], Callable[[Additions], bytes]]:
     """imgconv's files under /.imgconv, and the origin record as a function of what was added."""
-    image, kernel, options = ctx[read_image], ctx[choose_kernel], ctx[OPTIONS]
+    image, kernel, options = ctx[read_image], ctx[KERNEL], ctx[OPTIONS]
     files = [GuestFile("init", init_binary().read_bytes(), 0o755), GuestFile("init.spec", encode_spec(ctx[plan].spec)),
              GuestFile("config.json", image.config.raw)]
     if image.manifest.raw is not None:
@@ -383,7 +398,7 @@ def _imgconv_files(ctx: Context) -> tuple[list[GuestFile], Callable[[Additions],
 
 def add_imgconv_files(ctx: Context) -> Additions:
     files, origin = _imgconv_files(ctx)
-    tree, kernel, modules, epoch = ctx[write_rootfs].tree, ctx[choose_kernel], ctx[plan].modules, ctx[plan].epoch
+    tree, kernel, modules, epoch = ctx[write_rootfs].tree, ctx[KERNEL], ctx[plan].modules, ctx[plan].epoch
     found: list[Additions] = []
     stream_into(ctx[APPLIANCE], ctx[check_inputs].scratch / "imgconv.fifo",
                 lambda out: found.append(write_imgconv_files(tree, files, kernel, modules, origin, out, epoch)),
@@ -417,7 +432,7 @@ def _image_tree(ctx: Context) -> ImageTree:
 
 def collect_imgconv_files(ctx: Context) -> HostFiles:
     files, origin = _imgconv_files(ctx)
-    _, collected = collect_imgconv(ctx[read_layers].image.tree, files, ctx[choose_kernel], ctx[plan].modules,
+    _, collected = collect_imgconv(ctx[read_layers].image.tree, files, ctx[KERNEL], ctx[plan].modules,
                                    origin, ctx[check_inputs].scratch, ctx[plan].epoch)
     return collected
 
@@ -449,27 +464,49 @@ class Booted:
     mbr_code: bytes  # for the first 440 bytes of the disk; b"" for a disk without a BIOS path
 
 
-def install_boot(ctx: Context) -> Booted:
-    """The boot entry, the initramfs and, with a BIOS path, extlinux (the one part that needs the appliance)."""
-    app, scratch, kernel = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[choose_kernel]
+BOOTED: Slot[Booted] = Slot("boot entry")  # install_boot's or install_boot_on_host's
+
+
+def _booted(ctx: Context, app: Appliance | None, install_bootloader: Callable[[], None]) -> Booted:
+    """The boot entry, the initramfs and, with a BIOS path, extlinux (*install_bootloader*)."""
+    scratch, kernel = ctx[check_inputs].scratch, ctx[KERNEL]
     placed = place_kernel(app, kernel, _image_tree(ctx).tree, scratch, ctx[plan].uuid, ctx[check_inputs].prebuilt)
     firmware, files = ctx[OPTIONS].firmware, list(placed.files)
     mbr_code = b""
     if firmware.bios_path:
-        install_extlinux(app)
+        install_bootloader()
         files.append(extlinux_files(placed.entry, scratch))
         # The protective MBR of a GPT disk gets code that boots the legacy-bootable partition.
         mbr_code = gpt_mbr_code() if firmware is Firmware.BOTH else MBR_CODE.read_bytes()[:MBR_CODE_BYTES]
     # The file booted, whichever kernel it is, named by digest in the provenance statement.
-    digest = (sha256_file(kernel.host_path) if kernel.host_path is not None else
-              "sha256:" + app.call("hash the kernel", app.g.checksum, "sha256", placed.entry.kernel))
+    if kernel.host_path is not None:
+        digest = sha256_file(kernel.host_path)
+    elif app is not None:
+        digest = "sha256:" + app.call("hash the kernel", app.g.checksum, "sha256", placed.entry.kernel)
+    else:
+        raise ValueError("an image's own kernel is hashed in the appliance")
     return Booted(replace(placed.entry, kernel_sha256=digest), tuple(files), mbr_code)
+
+
+def install_boot(ctx: Context) -> Booted:
+    """In the appliance: an image's own kernel is read there, and extlinux runs there."""
+    app = ctx[APPLIANCE]
+    return _booted(ctx, app, lambda: install_extlinux(app))
+
+
+def install_boot_on_host(ctx: Context) -> Booted:
+    """Without the appliance: a host kernel, and extlinux installed from its template
+    (converter/boot/syslinux.py)."""
+    plan_ = ctx[plan]
+    first, last = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
+    return _booted(ctx, None, lambda: install_syslinux(ctx[WORK_DISK], first * SECTOR, last - first + 1,
+                                                       ctx[check_inputs].scratch, plan_.epoch))
 
 
 def write_boot_files(ctx: Context) -> None:
     """Kernel, initramfs and bootloader configuration into the root filesystem, the MBR code into the disk: on the
     host, once the appliance is gone (debugfs writes in no time what the appliance needs a round trip for)."""
-    booted, plan_, disk = ctx[install_boot], ctx[plan], ctx[WORK_DISK]
+    booted, plan_, disk = ctx[BOOTED], ctx[plan], ctx[WORK_DISK]
     first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
     write_guest_files(disk, first * SECTOR, booted.files, ctx[check_inputs].scratch, plan_.epoch)
     if booted.mbr_code:
@@ -478,9 +515,10 @@ def write_boot_files(ctx: Context) -> None:
 
 def install_uefi(ctx: Context) -> None:
     """The kernel, initramfs and command line the BIOS path boots, as one UKI in the EFI system partition."""
-    app, scratch, entry = ctx[APPLIANCE], ctx[check_inputs].scratch, ctx[install_boot].entry
-    kernel, initrd = boot_files_on_host(app, ctx[choose_kernel], entry, scratch)
-    check_efi_kernel(kernel, ctx[choose_kernel].describe())
+    app = ctx.optional(APPLIANCE)  # none for a host kernel built without the appliance
+    scratch, entry = ctx[check_inputs].scratch, ctx[BOOTED].entry
+    kernel, initrd = boot_files_on_host(app, ctx[KERNEL], entry, scratch)
+    check_efi_kernel(kernel, ctx[KERNEL].describe())
     uki = scratch / "BOOTX64.EFI"
     build_uki(kernel, initrd, entry.cmdline, uki, epoch=ctx[plan].epoch)
     install_uki(ctx[WORK_DISK], uki, ctx[plan].layout, ctx[plan].epoch)
@@ -517,8 +555,8 @@ def _record(ctx: Context, kernel: KernelRecord, boot: BootEntry, spec: InitSpec,
 
 
 def build_record(ctx: Context) -> BuildRecord:
-    kernel = ctx[choose_kernel]
-    return _record(ctx, KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), ctx[install_boot].entry,
+    kernel = ctx[KERNEL]
+    return _record(ctx, KernelRecord(kernel.release, kernel.origin, kernel.package_sha256), ctx[BOOTED].entry,
                    ctx[plan].spec, ctx[plan].disk.size)
 
 
@@ -706,48 +744,54 @@ _READ_STEPS = (
 
 @functools.cache
 def pipeline(finish: str = "keep", firmware: Firmware = Firmware.BIOS, store: bool = False,
-             host: bool = True) -> Pipeline[BuildRecord]:
+             unpack: str = "host") -> Pipeline[BuildRecord]:
     """The conversion's steps; *finish* picks the last disk step: ``keep`` the qcow2 or ``convert`` it; a
-    *firmware* with a UEFI path adds ``install-uefi``; *host*: the files are written by debugfs on the host
-    (converter/disk/hostwrite.py) and the appliance only installs the bootloader, else its tar unpacks them."""
+    *firmware* with a UEFI path adds ``install-uefi``. *unpack*: ``host``, every file written by debugfs and
+    extlinux installed from its template, no appliance (converter/disk/hostwrite.py, converter/boot/syslinux.py);
+    ``debugfs``, the same files while an appliance starts, which reads an image's own kernel and runs extlinux;
+    ``appliance``, its GNU tar unpacks the files (what debugfs cannot be given)."""
     finish_step = {"keep": convert_format, "convert": convert_format}[finish]  # the raw work disk: always converted
     uefi = (Step("install-uefi", "installing the unified kernel image (UEFI)", install_uefi,
-                 needs=(install_boot,)),) if firmware.uefi_path else ()
-    files: tuple[Item, ...]
-    if host:
-        files = (  # on the host, while the appliance starts
-            Step("read-layers", "reading the layers", read_layers, needs=(read_image, plan)),
-            Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(read_layers,)),
-            Step("add-imgconv-files", "adding imgconv's files", collect_imgconv_files, needs=(choose_kernel,)),
-            Step("write-files", "writing the files into the disk", write_files, needs=(WORK_DISK,
-                                                                                       collect_imgconv_files)))
-        files = (ApplianceSession(_drives, (
-            Step("mount-root", "mounting the root filesystem", mount_root, needs=(write_files,)),
-            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot, needs=(choose_kernel,)),
-            *uefi,
-        ), needs=(WORK_DISK,), meanwhile=files),)
-    else:
-        files = (ApplianceSession(_drives, (
-            Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
-            Step("choose-kernel", "choosing the kernel", choose_kernel, needs=(write_rootfs,)),
-            Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(choose_kernel,)),
-            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot,
-                 needs=(choose_kernel, add_imgconv_files)),
-            *uefi,
-        ), needs=(WORK_DISK,)),)
+                 needs=(BOOTED,)),) if firmware.uefi_path else ()
     return Pipeline("oci-to-qcow2", (
         *_READ_STEPS,
         Step("plan", "planning the disk", plan, needs=(read_image,)),
         Step("create-disk", "creating the disk", create_disk, WORK_DISK, needs=(plan,)),
         Step("partition", "partitioning and formatting", partition, needs=(WORK_DISK,)),
-        *files,
+        *_unpack_steps(unpack, uefi),
         Step("write-boot-files", "writing kernel, initramfs and bootloader configuration", write_boot_files,
-             needs=(WORK_DISK, install_boot)),
+             needs=(WORK_DISK, BOOTED)),
         Step("settle-filesystem", "fixing times and ids (a reproducible disk)", settle_filesystem,
              needs=(write_boot_files,)),
         Step("finish-disk", "writing the disk format", finish_step, FINISHED, needs=(WORK_DISK,)),
-        Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, install_boot)),
+        Step("publish", "publishing", publish_version if store else publish_disk, needs=(FINISHED, BOOTED)),
     ), result=publish_version if store else publish_disk, given=(SOURCE, OPTIONS))
+
+
+def _unpack_steps(unpack: str, uefi: tuple[Step[Any], ...]) -> tuple[Item, ...]:
+    host_files = (
+        Step("read-layers", "reading the layers", read_layers, needs=(read_image, plan)),
+        Step("choose-kernel", "choosing the kernel", choose_host_kernel if unpack == "host" else choose_kernel,
+             KERNEL, needs=(read_layers,)),
+        Step("add-imgconv-files", "adding imgconv's files", collect_imgconv_files, needs=(KERNEL,)),
+        Step("write-files", "writing the files into the disk", write_files, needs=(WORK_DISK, collect_imgconv_files)))
+    if unpack == "host":
+        return (*host_files, Step("install-boot", "installing kernel, initramfs and bootloader",
+                                  install_boot_on_host, BOOTED, needs=(write_files,)), *uefi)
+    if unpack == "debugfs":
+        return (ApplianceSession(_drives, (
+            Step("mount-root", "mounting the root filesystem", mount_root, needs=(write_files,)),
+            Step("install-boot", "installing kernel, initramfs and bootloader", install_boot, BOOTED, needs=(KERNEL,)),
+            *uefi,
+        ), needs=(WORK_DISK,), meanwhile=host_files),)
+    return (ApplianceSession(_drives, (
+        Step("write-rootfs", "writing the root filesystem", write_rootfs, needs=(read_image, plan)),
+        Step("choose-kernel", "choosing the kernel", choose_kernel, KERNEL, needs=(write_rootfs,)),
+        Step("add-imgconv-files", "adding imgconv's files", add_imgconv_files, needs=(KERNEL,)),
+        Step("install-boot", "installing kernel, initramfs and bootloader", install_boot, BOOTED,
+             needs=(KERNEL, add_imgconv_files)),
+        *uefi,
+    ), needs=(WORK_DISK,)),)
 
 
 @functools.cache
@@ -777,9 +821,15 @@ def convert(source: str, options: BuildOptions, monitor: Monitor) -> BuildRecord
             monitor.note(f"incremental: not possible ({why}); building in full")
     finish = "convert" if options.format is not DiskFormat.QCOW2 or options.compress else "keep"
     store = options.store is not None
-    if not os.environ.get(UNPACK_IN_APPLIANCE):
+    unpack = "appliance" if os.environ.get(UNPACK_IN_APPLIANCE) else "host"
+    while True:
         try:
-            return pipeline(finish, options.firmware, store).run(monitor, source=source, options=options)
+            return pipeline(finish, options.firmware, store, unpack).run(monitor, source=source, options=options)
+        except NeedsAppliance as why:
+            monitor.note(f"{why}; starting it")
+            unpack = "debugfs"
         except FullBuild as why:
+            if unpack == "appliance":
+                raise
             monitor.note(f"the files cannot be written on the host ({why}); unpacking them in the appliance")
-    return pipeline(finish, options.firmware, store, host=False).run(monitor, source=source, options=options)
+            unpack = "appliance"
