@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -85,7 +86,10 @@ def sweep_abandoned(output: Path) -> list[Path]:
         pid_text = path.name[len(ours):].split("-", 1)[0] if path.name.startswith(ours) else ""
         if pid_text.isdigit() and not _alive(int(pid_text)):
             with contextlib.suppress(OSError):
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
                 removed.append(path)
     return removed
 
@@ -106,6 +110,18 @@ def temp_beside(output: Path, suffix: str = "") -> Iterator[Path]:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def temp_dir_beside(output: Path, suffix: str = "") -> Iterator[Path]:
+    """A private temporary directory beside *output* (on the output's filesystem, not in $TMPDIR, which may be
+    memory), removed however the block ends."""
+    sweep_abandoned(output)
+    path = Path(tempfile.mkdtemp(prefix=_temp_prefix(output), suffix=suffix, dir=output.parent or "."))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_durably(path: Path, data: bytes, mode: int) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from converter import __version__
-from converter.artifact import check_output, now_utc, publish, sha256_file, temp_beside
+from converter.artifact import check_output, now_utc, publish, sha256_file, temp_beside, temp_dir_beside
 from converter.boot.extlinux import MBR_CODE, MBR_CODE_BYTES, extlinux_files, install_extlinux
 from converter.boot.initbin import init_binary
 from converter.boot.initramfs import InitSpec, build_initramfs, decode_spec, encode_spec
@@ -415,14 +415,17 @@ class Collected:
 
     image: ImageTree
     files: HostFiles
+    spool: Path  # where the files' contents wait for debugfs
 
 
 def read_layers(ctx: Context) -> Collected:
-    """The layers flattened once (tar-split recorded on the way), each file spooled for debugfs."""
+    """The layers flattened once (tar-split recorded on the way), each file spooled for debugfs, beside the output
+    (the size of the image's contents: $TMPDIR may be memory)."""
+    spool = ctx.enter(temp_dir_beside(ctx[OPTIONS].output, ".files"))
     with ctx.monitor.bar("layers", ctx[plan].content) as bar:
-        tree, files = collect_image(ctx[read_image], ctx[check_inputs].scratch, bar.update,
+        tree, files = collect_image(ctx[read_image], spool, bar.update,
                                     Recorder(ctx[check_inputs].scratch / "tar-split"))
-    return Collected(tree, files)
+    return Collected(tree, files, spool)
 
 
 def _image_tree(ctx: Context) -> ImageTree:
@@ -433,7 +436,7 @@ def _image_tree(ctx: Context) -> ImageTree:
 def collect_imgconv_files(ctx: Context) -> HostFiles:
     files, origin = _imgconv_files(ctx)
     _, collected = collect_imgconv(ctx[read_layers].image.tree, files, ctx[KERNEL], ctx[plan].modules,
-                                   origin, ctx[check_inputs].scratch, ctx[plan].epoch)
+                                   origin, ctx[read_layers].spool, ctx[plan].epoch)
     return collected
 
 
@@ -442,7 +445,8 @@ def write_files(ctx: Context) -> None:
     plan_, collected = ctx[plan], ctx[read_layers]
     first, _ = plan_.layout.root_sectors(-(-plan_.disk.size // SECTOR))
     write_host_files(f"{ctx[WORK_DISK]}?offset={first * SECTOR}", collected.image.tree,
-                     [collected.files, ctx[collect_imgconv_files]], ctx[check_inputs].scratch, plan_.epoch)
+                     [collected.files, ctx[collect_imgconv_files]], collected.spool, ctx[check_inputs].scratch,
+                     plan_.epoch)
 
 
 def mount_root(ctx: Context) -> None:

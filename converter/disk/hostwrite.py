@@ -44,11 +44,11 @@ class HostFiles:
         return self.collect.entries
 
 
-def collect_image(image: Image, scratch: Path, on_bytes: Callable[[int], None],
+def collect_image(image: Image, spool: Path, on_bytes: Callable[[int], None],
                   tap: LayerTap | None) -> tuple[ImageTree, HostFiles]:
     """The image's layers flattened (one pass: *tap* records tar-split as the appliance's stream does), each
-    regular file's contents spooled to scratch."""
-    files = HostFiles(scratch / "host-files" / "image")
+    regular file's contents spooled under *spool* (named by number: nothing of an entry but its bytes)."""
+    files = HostFiles(spool / "image")
     sink = ApplianceSink(files.collect, escape=False)
     tree = flatten(image.layer_inputs(), sink, on_bytes, tap)
     check_tree(tree)
@@ -57,21 +57,22 @@ def collect_image(image: Image, scratch: Path, on_bytes: Callable[[int], None],
 
 
 def collect_imgconv(tree: FlatTree, guest_files: list[GuestFile], kernel: Kernel, modules: bool,
-                    origin: Callable[[Additions], bytes], scratch: Path, epoch: int) -> tuple[Additions, HostFiles]:
+                    origin: Callable[[Additions], bytes], spool: Path, epoch: int) -> tuple[Additions, HostFiles]:
     """imgconv's files (the same entries the appliance's second stream holds, less the directory headers GNU tar
     needs to keep the image's times)."""
-    files = HostFiles(scratch / "host-files" / "imgconv")
+    files = HostFiles(spool / "imgconv")
     added = imgconv_entries(tree, guest_files, kernel, modules, origin, files.collect, epoch)
     check_names(entry.info.name.strip("/") for entry in files.entries)
     return added, files
 
 
-def write_files(device: str, tree: FlatTree, parts: list[HostFiles], scratch: Path, epoch: int) -> None:
+def write_files(device: str, tree: FlatTree, parts: list[HostFiles], spool: Path, scratch: Path,
+                epoch: int) -> None:
     """Every collected entry into the empty filesystem *device* in one debugfs run."""
     change = Delta(tree, set(FRESH_DIRS), written=[entry for part in parts for entry in part.entries])
-    spool = scratch / "host-files" / "attributes"
-    spool.mkdir(parents=True, exist_ok=True)
-    commands = script(change, spool)
+    held = spool / "attributes"
+    held.mkdir(parents=True, exist_ok=True)
+    commands = script(change, held)
     try:
         debugfs_script(device, commands, scratch, epoch, "write the image's files")
     except ToolError as exc:
