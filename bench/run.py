@@ -98,10 +98,12 @@ FS_OPTIONS = ("-b", "4096", "-i", "8192", "-m", "1", "-L", "imgconv-root")  # as
 PEERS = {
     "virt-make-fs": "`virt-make-fs --format=qcow2 --type=ext4 --partition=mbr` gets the image's root filesystem as a "
                     "ready tar (flattening it is not timed) and builds a partitioned ext4 qcow2 in one libguestfs "
-                    "appliance, but adds no kernel, initramfs, init or bootloader and checks no digests.",
+                    "appliance (imgconv starts none for these images: debugfs writes on the host), but adds no "
+                    "kernel, initramfs, init or bootloader and checks no digests.",
     "no-VM floor": "the host-only minimum: `umoci unpack` (verify, decompress and apply the layers onto the host "
                    "filesystem) then `mkfs.ext4 -d` into a raw file of imgconv's disk size: no VM, no partition "
-                   "table, no boot files, and it extracts onto the host, which imgconv must never do.",
+                   "table, no boot files, and it applies the entries (owners, modes, devices) onto the host, which "
+                   "imgconv never does (it spools only file contents for debugfs).",
     FULL_BUILD: "the same image (the fixture plus one small layer: three new files, a changed /etc/group, a "
                 "whiteout of one of the fixture's files) converted into the same store by the same imgconv with "
                 "`--no-incremental`: the libguestfs appliance builds the whole disk, where the incremental rebuild "
