@@ -10,7 +10,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from converter.artifact import publish, sweep_abandoned, temp_beside
+from converter.artifact import publish, sweep_abandoned, temp_beside, temp_dir_beside
 
 
 def _dead_pid() -> int:
@@ -60,4 +60,18 @@ def test_a_failed_run_leaves_nothing(tmp_path: Path) -> None:
             raise RuntimeError("conversion failed")
     except RuntimeError:
         pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_abandoned_spool_directory_is_swept_and_a_live_one_kept(tmp_path: Path) -> None:
+    """oci-to-qcow2 spools file contents for debugfs in a directory beside the output (temp_dir_beside)."""
+    output = tmp_path / "app.qcow2"
+    dead = tmp_path / f".app.qcow2.imgconv-{_host()}-{_dead_pid()}-abc123.files"
+    (dead / "image").mkdir(parents=True)
+    (dead / "image" / "0").write_bytes(b"contents")
+    with temp_dir_beside(output, ".files") as spool:
+        assert spool.is_dir() and spool.name.startswith(f".app.qcow2.imgconv-{_host()}-{os.getpid()}-")
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+        assert not dead.exists()
+        (spool / "0").write_bytes(b"contents")
     assert list(tmp_path.iterdir()) == []
