@@ -98,8 +98,9 @@ def _make_template(work: Path) -> Template:
 
 
 def _extents(sectors: list[int], slots: int) -> bytes:
-    """generate_extents(): runs of consecutive sectors loaded from 0x8000 on, none over 64 KiB or across a 64 KiB
-    boundary of the load address, as (lba, count) records in *slots* slots."""
+    """generate_extents(): runs of consecutive sectors, each under 64 KiB, as (lba, count) records in *slots*
+    slots (its check that no sector straddles a 64 KiB boundary of the load address, from 0x8000 on, is kept:
+    512-byte sectors from there never do)."""
     records: list[tuple[int, int]] = []
     addr = base = 0x8000
     for sect in sectors:
