@@ -1,15 +1,17 @@
 """Shared, session-scoped conversions: each fixture image is turned into a disk once per test run.
 
-`converted_disk(name)` runs the real CLI (`imgconv oci-to-qcow2`) and caches the disk for the
-session, so the oci-to-qcow2, boot and round-trip tests share conversions instead of paying a
-libguestfs launch each. Each image comes in through a different transport, so all of them get
-exercised by the conversions themselves.
+`converted_disk(name)` runs the real CLI (`imgconv oci-to-qcow2 --json`) and caches the disk for the
+session (the run's events beside it: `session_events`), so the oci-to-qcow2, boot and round-trip tests share
+conversions instead of paying a libguestfs launch each. Each image comes in through a different transport, so
+all of them get exercised by the conversions themselves.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,16 @@ def source_ref(image: FixtureImage) -> str:
     return {"oci": image.oci_ref, "archive": image.archive_ref, "daemon": image.daemon_ref}[kind]
 
 
+def events_path(disk: Path) -> Path:
+    """Where the `--json` events (stderr: steps, notes) of the conversion that made a session disk are kept."""
+    return disk.with_name(disk.name + ".events")
+
+
+def session_events(disk: Path) -> list[dict[str, Any]]:
+    """The events of the session's conversion that made *disk* (`converted_disk`), e.g. its notes."""
+    return [json.loads(line) for line in events_path(disk).read_text().splitlines() if line.startswith("{")]
+
+
 @pytest.fixture(scope="session")
 def converted_disk(fixture_image: Callable[[str], FixtureImage], docker_world: DockerWorld,
                    tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
@@ -37,7 +49,8 @@ def converted_disk(fixture_image: Callable[[str], FixtureImage], docker_world: D
         if name not in disks:
             image = fixture_image(name)
             disk = root / f"{name}.qcow2"
-            imgconv("oci-to-qcow2", "--quiet", source_ref(image), str(disk), env=env, inherit_env=False).ok()
+            ran = imgconv("oci-to-qcow2", "--json", source_ref(image), str(disk), env=env, inherit_env=False).ok()
+            events_path(disk).write_bytes(ran.stderr_bytes)
             disks[name] = disk
         return disks[name]
 

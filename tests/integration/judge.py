@@ -1,5 +1,6 @@
 """The judges of vm-to-oci's output, none of them imgconv: umoci unpacks, skopeo reads and copies, the
-host's own stat/xattr calls read what umoci wrote. (imgconv itself is run by tests/cli.py.)
+host's own stat/xattr calls read what umoci wrote; and of oci-to-qcow2's: GNU tar in a libguestfs appliance
+reads a disk's root filesystem (`tar_out`). (imgconv itself is run by tests/cli.py.)
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from tests.treecmp import Entry
+from tests.treecmp import Entry, normalize
 
 
 def tool(*argv: str, timeout: float = 600) -> str:
@@ -135,6 +137,40 @@ def tar_names(data: bytes) -> list[str]:
 
 def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
+
+
+# -- disks, read by GNU tar in an appliance ----------------------------------------------------------------------
+
+
+def tar_out(disks: dict[str, Path], dest: Path) -> dict[str, Path]:
+    """Each qcow2 disk's root filesystem (its first partition) as GNU tar in one libguestfs appliance reads it
+    (numeric owners, xattrs): name -> the tar, written under *dest*."""
+    import guestfs  # type: ignore[import-not-found]
+
+    from converter.boot.accel import configure_guestfs
+
+    g = guestfs.GuestFS(python_return_dict=True)
+    configure_guestfs(g)
+    g.set_network(False)
+    for disk in disks.values():
+        g.add_drive_opts(str(disk), format="qcow2", readonly=True)
+    g.launch()
+    out = {}
+    devices = g.list_devices()
+    for device, name in zip(devices, disks, strict=True):
+        g.mount_ro(f"{device}1", "/")
+        out[name] = dest / f"{name}.tar"
+        g.tar_out("/", str(out[name]), numericowner=True, xattrs=True)
+        g.umount("/")
+    g.shutdown()
+    g.close()
+    return out
+
+
+def tar_times(tar: Path | bytes) -> dict[str, Decimal]:
+    """path -> mtime to the nanosecond, as the tar's headers give it (a PAX record where there is a fraction)."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) if isinstance(tar, bytes) else tarfile.open(tar) as opened:
+        return {normalize(m.name): Decimal(m.pax_headers.get("mtime", str(m.mtime))) for m in opened}
 
 
 

@@ -40,8 +40,10 @@ from fixtures import BuiltFixture
 from tests.builders.derive import derived
 from tests.builders.layers import d, dev, f, fifo, hl, layer, opq, sym, wh
 from tests.cli import Ran, assert_one_line_error, imgconv, start
+from tests.integration.judge import tar_out as _tar_out
+from tests.integration.judge import tar_times as _times
 from tests.integration.judge import tool
-from tests.treecmp import Entry, diff_trees, hardlink_groups, normalize, tree_from_tar
+from tests.treecmp import Entry, diff_trees, hardlink_groups, tree_from_tar
 from tests.world import DockerWorld
 
 pytestmark = [pytest.mark.appliance, pytest.mark.boot, pytest.mark.docker]
@@ -256,35 +258,6 @@ def versions(built_fixture: Callable[[str], BuiltFixture], tmp_path_factory: pyt
     unlost = store.convert(refs["unlost"], "store:unlost")
     archived = store.convert(refs["archived"], "store:archived")
     return Versions(store, refs, v1, v2, v3, wiped, full, kernel, old_link, unlost, archived)
-
-
-def _tar_out(disks: dict[str, Path], dest: Path) -> dict[str, Path]:
-    """Each disk's root filesystem as GNU tar in one libguestfs appliance reads it (numeric owners, xattrs)."""
-    import guestfs  # type: ignore[import-not-found]
-
-    from converter.boot.accel import configure_guestfs
-
-    g = guestfs.GuestFS(python_return_dict=True)
-    configure_guestfs(g)
-    g.set_network(False)
-    for disk in disks.values():
-        g.add_drive_opts(str(disk), format="qcow2", readonly=True)
-    g.launch()
-    out = {}
-    for i, name in enumerate(disks):
-        g.mount_ro(f"/dev/sd{chr(ord('a') + i)}1", "/")
-        out[name] = dest / f"{name}.tar"
-        g.tar_out("/", str(out[name]), numericowner=True, xattrs=True)
-        g.umount("/")
-    g.shutdown()
-    g.close()
-    return out
-
-
-def _times(tar: Path | bytes) -> dict[str, Decimal]:
-    """path -> mtime to the nanosecond, as the tar's headers give it (a PAX record where there is a fraction)."""
-    with tarfile.open(fileobj=io.BytesIO(tar)) if isinstance(tar, bytes) else tarfile.open(tar) as opened:
-        return {normalize(m.name): Decimal(m.pax_headers.get("mtime", str(m.mtime))) for m in opened}
 
 
 @dataclass
