@@ -33,7 +33,9 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -163,8 +165,11 @@ def _link(finished: Path, obj: Path) -> None:
 
 
 def _allocated(path: Path) -> int:
+    """Bytes *path* holds on disk (a directory with what is in it)."""
     try:
-        return path.lstat().st_blocks * 512
+        own = path.lstat()
+        inside = path.rglob("*") if stat.S_ISDIR(own.st_mode) else ()
+        return own.st_blocks * 512 + sum(_allocated(p) for p in inside if not p.is_dir() or p.is_symlink())
     except FileNotFoundError:
         return 0
 
@@ -403,7 +408,10 @@ class Store:
                 for path in sorted(directory.glob(".*")):
                     if abandoned(path):
                         freed += _allocated(path)
-                        path.unlink(missing_ok=True)
+                        if path.is_dir() and not path.is_symlink():  # a conversion's spool (temp_dir_beside)
+                            shutil.rmtree(path, ignore_errors=True)
+                        else:
+                            path.unlink(missing_ok=True)
                         temporary.append(str(path))
         return GcReport(tuple(deleted), tuple(temporary), tuple(sorted("sha256:" + d for d in in_use - kept)), freed)
 
