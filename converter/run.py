@@ -47,8 +47,10 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     check: bool = True,
+    keep_stdout: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run a program to completion, capturing its output.
+    """Run a program to completion, capturing its output (its standard output thrown away unless
+    *keep_stdout*: a tool that echoes each of many commands would fill memory with it).
 
     *purpose* completes the sentence "X is required to ..." and "... failed while trying to ...".
     """
@@ -57,13 +59,13 @@ def run(
     log.debug("run: %s", shlex.join(args))
     try:
         proc = subprocess.run(
-            args, input=input, capture_output=True, env=dict(env) if env is not None else None,
-            timeout=timeout, check=False,
+            args, input=input, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=dict(env) if env is not None else None, timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise ToolError(f"{Path(args[0]).name} did not finish within {timeout:.0f}s while trying to {purpose}") from exc
     if check and proc.returncode != 0:
-        raise ToolError(failure_message(args[0], purpose, proc.returncode, proc.stderr or proc.stdout))
+        raise ToolError(failure_message(args[0], purpose, proc.returncode, proc.stderr or proc.stdout or b""))
     return proc
 
 

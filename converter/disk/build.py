@@ -687,7 +687,8 @@ def apply_layers(ctx: Context) -> Delta:
         raise FullBuild(f"the base's filesystem has {blocks} free blocks and {inodes} free inodes; the new layers "
                         f"need about {needed} and {len(change.written)}")
     ctx.monitor.note(f"incremental: {len(change.written)} entries written, {len(change.removed)} removed")
-    debugfs_script(device, script(change, scratch / "increment"), scratch, rebuild.epoch, "apply the new layers")
+    debugfs_script(device, script(change, scratch / "increment"), scratch, rebuild.epoch, "apply the new layers",
+                   output=False)
     return change
 
 

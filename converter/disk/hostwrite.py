@@ -74,7 +74,7 @@ def write_files(device: str, tree: FlatTree, parts: list[HostFiles], spool: Path
     held.mkdir(parents=True, exist_ok=True)
     commands = script(change, held)
     try:
-        debugfs_script(device, commands, scratch, epoch, "write the image's files")
+        debugfs_script(device, commands, scratch, epoch, "write the image's files", output=False)
     except ToolError as exc:
         if any(word in str(exc) for word in FULL):
             raise ToolError("the disk is too small for the image's files; pass a larger --size") from exc

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -286,10 +286,12 @@ TYPE_BITS = {tarfile.REGTYPE: 0o100000, tarfile.AREGTYPE: 0o100000, tarfile.CONT
              tarfile.BLKTYPE: 0o060000, tarfile.DIRTYPE: 0o040000}
 
 
-def script(change: Delta, spool: Path) -> list[str]:
+def script(change: Delta, spool: Path) -> Iterator[str]:
     """debugfs commands that turn the base's tree into the final one: removals deepest first, new directories
-    shallowest first, then files, links, everyone's attributes, link counts and the touched directories' times."""
-    commands = [f"rmdir {_q(path)}" if kind == DIR else f"rm {_q(path)}" for path, kind in change.removed]
+    shallowest first, then files, links, everyone's attributes, link counts and the touched directories' times.
+    Made as they are written (a full build's script is some 8 lines per entry: never held whole in memory)."""
+    for path, kind in change.removed:
+        yield f"rmdir {_q(path)}" if kind == DIR else f"rm {_q(path)}"
     gone = {path for path, _ in change.removed}
     # Hard links last: a link may be shallower than its target (/bin/x -> /usr/lib/x), which must exist first.
     entries = sorted(change.written, key=lambda e: (e.info.islnk(), e.info.name.strip("/").count("/")))
@@ -303,13 +305,13 @@ def script(change: Delta, spool: Path) -> list[str]:
         for ancestor in reversed(list(parents(path))):  # implicit parents (tar would make them): shallowest first
             if ancestor not in created and (ancestor in gone or ancestor not in change.base_dirs) \
                     and ancestor not in written_dirs:
-                commands.append(f"mkdir {_q(ancestor)}")
-                commands += _implicit_dir(ancestor, change)
+                yield f"mkdir {_q(ancestor)}"
+                yield from _implicit_dir(ancestor, change)
                 created.add(ancestor)
         if entry.info.isdir():
             created.add(path)
-        commands += _create(entry, path, path in gone or path not in change.base_dirs, links)
-    return commands + _settle_attributes(change, entries, written_dirs, links, touched_parents, spool)
+        yield from _create(entry, path, path in gone or path not in change.base_dirs, links)
+    yield from _settle_attributes(change, entries, written_dirs, links, touched_parents, spool)
 
 
 def _create(entry: NewEntry, path: str, new_dir: bool, links: dict[str, int]) -> list[str]:
@@ -340,31 +342,30 @@ def _create(entry: NewEntry, path: str, new_dir: bool, links: dict[str, int]) ->
 
 
 def _settle_attributes(change: Delta, entries: list[NewEntry], written_dirs: set[str], links: dict[str, int],
-                       touched_parents: set[str], spool: Path) -> list[str]:
+                       touched_parents: set[str], spool: Path) -> Iterator[str]:
     """Owners, modes, times and xattrs of what was written and of the base's directories whose header changed;
     link counts; the times of the directories whose entries changed."""
-    commands: list[str] = []
     for n, entry in enumerate(entries):
         info, path = entry.info, entry.info.name.strip("/")
         if info.islnk():
             continue
         header = change.final.dirs.get(path, info) if info.isdir() else info
-        commands += _attributes(_q(path), header, TYPE_BITS[info.type], spool, n)
-    commands += [f"sif {_q(target)} links_count {count}" for target, count in sorted(links.items())]
+        yield from _attributes(_q(path), header, TYPE_BITS[info.type], spool, n)
+    for target, count in sorted(links.items()):
+        yield f"sif {_q(target)} links_count {count}"
     for n, (path, stale) in enumerate(sorted(change.restamped.items()), start=len(entries)):
         kept = change.final.dirs.get(path)
         if path not in written_dirs:
-            commands += _implicit_dir(path, change) if kept is None else _attributes(
+            yield from _implicit_dir(path, change) if kept is None else _attributes(
                 _q(path), kept, TYPE_BITS[tarfile.DIRTYPE], spool, n)
         for name in stale:
             if not _safe_name(name) or " " in name:
                 raise FullBuild(f"the xattr name {name!r} cannot be given to debugfs")
-            commands.append(f"ea_rm {_q(path)} {name}")
+            yield f"ea_rm {_q(path)} {name}"
     for parent in sorted(touched_parents):
         kept = change.final.dirs.get(parent)
         if kept is not None and parent:
-            commands += _time(_q(parent), "mtime", _exact_mtime(kept))
-    return commands
+            yield from _time(_q(parent), "mtime", _exact_mtime(kept))
 
 
 def _implicit_dir(path: str, change: Delta) -> list[str]:

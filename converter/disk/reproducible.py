@@ -207,16 +207,20 @@ def _time_commands(target: str, fields: Iterable[str], epoch: int) -> list[str]:
     return [line for f in fields for line in (f"sif {target} {f}_extra 0", f"sif {target} {f} @{epoch}")]
 
 
-def debugfs_script(device: str, commands: list[str], scratch: Path, epoch: int, purpose: str) -> str:
+def debugfs_script(device: str, commands: Iterable[str], scratch: Path, epoch: int, purpose: str,
+                   output: bool = True) -> str:
+    """Run *commands* in one debugfs; its output ("" unless *output*: it echoes every command)."""
     script = scratch / "debugfs.cmd"
-    script.write_text("\n".join(commands) + "\n")
+    with script.open("w") as out:  # line by line: a full build's script is never held whole in memory
+        for command in commands:
+            out.write(command + "\n")
     ran = run([e2fs_tool("debugfs"), "-w", "-f", str(script), device], purpose=purpose, env=_e2fs_env(epoch),
-              timeout=E2FS_TIMEOUT)
+              timeout=E2FS_TIMEOUT, keep_stdout=output)
     errors = [line for line in ran.stderr.decode(errors="replace").splitlines()
               if line.strip() and not line.startswith("debugfs ")]
     if errors:
         raise ToolError(f"debugfs failed to {purpose}: {errors[0]}")
-    return ran.stdout.decode(errors="replace")
+    return ran.stdout.decode(errors="replace") if output else ""
 
 
 def write_guest_files(disk: Path, offset: int, files: Iterable[tuple[str, Path]], scratch: Path, epoch: int) -> None:

@@ -14,8 +14,8 @@ to a full build, with the reason in a note, is checked to the end for a layer to
 an older layer and, stopped with SIGINT as the appliance starts, for names, times, xattrs and devices debugfs cannot
 be given, kernel and imgconv paths, and other options.
 
-Full conversions cost ~3 s (~25 s in the appliance) and rebuilds ~2 s: the module makes four full builds (three of them at once),
-five rebuilds, one boot and one vm-to-oci.
+Full conversions cost ~3 s (~25 s in the appliance) and rebuilds ~2 s: the module makes four full builds (three
+of them at once), five rebuilds, one boot and one vm-to-oci.
 """
 
 from __future__ import annotations
