@@ -17,9 +17,15 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from fixtures import NAMES, BuiltFixture, cache_key, cache_root
 from tests.world import DockerWorld, FixtureImage, Registry, World, require_world
+
+# Every property test runs the same examples each time unless `make fuzz` asks otherwise (tests/builders/fuzzing.py):
+# a red CI must mean a change broke something, not that a run drew an input nobody has looked at yet.
+settings.register_profile("default-derandomized", derandomize=True, database=None)
+settings.load_profile("default-derandomized")
 
 _AUTO_MARKS = {
     "docker_world": "docker",

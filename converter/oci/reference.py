@@ -70,6 +70,8 @@ class DockerName:
             short = self.path.removeprefix("library/")
             # docker.io/library/a/b is not a/b (that is docker.io/a/b): only one component may drop library/.
             repo = short if "/" not in short else self.path
+            if "/" in repo and _looks_like_host(repo.split("/", 1)[0]):
+                repo = self.repository  # docker.io/0.0/x shown as 0.0/x would name the registry 0.0
         return repo + self.suffix()
 
     def suffix(self) -> str:
@@ -77,6 +79,11 @@ class DockerName:
 
     def __str__(self) -> str:
         return self.repository + self.suffix()
+
+
+def _looks_like_host(component: str) -> bool:
+    """Docker's rule for the first component of a name: a registry host, not part of the repository's path."""
+    return "." in component or ":" in component or component == "localhost" or component.startswith("[")
 
 
 def parse_docker_name(text: str, *, default_tag: bool = True) -> DockerName:
@@ -95,7 +102,7 @@ def parse_docker_name(text: str, *, default_tag: bool = True) -> DockerName:
     match = _NAME_RE.match(rest)
     domain, path = (match.group("domain"), match.group("path")) if match else (None, "")
     # A first component counts as a registry only if it looks like a host (Docker's rule).
-    if domain is not None and not ("." in domain or ":" in domain or domain == "localhost" or domain[0] == "["):
+    if domain is not None and not _looks_like_host(domain):
         domain, path = None, f"{domain}/{path}"
     if not match or not _PATH_RE.match(path):
         raise ReferenceError_(

@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from converter.errors import ImgconvError
 
@@ -36,7 +37,8 @@ _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_to
 settings.register_profile("ci", max_examples=60, deadline=timedelta(seconds=5), suppress_health_check=_SLOW,
                           print_blob=True, derandomize=True, database=None)
 settings.register_profile("fuzz", max_examples=4000, deadline=timedelta(seconds=10), suppress_health_check=_SLOW,
-                          print_blob=True)
+                          print_blob=True, derandomize=False,  # (tests/conftest.py derandomizes the default)
+                          database=DirectoryBasedExampleDatabase(".hypothesis/examples"))
 PROFILE_NAME = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 PROFILE = settings.get_profile(PROFILE_NAME)
 
