@@ -106,9 +106,9 @@ PEERS = {
                    "imgconv never does (it spools only file contents for debugfs).",
     FULL_BUILD: "the same image (the fixture plus one small layer: three new files, a changed /etc/group, a "
                 "whiteout of one of the fixture's files) converted into the same store by the same imgconv with "
-                "`--no-incremental`: the libguestfs appliance builds the whole disk, where the incremental rebuild "
-                "copies the disk of the fixture's stored version and applies the new layer on the host with "
-                "debugfs (no appliance).",
+                "`--no-incremental`: every layer flattened and the whole tree written by debugfs into a new "
+                "filesystem, where the incremental rebuild copies the disk of the fixture's stored version and "
+                "applies the new layer (both on the host, no appliance).",
     "guestfish tar-out": "`guestfish --ro -i tar-out / - | gzip` (same disk, same excludes, inspection included) "
                          "streams the files out and compresses them, but writes no OCI layout, computes no "
                          "digests and does not normalise or filter entries.",
