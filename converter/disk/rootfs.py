@@ -1,12 +1,14 @@
-"""What oci-to-qcow2 unpacks into the disk: the image's final root filesystem, then imgconv's own files.
+"""What oci-to-qcow2 puts into the disk: the image's final root filesystem, then imgconv's own files.
 
-Two tar streams into the appliance's GNU tar, each through a FIFO (nothing is staged on the host):
+Two sets of entries, each given to a tar sink: debugfs's collector on the host (converter/disk/hostwrite.py,
+the usual way), or a tar stream through a FIFO into the appliance's GNU tar (what debugfs cannot be given):
 
-1. the image's layers flattened (:func:`write_image_tree`); the tree summary it returns says which kernel
-   the image carries, so the kernel is chosen between the two streams;
-2. imgconv's files (:func:`write_imgconv_files`): init, its spec, the image's config and manifest, a host
-   kernel's modules where modprobe looks, the headers of existing directories that received entries
-   (GNU tar then restores their mtime) and, last, the origin record listing every path added.
+1. the image's layers flattened (:func:`write_image_tree`; the sink :class:`ApplianceSink` notes the kernels);
+   the tree summary says which kernel the image carries, so the kernel is chosen between the two sets;
+2. imgconv's files (:func:`imgconv_entries`): init, its spec, the image's config and manifest, a host
+   kernel's modules where modprobe looks and, last, the origin record listing every path added; for GNU tar
+   (:func:`write_imgconv_files`) also the headers of existing directories that received entries (it then
+   restores their mtime; debugfs sets every directory's time itself).
 """
 
 from __future__ import annotations
