@@ -71,10 +71,11 @@ class Additions:
 
 
 class ApplianceSink:
-    """The tar sink in front of the stream to the appliance's GNU tar. It escapes xattr names as GNU tar
-    reads them, and reads the header of each file named like a kernel as it passes, keeping only the release
-    a real bzImage names (the image's kernel is chosen from those without reading any file twice). At most
-    MAX_KERNEL_CANDIDATES files are looked at, so an image of many such names costs no memory."""
+    """The tar sink in front of the stream to the appliance's GNU tar, or of debugfs's collector (*escape* off).
+    It escapes xattr names as GNU tar reads them, and reads the header of each file named like a kernel as it
+    passes, keeping only the release a real bzImage names (the image's kernel is chosen from those without
+    reading any file twice). At most MAX_KERNEL_CANDIDATES files are looked at, so an image of many such names
+    costs no memory."""
 
     def __init__(self, inner: TarSink, escape: bool = True) -> None:
         self.inner = inner
