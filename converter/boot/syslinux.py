@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 from converter.artifact import atomic_write
 from converter.boot.cachedir import cache_dir
 from converter.disk.appliance import Drive, launch
-from converter.disk.reproducible import debugfs_script, make_ext4
+from converter.disk.reproducible import debugfs_script, journal_blocks, make_ext4
 from converter.errors import ToolError
 from converter.guest import BOOT_DIR
 
@@ -162,8 +161,7 @@ def install(disk: Path, offset: int, sectors: int, scratch: Path, epoch: int) ->
         f'write "{held / "ldlinux.sys"}" {sys_path}', f"sif {sys_path} mode 0100444", f"sif {sys_path} flags 0x80010",
         f'write "{held / "ldlinux.c32"}" {c32_path}', f"sif {c32_path} mode 0100444", f"blocks {sys_path}"],
         scratch, epoch, "install extlinux")
-    blocks = [int(n) for line in listed.splitlines() if re.fullmatch(r"[\d ]+", line.strip())
-              for n in line.split()]
+    blocks = [block for first, count in journal_blocks(listed) for block in range(first, first + count)]
     per_block = BLOCK // SECTOR
     file_sectors = [block * per_block + i for block in blocks for i in range(per_block)]
     bootsect, image = patch(tpl, file_sectors, offset // SECTOR, sectors)

@@ -49,7 +49,7 @@ from converter.boot.kernel import Kernel, from_flag, host_kernel, image_kernel
 from converter.boot.syslinux import install as install_syslinux
 from converter.disk.appliance import Appliance, Drive
 from converter.disk.bootfiles import boot_files_on_host, place_kernel
-from converter.disk.hostwrite import HostFiles, collect_image, collect_imgconv
+from converter.disk.hostwrite import Collect, collect_image, collect_imgconv
 from converter.disk.hostwrite import write_files as write_host_files
 from converter.disk.increment import (
     BLOCK,
@@ -414,7 +414,7 @@ class Collected:
     """The image's tree and its files spooled for debugfs."""
 
     image: ImageTree
-    files: HostFiles
+    files: Collect
     spool: Path  # where the files' contents wait for debugfs
 
 
@@ -433,7 +433,7 @@ def _image_tree(ctx: Context) -> ImageTree:
     return ctx[read_layers].image if read_layers in ctx else ctx[write_rootfs]
 
 
-def collect_imgconv_files(ctx: Context) -> HostFiles:
+def collect_imgconv_files(ctx: Context) -> Collect:
     files, origin = _imgconv_files(ctx)
     _, collected = collect_imgconv(ctx[read_layers].image.tree, files, ctx[KERNEL], ctx[plan].modules,
                                    origin, ctx[read_layers].spool, ctx[plan].epoch)

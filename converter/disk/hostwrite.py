@@ -18,14 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from converter.boot.kernel import Kernel
-from converter.disk.increment import Collect, Delta, FullBuild, NewEntry, check_names, script
+from converter.disk.increment import Collect, Delta, FullBuild, check_names, script
 from converter.disk.reproducible import debugfs_script
 from converter.disk.rootfs import Additions, ApplianceSink, GuestFile, ImageTree, check_tree, imgconv_entries
 from converter.errors import ToolError
 from converter.oci.flatten import FlatTree, LayerTap, flatten
 from converter.oci.image import Image
 
-__all__ = ["FullBuild", "HostFiles", "collect_image", "collect_imgconv", "write_files"]
+__all__ = ["Collect", "FullBuild", "collect_image", "collect_imgconv", "write_files"]
 
 # Directories a fresh filesystem from make_ext4 already has.
 FRESH_DIRS = frozenset({"", "lost+found"})
@@ -33,23 +33,12 @@ FRESH_DIRS = frozenset({"", "lost+found"})
 FULL = ("Could not allocate", "No free space", "Ran out of")
 
 
-class HostFiles:
-    """Entries collected for debugfs, their contents spooled to files (debugfs writes a file from a host file)."""
-
-    def __init__(self, spool: Path) -> None:
-        self.collect = Collect(spool)
-
-    @property
-    def entries(self) -> list[NewEntry]:
-        return self.collect.entries
-
-
 def collect_image(image: Image, spool: Path, on_bytes: Callable[[int], None],
-                  tap: LayerTap | None) -> tuple[ImageTree, HostFiles]:
+                  tap: LayerTap | None) -> tuple[ImageTree, Collect]:
     """The image's layers flattened (one pass: *tap* records tar-split as the appliance's stream does), each
     regular file's contents spooled under *spool* (named by number: nothing of an entry but its bytes)."""
-    files = HostFiles(spool / "image")
-    sink = ApplianceSink(files.collect, escape=False)
+    files = Collect(spool / "image")
+    sink = ApplianceSink(files, escape=False)
     tree = flatten(image.layer_inputs(), sink, on_bytes, tap)
     check_tree(tree)
     check_names(entry.info.name.strip("/") for entry in files.entries)
@@ -57,16 +46,16 @@ def collect_image(image: Image, spool: Path, on_bytes: Callable[[int], None],
 
 
 def collect_imgconv(tree: FlatTree, guest_files: list[GuestFile], kernel: Kernel, modules: bool,
-                    origin: Callable[[Additions], bytes], spool: Path, epoch: int) -> tuple[Additions, HostFiles]:
+                    origin: Callable[[Additions], bytes], spool: Path, epoch: int) -> tuple[Additions, Collect]:
     """imgconv's files (the same entries the appliance's second stream holds, less the directory headers GNU tar
     needs to keep the image's times)."""
-    files = HostFiles(spool / "imgconv")
-    added = imgconv_entries(tree, guest_files, kernel, modules, origin, files.collect, epoch)
+    files = Collect(spool / "imgconv")
+    added = imgconv_entries(tree, guest_files, kernel, modules, origin, files, epoch)
     check_names(entry.info.name.strip("/") for entry in files.entries)
     return added, files
 
 
-def write_files(device: str, tree: FlatTree, parts: list[HostFiles], spool: Path, scratch: Path,
+def write_files(device: str, tree: FlatTree, parts: list[Collect], spool: Path, scratch: Path,
                 epoch: int) -> None:
     """Every collected entry into the empty filesystem *device* in one debugfs run."""
     change = Delta(tree, set(FRESH_DIRS), written=[entry for part in parts for entry in part.entries])
